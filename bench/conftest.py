@@ -1,0 +1,165 @@
+"""Benchmark setup: MViTv2 attention shapes from `block_specs`, device/dtype fixtures, run records.
+
+Shapes are derived, never typed in: `attention_shapes(cfg)` groups the blocks of a
+config by their attention shape. With a CUDA GPU the suites are MViTv2-S 16x224 and
+MViTv2-B 32x224 in bf16 at batch 8; without one the same command times a small
+CPU-capable MViTv2-S (4 frames at 64 px) in fp32 and skips the GPU-only suites.
+
+FLOP count (one function, `attention_flops`): the two attention matmuls, 4*Nq*Nk*d
+per head and clip for the forward (QK^T and PV, 2 FLOPs per multiply-add), 2.5x that
+for forward+backward (the backward's five matmuls, FlashAttention's convention). The
+bias, softmax and residual are not counted, so every backend is scored against the
+same work.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from mvit_fast.config import MViTConfig, block_specs, get_config
+
+CUDA = torch.cuda.is_available()
+
+# suite name -> (config, needs CUDA)
+SUITES: dict[str, tuple[MViTConfig, bool]] = {
+    "S16x224": (get_config("s"), True),
+    "B32x224": (get_config("b"), True),
+    "S4x64": (get_config("s", num_frames=4, crop_size=64), False),  # CPU-sized smoke suite
+}
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """One distinct attention shape of a model and the blocks that have it."""
+
+    heads: int
+    head_dim: int
+    q_grid: tuple[int, int, int]
+    kv_grid: tuple[int, int, int]
+    rel_pos_t_len: int
+    rel_pos_hw_len: int
+    blocks: tuple[int, ...]
+
+    @property
+    def nq(self) -> int:
+        return 1 + self.q_grid[0] * self.q_grid[1] * self.q_grid[2]
+
+    @property
+    def nk(self) -> int:
+        return 1 + self.kv_grid[0] * self.kv_grid[1] * self.kv_grid[2]
+
+    @property
+    def id(self) -> str:
+        first, last = self.blocks[0], self.blocks[-1]
+        blocks = f"b{first}" if first == last else f"b{first}-{last}"
+        return f"{blocks}-h{self.heads}-{self.nq}x{self.nk}"
+
+
+def attention_shapes(cfg: MViTConfig) -> list[AttentionShape]:
+    """Distinct (heads, head_dim, q_grid, kv_grid, table lengths) of `cfg`'s blocks, in block order."""
+    groups: dict[tuple, list[int]] = {}
+    for spec in block_specs(cfg):
+        key = (spec.num_heads, spec.head_dim, spec.q_grid, spec.kv_grid, spec.rel_pos_t_len,
+               spec.rel_pos_hw_len)
+        groups.setdefault(key, []).append(spec.index)
+    return [AttentionShape(*key, blocks=tuple(blocks)) for key, blocks in groups.items()]
+
+
+def attention_flops(shape: AttentionShape, batch: int, mode: str) -> float:
+    """FLOPs of the attention matmuls: 4*Nq*Nk*d per head and clip; x2.5 for fwd+bwd."""
+    fwd = 4.0 * shape.nq * shape.nk * shape.head_dim * shape.heads * batch
+    return fwd if mode == "fwd" else 2.5 * fwd
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrize `attention_shape` with (suite, shape) over every suite; skip the other device's."""
+    if "attention_shape" not in metafunc.fixturenames:
+        return
+    params = []
+    for suite, (cfg, needs_cuda) in SUITES.items():
+        if needs_cuda and not CUDA:
+            marks = pytest.mark.skip(reason=f"{suite}: full-size shapes need a CUDA GPU")
+        elif CUDA and not needs_cuda:
+            marks = pytest.mark.skip(reason=f"{suite}: CPU smoke shapes; the GPU times the real ones")
+        elif not needs_cuda:  # a smoke test of the suite, not a measurement: keep it short
+            marks = pytest.mark.benchmark(max_time=0.2, min_rounds=3)
+        else:
+            marks = ()
+        params += [pytest.param((suite, shape), id=f"{suite}-{shape.id}", marks=marks)
+                   for shape in attention_shapes(cfg)]
+    metafunc.parametrize("attention_shape", params)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda" if CUDA else "cpu")
+
+
+@pytest.fixture(scope="session")
+def dtype() -> torch.dtype:
+    return torch.bfloat16 if CUDA else torch.float32
+
+
+@pytest.fixture(scope="session")
+def batch() -> int:
+    return 8 if CUDA else 1
+
+
+def _git_commit() -> str:
+    """MVIT_FAST_COMMIT if set (the device machine gets a copy without .git), else HEAD."""
+    if os.environ.get("MVIT_FAST_COMMIT"):
+        return os.environ["MVIT_FAST_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+@pytest.fixture(scope="session")
+def run_info(device) -> dict:
+    """What every record carries: device, versions, commit."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    import platform
+    return {
+        "device": torch.cuda.get_device_name(device) if CUDA else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "commit": _git_commit(),
+    }
+
+
+@pytest.fixture
+def record(run_info, dtype, batch) -> Callable[..., None]:
+    """record(benchmark, backend=, mode=, suite=, shape=): fills `benchmark.extra_info`.
+
+    Effective TFLOP/s = attention_flops / median time. Peak memory is the CUDA
+    allocator's peak since the case started (inputs included).
+    """
+
+    def _record(benchmark, *, backend: str, mode: str, suite: str, shape: AttentionShape) -> None:
+        info = benchmark.extra_info
+        info.update(run_info)
+        info.update(backend=backend, mode=mode, suite=suite, dtype=str(dtype).removeprefix("torch."),
+                    batch=batch, heads=shape.heads, head_dim=shape.head_dim, q_grid=shape.q_grid,
+                    kv_grid=shape.kv_grid, nq=shape.nq, nk=shape.nk, blocks=shape.blocks,
+                    flops=attention_flops(shape, batch, mode))
+        if benchmark.stats:  # None or empty under --benchmark-disable
+            info["tflops"] = info["flops"] / benchmark.stats.stats.median / 1e12
+        if CUDA:
+            info["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+
+    return _record

@@ -1,0 +1,78 @@
+"""`pooled_attention` at every distinct MViTv2-S/B block shape, per backend, fwd and fwd+bwd.
+
+    pytest bench --benchmark-only                       # all suites the device can run
+    pytest bench --benchmark-only -k "S16x224 and flex"  # one suite, one backend
+
+Each case makes its inputs once, runs the op twice untimed (compilation, autotuning,
+allocator warm-up), then times calls that end in a device sync. Backends missing from
+`BACKENDS` or unable to run on this device are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mvit_fast.attention import BACKENDS, pooled_attention
+
+WARMUP_CALLS = 2
+
+
+def _skip_reason(backend: str, mode: str, device: torch.device) -> str | None:
+    """Why `backend` cannot be timed here, or None; checked before any work is done."""
+    if backend not in BACKENDS:
+        return f"backend {backend!r} is not registered in BACKENDS"
+    if device.type == "cpu" and backend == "triton":
+        return "Triton kernels need a CUDA GPU (the interpreter is for tests, not timing)"
+    if device.type == "cpu" and backend == "flex" and mode == "fwd+bwd":
+        return "FlexAttention has no CPU backward (NotImplementedError)"
+    return None
+
+
+def _inputs(shape, batch: int, dtype: torch.dtype, device: torch.device, requires_grad: bool):
+    """Unit-variance q, k, v (they come out of a LayerNorm) and std-0.02 tables (the init)."""
+    gen = torch.Generator(device).manual_seed(0)
+    make = lambda *size, std=1.0: (torch.randn(*size, generator=gen, device=device) * std).to(dtype)
+    q = make(batch, shape.heads, shape.nq, shape.head_dim)
+    k = make(batch, shape.heads, shape.nk, shape.head_dim)
+    v = make(batch, shape.heads, shape.nk, shape.head_dim)
+    tables = [make(n, shape.head_dim, std=0.02)
+              for n in (shape.rel_pos_t_len, shape.rel_pos_hw_len, shape.rel_pos_hw_len)]
+    leaves = [q, k, v, *tables]
+    for t in leaves:
+        t.requires_grad_(requires_grad)
+    return leaves
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex", "sdpa_aug", "triton"])
+def test_pooled_attention(benchmark, record, attention_shape, backend, mode, device, dtype, batch):
+    suite, shape = attention_shape
+    reason = _skip_reason(backend, mode, device)
+    if reason:
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    leaves = _inputs(shape, batch, dtype, device, requires_grad=mode == "fwd+bwd")
+    q, k, v, rel_t, rel_h, rel_w = leaves
+    grad_out = torch.randn_like(q)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def fwd():
+        return pooled_attention(q, k, v, shape.q_grid, shape.kv_grid, rel_t, rel_h, rel_w,
+                                has_cls=True, residual_pooling=True, backend=backend)
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                fwd()
+        else:  # autograd.grad, not backward(): no .grad accumulation inside the timing
+            torch.autograd.grad(fwd(), leaves, grad_out)
+        sync()
+
+    for _ in range(WARMUP_CALLS):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.group = f"{suite} {shape.id} {mode}"
+    benchmark(step)
+    record(benchmark, backend=backend, mode=mode, suite=suite, shape=shape)

@@ -1,0 +1,217 @@
+"""`MultiScaleAttention`: a drop-in for SlowFast's module, on top of `pooled_attention`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .functional import pooled_attention
+
+__all__ = ["MultiScaleAttention", "attention_pool"]
+
+
+def attention_pool(
+    x: Tensor,
+    pool: nn.Module | None,
+    thw: Sequence[int],
+    has_cls: bool = True,
+    norm: nn.Module | None = None,
+) -> tuple[Tensor, list[int]]:
+    """Pool (B, heads, N, d) tokens on their (T, H, W) grid; the cls token skips the pool.
+
+    The norm, if any, runs over all tokens, cls included (SlowFast's `attention_pool`).
+    """
+    if pool is None:
+        return x, list(thw)
+    batch, heads, _, dim = x.shape
+    cls_tok, x = (x[:, :, :1], x[:, :, 1:]) if has_cls else (None, x)
+    x = x.reshape(batch * heads, *thw, dim).permute(0, 4, 1, 2, 3)
+    x = pool(x)
+    thw = list(x.shape[2:])
+    x = x.reshape(batch, heads, dim, -1).transpose(2, 3)
+    if cls_tok is not None:
+        x = torch.cat((cls_tok, x), dim=2)
+    if norm is not None:
+        x = norm(x)
+    return x, thw
+
+
+class MultiScaleAttention(nn.Module):
+    """Drop-in for `slowfast.models.attention.MultiScaleAttention` (MViTv1/v2).
+
+    Same constructor arguments and state_dict keys; `backend` picks the
+    `pooled_attention` implementation. Supported pooling modes: "conv", "avg",
+    "max"; `pool_first=True` and mode "conv_unshared" raise NotImplementedError.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int,
+        input_size: Sequence[int],
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        drop_rate: float = 0.0,
+        kernel_q: Sequence[int] = (1, 1, 1),
+        kernel_kv: Sequence[int] = (1, 1, 1),
+        stride_q: Sequence[int] = (1, 1, 1),
+        stride_kv: Sequence[int] = (1, 1, 1),
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        has_cls_embed: bool = True,
+        mode: str = "conv",
+        pool_first: bool = False,
+        rel_pos_spatial: bool = False,
+        rel_pos_temporal: bool = False,
+        rel_pos_zero_init: bool = False,
+        residual_pooling: bool = False,
+        separate_qkv: bool = False,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if pool_first:
+            raise NotImplementedError("pool_first=True (MViTv1-style pooling before the qkv "
+                                      "projection) is not supported")
+        if mode not in ("conv", "avg", "max"):
+            raise NotImplementedError(f"pooling mode {mode!r} is not supported: use 'conv', "
+                                      "'avg' or 'max'")
+        if dim_out % num_heads:
+            raise ValueError(f"dim_out={dim_out} is not divisible by num_heads={num_heads}")
+        self.pool_first = pool_first
+        self.separate_qkv = separate_qkv
+        self.drop_rate = drop_rate
+        self.num_heads = num_heads
+        self.dim_out = dim_out
+        head_dim = dim_out // num_heads
+        self.scale = head_dim ** -0.5
+        self.has_cls_embed = has_cls_embed
+        self.mode = mode
+        self.residual_pooling = residual_pooling
+        self.rel_pos_spatial = rel_pos_spatial
+        self.rel_pos_temporal = rel_pos_temporal
+        self.backend = backend
+
+        if separate_qkv:
+            self.q = nn.Linear(dim, dim_out, bias=qkv_bias)
+            self.k = nn.Linear(dim, dim_out, bias=qkv_bias)
+            self.v = nn.Linear(dim, dim_out, bias=qkv_bias)
+        else:
+            self.qkv = nn.Linear(dim, dim_out * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim_out, dim_out)
+        if drop_rate > 0.0:
+            self.proj_drop = nn.Dropout(drop_rate)
+
+        def prod(xs):
+            out = 1
+            for x in xs:
+                out *= x
+            return out
+
+        # Kernel and stride 1 means no pooling at all (no conv, no norm), as in SlowFast.
+        kernel_q = () if prod(kernel_q) == 1 and prod(stride_q) == 1 else tuple(kernel_q)
+        kernel_kv = () if prod(kernel_kv) == 1 and prod(stride_kv) == 1 else tuple(kernel_kv)
+
+        def make_pool(kernel, stride):
+            if not kernel:
+                return None, None
+            padding = [k // 2 for k in kernel]
+            if mode == "conv":
+                conv = nn.Conv3d(head_dim, head_dim, kernel, stride=stride, padding=padding,
+                                 groups=head_dim, bias=False)
+                return conv, norm_layer(head_dim)
+            pool_op = nn.MaxPool3d if mode == "max" else nn.AvgPool3d
+            return pool_op(kernel, stride, padding, ceil_mode=False), None
+
+        self.pool_q, norm_q = make_pool(kernel_q, stride_q)
+        self.pool_k, norm_k = make_pool(kernel_kv, stride_kv)
+        self.pool_v, norm_v = make_pool(kernel_kv, stride_kv)
+        # Registered only when present, so the state_dict keys are SlowFast's.
+        for name, norm in (("norm_q", norm_q), ("norm_k", norm_k), ("norm_v", norm_v)):
+            if norm is not None:
+                self.add_module(name, norm)
+
+        if rel_pos_spatial:
+            if input_size[1] != input_size[2]:
+                raise ValueError(f"rel_pos_spatial needs a square input_size, got {tuple(input_size)}")
+            size = input_size[1]
+            q_size = size // stride_q[1] if len(stride_q) > 0 else size
+            kv_size = size // stride_kv[1] if len(stride_kv) > 0 else size
+            length = 2 * max(q_size, kv_size) - 1
+            self.rel_pos_h = nn.Parameter(torch.zeros(length, head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(length, head_dim))
+            if not rel_pos_zero_init:
+                nn.init.trunc_normal_(self.rel_pos_h, std=0.02)
+                nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
+        if rel_pos_temporal:
+            self.rel_pos_t = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
+            if not rel_pos_zero_init:
+                nn.init.trunc_normal_(self.rel_pos_t, std=0.02)
+
+    def forward(self, x: Tensor, thw_shape: Sequence[int]) -> tuple[Tensor, list[int]]:
+        """x (B, cls + T*H*W, dim) on the grid `thw_shape` -> (B, Nq, dim_out), q grid."""
+        if x.ndim != 3:
+            raise ValueError(f"expected x of shape (B, N, C), got {tuple(x.shape)}")
+        batch, n, _ = x.shape
+        expected = int(self.has_cls_embed) + thw_shape[0] * thw_shape[1] * thw_shape[2]
+        if n != expected:
+            raise ValueError(f"x has {n} tokens but thw_shape={tuple(thw_shape)} with "
+                             f"has_cls_embed={self.has_cls_embed} means {expected}")
+        heads = self.num_heads
+        if self.separate_qkv:
+            q, k, v = (proj(x).reshape(batch, n, heads, -1).transpose(1, 2)
+                       for proj in (self.q, self.k, self.v))
+        else:
+            q, k, v = self.qkv(x).reshape(batch, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        cls = self.has_cls_embed
+        q, q_shape = attention_pool(q, self.pool_q, thw_shape, cls, getattr(self, "norm_q", None))
+        k, k_shape = attention_pool(k, self.pool_k, thw_shape, cls, getattr(self, "norm_k", None))
+        v, _ = attention_pool(v, self.pool_v, thw_shape, cls, getattr(self, "norm_v", None))
+        x = pooled_attention(
+            q, k, v, q_shape, k_shape,
+            self.rel_pos_t if self.rel_pos_temporal else None,
+            self.rel_pos_h if self.rel_pos_spatial else None,
+            self.rel_pos_w if self.rel_pos_spatial else None,
+            has_cls=cls, residual_pooling=self.residual_pooling, scale=self.scale,
+            backend=self.backend)
+        x = self.proj(x.transpose(1, 2).reshape(batch, -1, self.dim_out))
+        if self.drop_rate > 0.0:
+            x = self.proj_drop(x)
+        return x, q_shape
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, backend: str = "auto") -> MultiScaleAttention:
+        """A copy of a SlowFast or mmaction2 MViTv2 `MultiScaleAttention`, weights included.
+
+        Reads the geometry from the module's layers, so any instance of either
+        codebase's class (same state_dict keys as ours) can be swapped in place.
+        """
+        sd = module.state_dict()
+        if "qkv.weight" not in sd or not isinstance(getattr(module, "pool_q", None), nn.Conv3d):
+            raise ValueError(f"{type(module).__name__} is not a conv-pooling MultiScaleAttention "
+                             "with a fused qkv projection")
+        pool_q, pool_kv = module.pool_q, module.pool_k
+        head_dim = pool_q.in_channels
+        dim_out = sd["proj.weight"].shape[0]
+        has_cls = getattr(module, "has_cls_embed", getattr(module, "with_cls_token", True))
+        rel_t = "rel_pos_t" in sd
+        rel_sp = "rel_pos_h" in sd
+        # Table lengths come from the state_dict itself, so input_size only needs to
+        # reproduce them: T = (L_t + 1) / 2, and an H whose floor-divided sizes give L_hw.
+        size = (sd["rel_pos_t"].shape[0] + 1) // 2 if rel_t else 1
+        hw = 1
+        if rel_sp:
+            hw = (sd["rel_pos_h"].shape[0] + 1) // 2 * min(pool_q.stride[1], pool_kv.stride[1])
+        new = cls(
+            dim=sd["qkv.weight"].shape[1], dim_out=dim_out, input_size=(size, hw, hw),
+            num_heads=dim_out // head_dim, qkv_bias="qkv.bias" in sd,
+            drop_rate=float(getattr(module, "drop_rate", 0.0)),
+            kernel_q=pool_q.kernel_size, kernel_kv=pool_kv.kernel_size,
+            stride_q=pool_q.stride, stride_kv=pool_kv.stride,
+            norm_layer=lambda d: nn.LayerNorm(d, eps=module.norm_q.eps),
+            has_cls_embed=has_cls, rel_pos_spatial=rel_sp, rel_pos_temporal=rel_t,
+            residual_pooling=bool(module.residual_pooling), backend=backend)
+        new.load_state_dict(sd)
+        return new.to(sd["qkv.weight"].device)

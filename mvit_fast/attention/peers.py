@@ -1,0 +1,172 @@
+"""Peer backends of `pooled_attention`: what people can build from stock PyTorch.
+
+Each has the signature and semantics of `reference.eager_attention` and is
+differentiable by autograd into q, k, v and the raw rel-pos tables:
+
+- `sdpa_attention`: `F.scaled_dot_product_attention` with the (B, heads, Nq, Nk)
+  bias materialized from the decomposed tables: what users do today.
+- `flex_rel_pos_attention`: FlexAttention with a `score_mod` that gathers the
+  per-query tables by each key's (t, h, w): no Nq x Nk tensor in memory.
+- `sdpa_aug_attention`: the bias folded into the head dimension (DESIGN section 3),
+  so bias-free SDPA (FlashAttention / cuDNN kernels) does all the work.
+
+The per-query tables come from `reference.decomposed_rel_pos` in every backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention import flex_attention as _flex_module
+from torch.nn.attention.flex_attention import flex_attention
+
+from .reference import decomposed_rel_pos
+
+__all__ = ["flex_rel_pos_attention", "sdpa_attention", "sdpa_aug_attention"]
+
+Thw = tuple[int, int, int]
+
+
+def _add_residual(out: Tensor, q: Tensor, has_cls: bool) -> Tensor:
+    """Residual pooling: out += pooled q, the cls row excluded."""
+    return out + (F.pad(q[:, :, 1:], (0, 0, 1, 0)) if has_cls else q)
+
+
+def _key_axis_index(k_thw: Thw, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(t_j, h_j, w_j) of every non-cls key; keys are t-major. Made on `device`: no copies."""
+    kt, kh, kw = k_thw
+    j = torch.arange(kt * kh * kw, device=device)
+    return j // (kh * kw), j // kw % kh, j % kw
+
+
+def _present(tables):
+    return [(i, r) for i, r in enumerate(tables) if r is not None]
+
+
+def sdpa_attention(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls, residual_pooling,
+                   scale) -> Tensor:
+    """SDPA with a materialized additive bias (B, heads, Nq, Nk); cls row and column unbiased."""
+    rels = decomposed_rel_pos(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
+    bias = None
+    if any(r is not None for r in rels):
+        kt, kh, kw = k_thw
+        views = (lambda r: r[..., :, None, None], lambda r: r[..., None, :, None],
+                 lambda r: r[..., None, None, :])
+        terms = [views[i](r) for i, r in _present(rels)]
+        bias = sum(terms[1:], terms[0]).expand(*q.shape[:2], q.shape[2] - has_cls, kt, kh, kw)
+        s = int(has_cls)
+        bias = F.pad(bias.reshape(*bias.shape[:3], kt * kh * kw), (s, 0, s, 0))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    return _add_residual(out, q, has_cls) if residual_pooling else out
+
+
+def _augment(q, k, v, rels, k_thw, has_cls, scale, multiple: int = 8):
+    """q_aug = [q*scale | rel_t | rel_h | rel_w], k_aug = [k | onehot(t_j) | onehot(h_j) | onehot(w_j)].
+
+    q_aug . k_aug = scale * q.k + rel_t[i, t_j] + rel_h[i, h_j] + rel_w[i, w_j]: the
+    decomposed bias as extra columns of the QK^T dot. The cls row and the cls key are
+    zero in the extra columns, so they get no bias. All three are zero-padded to a
+    common width that is a multiple of 8 (FlashAttention and cuDNN need d % 8 == 0,
+    and equal q/k/v widths).
+    """
+    batch, heads, nk, dim = k.shape
+    s = int(has_cls)
+    present = _present(rels)
+    if present:
+        axis_index = _key_axis_index(k_thw, k.device)
+        # comparison, not F.one_hot: its range check syncs the host on CUDA
+        onehot = torch.cat([axis_index[i][:, None] == torch.arange(k_thw[i], device=k.device)
+                            for i, _ in present], dim=-1)
+        onehot = F.pad(onehot.to(k.dtype), (0, 0, s, 0))  # (Nk, K)
+        q_extra = F.pad(torch.cat([r for _, r in present], dim=-1), (0, 0, s, 0))  # (B, h, Nq, K)
+        q_aug = torch.cat([q * scale, q_extra], dim=-1)
+        k_aug = torch.cat([k, onehot.expand(batch, heads, nk, -1)], dim=-1)
+    else:
+        q_aug, k_aug = q * scale, k
+    width = -(-q_aug.shape[-1] // multiple) * multiple
+    pad = lambda x: F.pad(x, (0, width - x.shape[-1])) if x.shape[-1] != width else x
+    return pad(q_aug), pad(k_aug), pad(v)
+
+
+def sdpa_aug_attention(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls,
+                       residual_pooling, scale) -> Tensor:
+    """Bias folded into the head dim, then bias-free SDPA with scale=1 (see `_augment`).
+
+    Autograd does the backward: the extra columns of dq_aug are d(rel_t|rel_h|rel_w),
+    which flow on into q and the raw tables through `decomposed_rel_pos`.
+    """
+    rels = decomposed_rel_pos(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
+    q_aug, k_aug, v_aug = _augment(q, k, v, rels, k_thw, has_cls, scale)
+    out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, scale=1.0)[..., : q.shape[-1]]
+    return _add_residual(out, q, has_cls) if residual_pooling else out
+
+
+_compiled_flex: Callable[..., Tensor] | None = None
+# torch 2.6's flex rejects head dims that are not powers of two through this helper;
+# later versions dropped the check (and the helper) and round up inside the kernel.
+_FLEX_POW2_HEAD_DIM_ONLY = hasattr(_flex_module, "_supported_head_dim")
+
+
+def _flex_for(dtype: torch.dtype) -> Callable[..., Tensor]:
+    """`torch.compile(flex_attention)`, compiled once on first use.
+
+    Inductor has no float64 flex kernel; float64 (the test oracle's dtype) runs flex's
+    own unfused path, which evaluates the same score_mod on materialized scores.
+
+    Static shapes: one kernel per block shape, as fast as flex gets (and torch 2.13's
+    CPU flex kernel with symbolic lengths fails to build: `cur_qSplitSize0` undeclared).
+    MViT has up to 7 attention shapes per model, each with and without grad, which
+    exceeds dynamo's default of 8 compiles per function; past that limit dynamo would
+    quietly run flex's unfused path, so the limit is raised (a process-wide setting).
+    """
+    global _compiled_flex
+    if dtype == torch.float64:
+        return flex_attention
+    if _compiled_flex is None:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def flex_rel_pos_attention(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls,
+                           residual_pooling, scale) -> Tensor:
+    """FlexAttention whose score_mod adds rel_t[b,h,i,t_j] + rel_h[b,h,i,h_j] + rel_w[b,h,i,w_j].
+
+    The tables ride in one captured tensor `rel` (B, heads, Nq, Kt+Kh+Kw+1): row 0 (cls
+    query) and the last column are zero, and the cls key's axis indices point at that
+    last column, so the score_mod has no branches. Gradients into captured tensors
+    (here `rel`, hence q and the tables) need torch >= 2.6; flex's backward is
+    CUDA-only (NotImplementedError on CPU).
+
+    Ragged sequence lengths need no padding (flex masks the last block). Head dims:
+    recent torch handles 72 and 96 itself (rounding up inside the kernel), but torch
+    2.6 rejects any non-power-of-two head dim, so there q, k, v are zero-padded to
+    the next power of two (q.k unchanged; the scale is passed explicitly) and the
+    output sliced back. Its CUDA kernels also need head_dim >= 16 (MViT: 72 and up).
+    """
+    rels = decomposed_rel_pos(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
+    present = _present(rels)
+    score_mod = None
+    if present:
+        s = int(has_cls)
+        rel = F.pad(torch.cat([r for _, r in present], dim=-1), (0, 1, s, 0))
+        zero_col = rel.shape[-1] - 1
+        axis_index = _key_axis_index(k_thw, q.device)
+        cols, offset = [], 0
+        for i, _ in present:  # key j -> its column in `rel` along axis i; cls key -> zero_col
+            cols.append(F.pad(axis_index[i] + offset, (s, 0), value=zero_col).to(torch.int32))
+            offset += k_thw[i]
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            for col in cols:
+                score = score + rel[b, h, q_idx, col[kv_idx]]
+            return score
+
+    dim = q.shape[-1]
+    width = 1 << (dim - 1).bit_length() if _FLEX_POW2_HEAD_DIM_ONLY else dim
+    pad = (lambda x: F.pad(x, (0, width - dim))) if width != dim else (lambda x: x)
+    out = _flex_for(q.dtype)(pad(q), pad(k), pad(v), score_mod=score_mod, scale=scale)[..., :dim]
+    return _add_residual(out, q, has_cls) if residual_pooling else out

@@ -1,0 +1,296 @@
+"""Checkpoints: SlowFast, mmaction2, torchvision and our own format, in one place.
+
+Our state_dict keys are SlowFast's, so a SlowFast `.pyth` maps one to one. Every
+foreign key is either mapped to one of ours or reported as left out; rel-pos
+tables of another length are interpolated (and reported); nothing is dropped
+silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .attention.reference import resize_rel_pos
+from .config import MViTConfig, get_config
+
+__all__ = ["FORMATS", "LoadReport", "atomic_save", "detect_format", "export_state_dict", "infer_config",
+           "load_checkpoint", "preset_name", "read_checkpoint", "save_checkpoint", "to_native"]
+
+FORMAT_TAG = "mvit-fast"
+FORMATS = ("mvit_fast", "slowfast", "mmaction2", "torchvision")
+HEAD_KEYS = ("head.projection.weight", "head.projection.bias")
+
+# (foreign pattern, native replacement), applied in order to each key; native = SlowFast.
+_TO_NATIVE = {
+    "slowfast": [],
+    "mvit_fast": [],
+    "mmaction2": [
+        (r"^backbone\.patch_embed\.projection\.", "patch_embed.proj."),
+        (r"^backbone\.norm3\.", "norm."),
+        (r"^backbone\.", ""),
+        (r"^cls_head\.fc_cls\.", "head.projection."),
+    ],
+    "torchvision": [
+        (r"^conv_proj\.", "patch_embed.proj."),
+        (r"^pos_encoding\.class_token$", "cls_token"),
+        (r"\.attn\.project\.0\.", ".attn.proj."),
+        (r"\.attn\.pool_([qkv])\.pool\.", r".attn.pool_\1."),
+        (r"\.attn\.pool_([qkv])\.norm_act\.0\.", r".attn.norm_\1."),
+        (r"\.mlp\.0\.", ".mlp.fc1."),
+        (r"\.mlp\.3\.", ".mlp.fc2."),
+        (r"^(blocks\.\d+)\.project\.", r"\1.proj."),
+        (r"^head\.1\.", "head.projection."),
+    ],
+}
+_FROM_NATIVE = {
+    "slowfast": [],
+    "mvit_fast": [],
+    "mmaction2": [
+        (r"^patch_embed\.proj\.", "backbone.patch_embed.projection."),
+        (r"^norm\.", "backbone.norm3."),
+        (r"^head\.projection\.", "cls_head.fc_cls."),
+        (r"^(?!backbone\.|cls_head\.)", "backbone."),
+    ],
+    "torchvision": [
+        (r"^patch_embed\.proj\.", "conv_proj."),
+        (r"^cls_token$", "pos_encoding.class_token"),
+        (r"\.attn\.proj\.", ".attn.project.0."),
+        (r"\.attn\.pool_([qkv])\.", r".attn.pool_\1.pool."),
+        (r"\.attn\.norm_([qkv])\.", r".attn.pool_\1.norm_act.0."),
+        (r"\.mlp\.fc1\.", ".mlp.0."),
+        (r"\.mlp\.fc2\.", ".mlp.3."),
+        (r"^(blocks\.\d+)\.proj\.", r"\1.project."),
+        (r"^head\.projection\.", "head.1."),
+    ],
+}
+
+
+def _rename(key: str, rules) -> str:
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def read_checkpoint(path_or_state_dict: str | os.PathLike | Mapping,
+                    *, weights_only: bool = True) -> tuple[dict[str, Tensor], str]:
+    """(state_dict, format) from a file or an in-memory checkpoint of any known format."""
+    obj = path_or_state_dict
+    if isinstance(obj, (str, os.PathLike)):
+        path = Path(obj)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+        except Exception as e:  # unpickling errors have no common base class
+            hint = (" If the file is from a source you trust, retry with weights_only=False."
+                    if weights_only else "")
+            raise ValueError(f"could not read checkpoint {path}: {e}.{hint}") from e
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"a checkpoint must be a dict, got {type(obj).__name__}")
+    fmt = None
+    if obj.get("format") == FORMAT_TAG:
+        obj, fmt = obj["model"], "mvit_fast"
+    elif "model_state" in obj:  # SlowFast .pyth
+        obj = obj["model_state"]
+    elif "state_dict" in obj:  # mmaction2 / mmengine
+        obj = obj["state_dict"]
+    elif "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]
+    sd = {k.removeprefix("module."): v for k, v in obj.items()}
+    non_tensors = [k for k, v in sd.items() if not isinstance(v, Tensor)]
+    if non_tensors:
+        raise ValueError(f"not a state_dict: entries {non_tensors[:5]} are not tensors")
+    return sd, fmt or detect_format(sd)
+
+
+def detect_format(state_dict: Mapping[str, Tensor]) -> str:
+    """Which codebase a (unwrapped) state_dict comes from."""
+    keys = set(state_dict)
+    if "conv_proj.weight" in keys or "pos_encoding.class_token" in keys:
+        return "torchvision"
+    if any(k.startswith(("backbone.", "cls_head.")) for k in keys):
+        return "mmaction2"
+    if "patch_embed.proj.weight" in keys:
+        return "slowfast"
+    raise ValueError("unrecognized checkpoint: expected MViTv2 keys of SlowFast "
+                     "(patch_embed.proj.*), mmaction2 (backbone.*, cls_head.*), torchvision "
+                     f"(conv_proj.*) or mvit-fast; first keys: {sorted(keys)[:5]}")
+
+
+def to_native(state_dict: Mapping[str, Tensor], fmt: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Rename a `fmt` state_dict to our keys; returns (state_dict, {native: foreign} renames)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {fmt!r}: expected one of {FORMATS}")
+    out, renamed = {}, {}
+    for key, value in state_dict.items():
+        new = _rename(key, _TO_NATIVE[fmt])
+        if new == "cls_token" and value.ndim == 1:  # torchvision keeps it as (C,)
+            value = value.reshape(1, 1, -1)
+        if new in out:
+            raise ValueError(f"checkpoint keys {renamed.get(new, new)!r} and {key!r} both map to {new!r}")
+        out[new] = value
+        if new != key:
+            renamed[new] = key
+    return out, renamed
+
+
+def export_state_dict(state_dict: Mapping[str, Tensor], fmt: str) -> dict[str, Tensor]:
+    """Our state_dict in another codebase's keys (the inverse of `to_native`)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {fmt!r}: expected one of {FORMATS}")
+    out = {}
+    for key, value in state_dict.items():
+        new = _rename(key, _FROM_NATIVE[fmt])
+        if fmt == "torchvision" and key == "cls_token":
+            value = value.reshape(-1)
+        out[new] = value
+    return out
+
+
+@dataclass
+class LoadReport:
+    """What `load_checkpoint` did with every key."""
+
+    format: str
+    loaded: list[str] = field(default_factory=list)
+    mapped: dict[str, str] = field(default_factory=dict)  # native key -> checkpoint key
+    interpolated: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> (from, to)
+    reinitialized: list[str] = field(default_factory=list)  # left at the model's init
+    missing: list[str] = field(default_factory=list)  # model keys the checkpoint lacks
+    unexpected: list[str] = field(default_factory=list)  # checkpoint keys the model lacks
+
+    def summary(self) -> str:
+        lines = [f"format: {self.format}",
+                 f"loaded: {len(self.loaded)} tensors ({len(self.mapped)} renamed from "
+                 f"{self.format} keys)"]
+        for key, (a, b) in self.interpolated.items():
+            lines.append(f"interpolated: {key} {a} -> {b} rows")
+        for title, keys in (("re-initialized (not loaded)", self.reinitialized),
+                            ("missing from checkpoint", self.missing),
+                            ("left out (not in model)", self.unexpected)):
+            lines += [f"{title}: {k}" for k in keys]
+        if not (self.reinitialized or self.missing or self.unexpected):
+            lines.append("every model tensor loaded, every checkpoint tensor used")
+        return "\n".join(lines)
+
+
+def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping,
+                    strict: bool = True, *, reinit_head: bool = False,
+                    weights_only: bool = True) -> LoadReport:
+    """Load a SlowFast, mmaction2, torchvision or mvit-fast checkpoint into `model`.
+
+    Keys are mapped to ours and rel-pos tables interpolated to the model's lengths.
+    A classifier head of another class count (e.g. K400 weights into an SSv2
+    model) raises unless `reinit_head=True`, which keeps the model's own head.
+    With `strict`, missing or unexpected keys raise a ValueError listing them;
+    otherwise they are only reported. Returns the `LoadReport`.
+    """
+    raw, fmt = read_checkpoint(path_or_state_dict, weights_only=weights_only)
+    sd, renamed = to_native(raw, fmt)
+    target = model.state_dict()
+    report = LoadReport(format=fmt)
+    report.unexpected = sorted(k for k in sd if k not in target)
+    report.missing = sorted(k for k in target if k not in sd)
+    if strict and (report.missing or report.unexpected):
+        raise ValueError(f"{fmt} checkpoint does not match the model "
+                         f"({type(model).__name__}): missing {_short(report.missing)}, "
+                         f"unexpected {_short(report.unexpected)}")
+    to_load = {}
+    for key in sorted(set(sd) & set(target)):
+        value, want = sd[key], target[key].shape
+        if value.shape != want:
+            if re.search(r"\.rel_pos_[thw]$", key) and value.ndim == 2 and value.shape[1] == want[1]:
+                report.interpolated[key] = (value.shape[0], want[0])
+                value = resize_rel_pos(value.float(), want[0]).to(value.dtype)
+            elif key in HEAD_KEYS and reinit_head:
+                report.reinitialized.append(key)
+                continue
+            elif key in HEAD_KEYS:
+                raise ValueError(f"the checkpoint's head has {value.shape[0]} classes but the "
+                                 f"model's has {want[0]}: pass reinit_head=True to keep the "
+                                 "backbone and re-initialize the head")
+            else:
+                raise ValueError(f"checkpoint is for another architecture: {key} has shape "
+                                 f"{tuple(value.shape)}, the model expects {tuple(want)}")
+        to_load[key] = value
+        if key in renamed:
+            report.mapped[key] = renamed[key]
+    model.load_state_dict(to_load, strict=False)
+    report.loaded = sorted(to_load)
+    return report
+
+
+def _short(keys: list[str], n: int = 8) -> str:
+    return "[]" if not keys else f"{keys[:n]}" + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def infer_config(state_dict: Mapping[str, Tensor]) -> MViTConfig:
+    """The MViTv2 config a native state_dict describes: stages, widths, heads, classes, input size.
+
+    Stages start where a block changes the width (it has a `proj`); heads are the width
+    over the pooling conv's channels; the input size is read off block 0's rel-pos tables
+    (lengths 2*T-1 and 2*H-1 at the stem's grid, since block 0 does not stride q).
+    """
+    blocks = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if "cls_token" not in state_dict or not blocks or "head.projection.weight" not in state_dict:
+        raise ValueError("not an MViTv2 state_dict: expected cls_token, blocks.* and head.projection.*")
+    starts = [0] + [i for i in blocks if f"blocks.{i}.proj.weight" in state_dict] + [len(blocks)]
+    embed_dim = state_dict["cls_token"].shape[-1]
+    base = MViTConfig()
+    fields: dict = {
+        "depths": tuple(b - a for a, b in zip(starts, starts[1:])),
+        "embed_dim": embed_dim,
+        "num_heads": embed_dim // state_dict["blocks.0.attn.pool_q.weight"].shape[0],
+        "num_classes": state_dict["head.projection.weight"].shape[0],
+        "qkv_bias": "blocks.0.attn.qkv.bias" in state_dict,
+        "rel_pos_temporal": "blocks.0.attn.rel_pos_t" in state_dict,
+        "rel_pos_spatial": "blocks.0.attn.rel_pos_h" in state_dict,
+    }
+    if fields["rel_pos_temporal"]:
+        t_grid = (state_dict["blocks.0.attn.rel_pos_t"].shape[0] + 1) // 2
+        fields["num_frames"] = t_grid * base.patch_stride[0]
+    if fields["rel_pos_spatial"]:
+        h_grid = (state_dict["blocks.0.attn.rel_pos_h"].shape[0] + 1) // 2
+        fields["crop_size"] = h_grid * base.patch_stride[1]
+    return MViTConfig(**fields)
+
+
+def preset_name(cfg: MViTConfig) -> str:
+    """"MViTv2-S" etc. when `cfg` has a published architecture, else a description."""
+    for size in ("s", "b", "l"):
+        ref = get_config(size)
+        if (ref.depths, ref.embed_dim, ref.num_heads) == (cfg.depths, cfg.embed_dim, cfg.num_heads):
+            return f"MViTv2-{size.upper()}"
+    return f"MViTv2 depths {cfg.depths}, width {cfg.embed_dim}, {cfg.num_heads} head(s)"
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """torch.save through a temp file in the same folder and a rename: never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra) -> None:
+    """Write `model` in our format (state_dict + config + `extra`), atomically."""
+    cfg = getattr(model, "cfg", None)
+    atomic_save({"format": FORMAT_TAG, "version": 1, "model": model.state_dict(),
+                 "config": dataclasses.asdict(cfg) if cfg is not None else None, **extra}, path)

@@ -1,0 +1,262 @@
+"""The GPU backend: DALI decodes (NVDEC, `fn.decoders.video` on "mixed") and augments on the GPU.
+
+Same sampling (sampling.py, computed here in Python and passed per sample as
+``frames=``), same view layout and the same output contract as the PyAV backend (see
+loader.py): batches are CUDA float32 (N, 3, T, H, W), normalized. `device=None` (or
+"cpu") runs DALI's CPU pipeline instead, which decodes only VP8/VP9/MJPEG: that is
+how the tests check DALI against PyAV without a GPU.
+
+Python side, per sample: read the file's bytes and its frame count (PyAV probe, packets
+counted once per file and cached), pick the frame indices, replace missing or unreadable
+files with another sample and record padding, exactly as the PyAV backend reports it.
+Graph side: decode -> random resized crop -> RandAugment -> flip + normalize (train), or
+short-side resize -> 1 or 3 crops + normalize (test). Random erasing runs on the
+output tensor with the same torch function the PyAV backend uses.
+
+Known differences from the PyAV/timm path: DALI's RandAugment applies every one of its
+`n` ops (timm applies each with p=0.5) and has no magnitude noise (mstd); resize and
+crop rounding may differ by a pixel.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import torch
+
+from .lists import VideoRecord, resolve_video_path
+from .loader import Batch, shard_indices, views_per_video
+from .report import DataReport, Issue
+from .sampling import ClipSampling
+from .transforms import TestAugment, TrainAugment, random_erase
+
+log = logging.getLogger("mvit_fast.data")
+
+
+def import_dali():
+    try:
+        import nvidia.dali as dali
+    except ImportError as e:
+        raise ImportError("the DALI backend needs NVIDIA DALI: pip install 'mvit-fast[dali]'") from e
+    return dali
+
+
+def _normalize_args(augment: TrainAugment | TestAugment) -> dict:
+    return dict(
+        mean=[255 * m for m in augment.mean], std=[255 * s for s in augment.std], output_layout="CFHW"
+    )
+
+
+def build_pipeline(
+    *,
+    train: bool,
+    augment: TrainAugment | TestAugment,
+    batch_size: int,
+    num_threads: int,
+    device_id: int | None,
+    seed: int,
+):
+    """A DALI pipeline fed by `feed_input("encoded"/"frames"/"landscape")`; outputs one
+    (B, C, T, H, W) float batch per view (train: `repeats`; test: `num_crops`)."""
+    dali = import_dali()
+    from nvidia.dali import fn, types
+    from nvidia.dali.auto_aug import rand_augment
+
+    decoder_device = "cpu" if device_id is None else "mixed"
+
+    @dali.pipeline_def(enable_conditionals=train and augment.rand_augment)
+    def pipeline():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
+        landscape = fn.external_source(name="landscape", dtype=types.FLOAT, ndim=0)
+        video = fn.decoders.video(encoded, frames=frames, device=decoder_device)  # (F, H, W, C) uint8
+        views = []
+        if train:
+            for _ in range(augment.repeats):
+                clip = fn.random_resized_crop(
+                    video,
+                    size=(augment.crop_size,) * 2,
+                    random_area=augment.scale,
+                    random_aspect_ratio=augment.ratio,
+                    antialias=True,
+                )
+                if augment.rand_augment:
+                    clip = rand_augment.rand_augment(
+                        clip,
+                        n=4,
+                        m=7,
+                        num_magnitude_bins=11,
+                        shape=(augment.crop_size,) * 2,
+                        max_translate_rel=0.45,
+                    )
+                mirror = fn.random.coin_flip() if augment.flip else 0
+                views.append(
+                    fn.crop_mirror_normalize(
+                        clip, mirror=mirror, dtype=types.FLOAT, **_normalize_args(augment)
+                    )
+                )
+            return tuple(views)
+        video = fn.resize(video, resize_shorter=augment.short_side, antialias=True)
+        positions = [0.5] if augment.num_crops == 1 else [0.0, 0.5, 1.0]
+        for p in positions:  # along the long side: x for landscape frames, y for portrait ones
+            views.append(
+                fn.crop_mirror_normalize(
+                    video,
+                    crop=(augment.crop_size,) * 2,
+                    crop_pos_x=landscape * p + (1 - landscape) * 0.5,
+                    crop_pos_y=landscape * 0.5 + (1 - landscape) * p,
+                    dtype=types.FLOAT,
+                    **_normalize_args(augment),
+                )
+            )
+        return tuple(views)
+
+    with warnings.catch_warnings():  # DALI 2.4's own auto_aug calls its deprecated experimental ops
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pipe = pipeline(
+            batch_size=batch_size,
+            num_threads=num_threads,
+            device_id=device_id,
+            seed=seed,
+            prefetch_queue_depth=1,
+            exec_dynamic=True,
+        )
+        pipe.build()
+    return pipe
+
+
+def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    return torch.from_dlpack(tensor_list.as_tensor()).to(device)
+
+
+class DALILoader:
+    """DALI backend with the `PyAVLoader` interface (set_epoch, len, iter -> Batch, report)."""
+
+    def __init__(
+        self,
+        records: list[VideoRecord],
+        *,
+        train: bool,
+        sampling: ClipSampling,
+        augment: TrainAugment | TestAugment,
+        batch_size: int,
+        num_threads: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device | str | None,
+        max_fail_fraction: float,
+        max_retries: int = 10,
+    ):
+        self.device = (
+            torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        )
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.records, self.train, self.sampling, self.augment = records, train, sampling, augment
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.max_fail_fraction, self.max_retries = max_fail_fraction, max_retries
+        self.views = views_per_video(train, sampling, augment)
+        self.epoch, self.report = 0, DataReport()
+        self._probed: dict[str, tuple[int, bool]] = {}  # path -> (frame count, landscape)
+        clips_per_video = 1 if train else sampling.num_clips
+        self.pipe = build_pipeline(
+            train=train,
+            augment=augment,
+            batch_size=batch_size * clips_per_video,
+            num_threads=num_threads,
+            seed=seed + rank,
+            device_id=self.device.index if self.device.type == "cuda" else None,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _shard(self) -> list[int]:
+        return shard_indices(
+            len(self.records),
+            self.rank,
+            self.world_size,
+            shuffle=self.train,
+            seed=self.seed,
+            epoch=self.epoch,
+        )
+
+    def __len__(self) -> int:
+        n = len(self._shard())
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def _probe(self, path: str) -> tuple[int, bool]:
+        if path not in self._probed:
+            from .video_io import probe
+
+            info = probe(path, count_packets=True)  # real count: a truncated file's header overstates it
+            self._probed[path] = (info.num_frames, info.width >= info.height)
+        return self._probed[path]
+
+    def _read(
+        self, index: int, report: DataReport
+    ) -> tuple[VideoRecord, int, np.ndarray, list[np.ndarray], bool]:
+        """(record, its list index, file bytes, frame indices per clip, landscape) with bad files replaced."""
+        for attempt in range(self.max_retries + 1):
+            record = self.records[index]
+            rng = np.random.default_rng([self.seed, self.epoch, index, attempt])
+            path = resolve_video_path(record.path)
+            try:
+                encoded = np.fromfile(path, dtype=np.uint8)
+                num_frames, landscape = self._probe(path)
+                if num_frames <= 0:
+                    raise ValueError("zero_frames")
+            except Exception as e:  # any failure to read a file means "replace it"
+                kind = (
+                    "missing"
+                    if isinstance(e, FileNotFoundError)
+                    else ("zero_frames" if str(e) == "zero_frames" else "undecodable")
+                )
+                report.add([Issue(path, kind, f"{type(e).__name__}: {e}")])
+                report.check(self.max_fail_fraction)
+                index = int(rng.integers(len(self.records)))
+                continue
+            if num_frames < self.sampling.min_frames:
+                report.add([Issue(path, "too_short", f"{num_frames} < {self.sampling.min_frames} frames")])
+            if record.num_frames is not None and num_frames < record.num_frames:
+                report.add([Issue(path, "truncated", f"{num_frames} of {record.num_frames} frames")])
+            clips = self.sampling.indices(num_frames, train=self.train, rng=rng)
+            return record, index, encoded, clips, landscape
+        raise RuntimeError(f"{self.max_retries + 1} reads in a row failed near list entry {index}")
+
+    def __iter__(self):
+        shard, report = self._shard(), DataReport()
+        erase_rng = np.random.default_rng([self.seed, self.epoch, self.rank, 1 << 20])
+        for b in range(len(self)):
+            encoded, frames, landscape, labels, video_index = [], [], [], [], []
+            for i in shard[b * self.batch_size : (b + 1) * self.batch_size]:
+                record, index, data, clips, land = self._read(i, report)
+                for clip in clips:
+                    encoded.append(data)
+                    frames.append(clip.astype(np.int32))
+                    landscape.append(np.float32(land))
+                labels.append(record.label)
+                video_index.append(index)
+            report.add([], samples=len(labels))
+            self.pipe.feed_input("encoded", encoded)
+            self.pipe.feed_input("frames", frames)
+            if not self.train:  # only the test graph uses it (DALI prunes unused inputs)
+                self.pipe.feed_input("landscape", [np.array(x) for x in landscape])
+            views = [_to_torch(out, self.device) for out in self.pipe.run()]
+            # views[v]: (samples, C, T, H, W); sample-major, then view -> adjacent views per video.
+            clips = torch.stack(views, 1).flatten(0, 1)
+            if self.train and self.augment.erase_prob > 0:
+                clips = torch.stack([random_erase(c, self.augment.erase_prob, erase_rng) for c in clips])
+            repeat = torch.full((len(labels),), self.views)
+            yield Batch(
+                clips,
+                torch.repeat_interleave(torch.tensor(labels), repeat).to(self.device),
+                torch.repeat_interleave(torch.tensor(video_index), repeat).to(self.device),
+            )
+        self.report, self.epoch = report, self.epoch + 1
+        if report.counts:
+            log.warning("epoch data report (rank %d): %s", self.rank, report.summary())
+        report.check(self.max_fail_fraction)

@@ -1,0 +1,217 @@
+"""`build_loader`: one entry point over the DALI (GPU) and PyAV (CPU) backends.
+
+Output contract, both backends: iterating yields `Batch(clips, labels, video_index)`:
+
+- clips: float32 (N, 3, T, H, W), normalized ``(x / 255 - mean) / std`` with the
+  augment's mean/std, RGB. N = batch_size * views: train views = `augment.repeats`
+  (repeated augmentation, views of one video are adjacent), test views =
+  `sampling.num_clips * augment.num_crops` (clip-major, crop-minor).
+- labels: int64 (N,), the list's label of the video each view came from.
+- video_index: int64 (N,), that video's position in the list (aggregate test views by it).
+
+DALI batches are CUDA tensors; PyAV batches are CPU tensors, moved to `device` when
+given. Mixup/CutMix is not part of the loader: apply `MixupCutmix` to the batch on the
+device. Bad videos are replaced or padded, never fatal; each epoch's `DataReport` is
+logged at the end of the epoch and kept as `loader.report`; `DataError` is raised when
+more than `max_fail_fraction` of the reads failed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Literal, NamedTuple
+
+import torch
+
+from .lists import VideoRecord, read_list
+from .pyav_dataset import VideoDataset, collate
+from .report import DataReport
+from .sampling import ClipSampling
+from .transforms import TestAugment, TrainAugment
+
+log = logging.getLogger("mvit_fast.data")
+Backend = Literal["auto", "dali", "pyav"]
+
+
+class Batch(NamedTuple):
+    clips: torch.Tensor  # (N, 3, T, H, W) float32, normalized
+    labels: torch.Tensor  # (N,) int64
+    video_index: torch.Tensor  # (N,) int64, position in the list
+
+
+def shard_indices(
+    num_items: int, rank: int, world_size: int, *, shuffle: bool, seed: int, epoch: int
+) -> list[int]:
+    """This rank's list positions for one epoch.
+
+    Shuffled (train): `torch.utils.data.DistributedSampler`'s permutation and padding
+    (every rank gets ceil(n / world) items, the first ones repeated to fill).
+    Not shuffled (test): ``range(rank, n, world)``, no padding, so shards are disjoint and
+    together hold every item exactly once.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if not shuffle:
+        return list(range(rank, num_items, world_size))
+    g = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(num_items, generator=g).tolist()
+    total = -(-num_items // world_size) * world_size
+    order += (order * (total // max(num_items, 1) + 1))[: total - num_items]
+    return order[rank:total:world_size]
+
+
+def dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values, else torch.distributed's when initialized (torchrun), else (0, 1)."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def views_per_video(train: bool, sampling: ClipSampling, augment: TrainAugment | TestAugment) -> int:
+    return augment.repeats if train else sampling.num_clips * augment.num_crops
+
+
+class PyAVLoader:
+    """CPU backend: `VideoDataset` in a DataLoader over this rank's shard."""
+
+    def __init__(
+        self,
+        dataset: VideoDataset,
+        *,
+        batch_size: int,
+        num_workers: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device | str | None,
+        max_fail_fraction: float,
+    ):
+        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.device = torch.device(device) if device is not None else None
+        self.max_fail_fraction = max_fail_fraction
+        self.views = views_per_video(dataset.train, dataset.sampling, dataset.augment)
+        self.epoch, self.report = 0, DataReport()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _shard(self) -> list[int]:
+        return shard_indices(
+            len(self.dataset),
+            self.rank,
+            self.world_size,
+            shuffle=self.dataset.train,
+            seed=self.seed,
+            epoch=self.epoch,
+        )
+
+    def __len__(self) -> int:
+        n = len(self._shard())
+        return n // self.batch_size if self.dataset.train else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.dataset.set_epoch(self.epoch)
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=self._shard(),
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            drop_last=self.dataset.train,
+            pin_memory=self.device is not None and self.device.type == "cuda",
+        )
+        report = DataReport()
+        for clips, labels, index, issues in loader:
+            report.add(issues, samples=len(labels) // self.views)
+            if self.device is not None:
+                clips, labels, index = (t.to(self.device, non_blocking=True) for t in (clips, labels, index))
+            yield Batch(clips, labels, index)
+        self.report, self.epoch = report, self.epoch + 1
+        if report.counts:
+            log.warning("epoch data report (rank %d): %s", self.rank, report.summary())
+        report.check(self.max_fail_fraction)
+
+
+def choose_backend(backend: Backend) -> str:
+    """ "auto": DALI when CUDA is available and DALI is installed, else PyAV."""
+    if backend == "auto":
+        has_dali = (
+            importlib.util.find_spec("nvidia") is not None
+            and importlib.util.find_spec("nvidia.dali") is not None
+        )
+        return "dali" if torch.cuda.is_available() and has_dali else "pyav"
+    if backend not in ("dali", "pyav"):
+        raise ValueError(f"unknown backend {backend!r}; use 'auto', 'dali' or 'pyav'")
+    return backend
+
+
+def build_loader(
+    source: str | os.PathLike | Sequence[VideoRecord],
+    *,
+    train: bool,
+    batch_size: int,
+    sampling: ClipSampling | None = None,
+    augment: TrainAugment | TestAugment | None = None,
+    root: str | os.PathLike = "",
+    backend: Backend = "auto",
+    num_workers: int | None = None,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    device: torch.device | str | None = None,
+    max_fail_fraction: float = 0.5,
+):
+    """A re-iterable loader of `Batch`es (see the module docstring for the contract).
+
+    `source` is a list file (any format in lists.py, paths under `root`) or records.
+    `sampling` defaults to K400 16x4; `augment` to `TrainAugment()` / `TestAugment()`.
+    `rank`/`world_size` default to torch.distributed's. `num_workers` (PyAV) / CPU threads
+    (DALI) default to this process's share of the CPU cores. Each pass is one epoch; the
+    epoch number advances by itself (call `set_epoch` to pin it). Train batches drop the ragged last batch.
+    """
+    sampling = sampling if sampling is not None else ClipSampling()
+    records = read_list(source, root=root) if isinstance(source, (str, os.PathLike)) else list(source)
+    augment = augment if augment is not None else (TrainAugment() if train else TestAugment())
+    rank, world_size = dist_rank_world(rank, world_size)
+    if num_workers is None:
+        num_workers = max(1, len(os.sched_getaffinity(0)) // max(1, torch.cuda.device_count() or 1))
+    if choose_backend(backend) == "dali":
+        from .dali_loader import DALILoader
+
+        return DALILoader(
+            records,
+            train=train,
+            sampling=sampling,
+            augment=augment,
+            batch_size=batch_size,
+            num_threads=num_workers,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            device=device,
+            max_fail_fraction=max_fail_fraction,
+        )
+    dataset = VideoDataset(
+        records,
+        train=train,
+        sampling=sampling,
+        augment=augment,
+        seed=seed,
+        max_fail_fraction=max_fail_fraction,
+    )
+    return PyAVLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        device=device,
+        max_fail_fraction=max_fail_fraction,
+    )

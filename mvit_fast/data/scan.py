@@ -1,0 +1,152 @@
+"""Pre-flight scan of a list: which files exist, decode, are long enough, and suit DALI.
+
+``python -m mvit_fast.data scan LIST --root DIR [--min-frames 64] [--workers N]``
+
+Per file: open the container, count packets (demux only, no decode), decode the first
+frame. Status is the first problem found: missing, undecodable, zero_frames, truncated
+(fewer packets than the container header promises), too_short (< min_frames), else ok.
+Also tallied: codecs, and variable-frame-rate files and codecs the DALI GPU decoder
+does not take (it rejects both). Prints the counts and a fingerprint (the counts plus
+a hash of the list text), writes bad paths to ``--bad-out`` (default ``LIST.bad.txt``),
+and with ``--frames-out`` a ``path num_frames label`` list of the good files, which spares
+the loaders probing every file for its length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .lists import VideoRecord, read_list, resolve_video_path, write_list
+
+DALI_GPU_CODECS = {"h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mjpeg"}
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    path: str
+    status: str  # ok, missing, undecodable, zero_frames, truncated, too_short
+    codec: str = ""
+    num_frames: int = 0
+    variable_frame_rate: bool = False
+    detail: str = ""
+
+
+def check_file(path: str, min_frames: int = 1) -> FileCheck:
+    """Check one video file (see the module docstring)."""
+    from .video_io import import_av
+
+    av = import_av()
+    path = resolve_video_path(path)
+    if not os.path.exists(path):
+        return FileCheck(path, "missing")
+    try:
+        with av.open(path) as container:  # decode the first frame...
+            if not container.streams.video:
+                return FileCheck(path, "undecodable", detail="no video stream")
+            stream = container.streams.video[0]
+            promised, codec = stream.frames, stream.codec_context.name
+            try:
+                first = next(container.decode(stream), None)
+            except av.error.FFmpegError:
+                first = None  # no decodable frame: zero_frames below, if the file opened
+        with av.open(path) as container:  # ...and count packets, a fresh demuxer for each
+            pts, truncated_by = [], ""
+            try:
+                for packet in container.demux(container.streams.video[0]):
+                    if packet.size and packet.pts is not None:
+                        pts.append(packet.pts)
+            except av.error.FFmpegError as e:
+                truncated_by = str(e)
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        return FileCheck(path, "undecodable", detail=f"{type(e).__name__}: {e}")
+    steps = sorted({b - a for a, b in zip(sorted(pts), sorted(pts)[1:])})
+    vfr = bool(steps) and steps[-1] - steps[0] > 1
+    n = len(pts)
+    common = dict(codec=codec, num_frames=n, variable_frame_rate=vfr)
+    if n == 0 or first is None:
+        return FileCheck(path, "zero_frames", **common)
+    if truncated_by or 0 < n < promised:
+        return FileCheck(path, "truncated", **common, detail=truncated_by or f"{n} of {promised} frames")
+    if n < min_frames:
+        return FileCheck(path, "too_short", **common, detail=f"{n} < {min_frames} frames")
+    return FileCheck(path, "ok", **common)
+
+
+@dataclass
+class ScanResult:
+    checks: list[FileCheck]
+    list_hash: str
+    status: Counter = field(default_factory=Counter)
+    codecs: Counter = field(default_factory=Counter)
+    variable_frame_rate: int = 0
+    dali_unsupported: int = 0
+
+    def __post_init__(self):
+        for c in self.checks:
+            self.status[c.status] += 1
+            if c.codec:
+                self.codecs[c.codec] += 1
+            self.variable_frame_rate += c.variable_frame_rate
+            self.dali_unsupported += bool(c.codec) and c.codec not in DALI_GPU_CODECS
+
+    @property
+    def fingerprint(self) -> str:
+        counts = ",".join(f"{k}={self.status[k]}" for k in sorted(self.status))
+        return f"{len(self.checks)} files [{counts}] list-sha256:{self.list_hash[:16]}"
+
+    def summary(self) -> str:
+        found = len(self.checks) - self.status["missing"]
+        lines = [
+            f"files: {len(self.checks)}  found: {found}  missing: {self.status['missing']}",
+            "status: " + ", ".join(f"{k} {v}" for k, v in sorted(self.status.items())),
+            "codecs: " + ", ".join(f"{k} {v}" for k, v in self.codecs.most_common()),
+            f"variable frame rate: {self.variable_frame_rate}  "
+            f"codec not decodable by DALI's GPU decoder: {self.dali_unsupported}",
+            f"fingerprint: {self.fingerprint}",
+        ]
+        return "\n".join(lines)
+
+
+def scan(records: list[VideoRecord], *, list_text: str, min_frames: int = 1, workers: int = 1) -> ScanResult:
+    paths = [r.path for r in records]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            checks = list(pool.map(check_file, paths, [min_frames] * len(paths), chunksize=16))
+    else:
+        checks = [check_file(p, min_frames) for p in paths]
+    return ScanResult(checks, hashlib.sha256(list_text.encode()).hexdigest())
+
+
+def main(
+    list_path: str,
+    *,
+    root: str = "",
+    min_frames: int = 1,
+    workers: int = 1,
+    bad_out: str | None = None,
+    frames_out: str | None = None,
+) -> ScanResult:
+    """Scan, print the summary, write the bad-path and (optional) frame-count lists."""
+    records = read_list(list_path, root=root)
+    result = scan(records, list_text=Path(list_path).read_text(), min_frames=min_frames, workers=workers)
+    print(result.summary())
+    bad_out = bad_out or f"{list_path}.bad.txt"
+    bad = [c for c in result.checks if c.status != "ok" or c.variable_frame_rate]
+    Path(bad_out).write_text(
+        "".join(f"{c.status}{'+vfr' if c.variable_frame_rate else ''} {c.path}\n" for c in bad)
+    )
+    print(f"{len(bad)} bad paths -> {bad_out}")
+    if frames_out:
+        good = [
+            VideoRecord(c.path, r.label, c.num_frames)
+            for r, c in zip(records, result.checks)
+            if c.status in ("ok", "too_short")
+        ]
+        write_list(frames_out, good, root=root)
+        print(f"{len(good)} good files with frame counts -> {frames_out}")
+    return result

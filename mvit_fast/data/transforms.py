@@ -1,0 +1,157 @@
+"""Spatial transforms on one clip, in torch (CPU backend; the GPU backend does the same in DALI).
+
+Clips here are float tensors (T, C, H, W) with values in [0, 255] until `normalize`,
+which returns (C, T, H, W) in the model's input scale. Every random choice is drawn
+once per clip, so all frames get the same crop, flip, RandAugment ops and erased box.
+
+Train order: random resized crop -> flip -> RandAugment -> normalize -> random erasing.
+(SlowFast runs RandAugment before the crop, at full resolution; we run it at crop size,
+which is cheaper and is what the DALI pipeline does too.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+K400_MEAN, K400_STD = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SlowFast MViTv2-L
+
+
+@dataclass(frozen=True)
+class TrainAugment:
+    """Training-time spatial augmentation (SlowFast MViTv2 K400 defaults).
+
+    `repeats` is repeated augmentation: each decoded clip yields that many independently
+    augmented views. Set `flip=False` for SSv2 (left/right carries the label there).
+    """
+
+    crop_size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    rand_augment: bool = True  # m7 n4 mstd0.5, see randaugment.py
+    erase_prob: float = 0.25
+    repeats: int = 1
+    mean: tuple[float, float, float] = K400_MEAN
+    std: tuple[float, float, float] = K400_STD
+
+
+@dataclass(frozen=True)
+class TestAugment:
+    """Test-time views: short side resized to `short_side`, then `num_crops` crops of
+    `crop_size` (1: center; 3: left/center/right along the long side)."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    short_side: int = 256
+    crop_size: int = 224
+    num_crops: int = 1
+    mean: tuple[float, float, float] = K400_MEAN
+    std: tuple[float, float, float] = K400_STD
+
+    def __post_init__(self):
+        if self.num_crops not in (1, 3):
+            raise ValueError(f"num_crops must be 1 or 3, got {self.num_crops}")
+
+
+def random_resized_crop_box(
+    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float], rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a crop with area fraction in `scale` and aspect w/h in `ratio`
+    (log-uniform), torchvision's algorithm: 10 tries, then the largest centered crop
+    with the aspect clamped into `ratio`."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif aspect > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resize(clip: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (T, C, H, W) to `size` (antialiased when shrinking, like DALI's linear)."""
+    if tuple(clip.shape[-2:]) == tuple(size):
+        return clip
+    return F.interpolate(clip, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def resized_crop(clip: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    top, left, h, w = box
+    return resize(clip[..., top : top + h, left : left + w], (size, size))
+
+
+def short_side_resize(clip: torch.Tensor, short_side: int) -> torch.Tensor:
+    """Resize so the shorter side is `short_side`, keeping the aspect ratio (SlowFast rounds down)."""
+    h, w = clip.shape[-2:]
+    if h <= w:
+        size = (short_side, int(math.floor(w * short_side / h)))
+    else:
+        size = (int(math.floor(h * short_side / w)), short_side)
+    return resize(clip, size)
+
+
+def spatial_crops(clip: torch.Tensor, crop_size: int, num_crops: int) -> list[torch.Tensor]:
+    """Center crop (num_crops=1) or left/center/right crops along the long side (3),
+    SlowFast's `uniform_crop` with spatial_idx 0, 1, 2 (top/center/bottom for portrait)."""
+    h, w = clip.shape[-2:]
+    if min(h, w) < crop_size:
+        raise ValueError(f"crop {crop_size} is larger than the resized frame {h}x{w}")
+    center = ((h - crop_size) // 2, (w - crop_size) // 2)
+    if num_crops == 1:
+        offsets = [center]
+    elif w >= h:
+        offsets = [(center[0], 0), center, (center[0], w - crop_size)]
+    else:
+        offsets = [(0, center[1]), center, (h - crop_size, center[1])]
+    return [clip[..., y : y + crop_size, x : x + crop_size] for y, x in offsets]
+
+
+def normalize(clip: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(T, C, H, W) in [0, 255] -> (C, T, H, W) float32, (x / 255 - mean) / std."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    return ((clip.float() - m) / s).permute(1, 0, 2, 3).contiguous()
+
+
+def random_erase(
+    clip: torch.Tensor,
+    prob: float,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.02, 1 / 3),
+    ratio: tuple[float, float] = (0.3, 1 / 0.3),
+) -> torch.Tensor:
+    """timm/SlowFast RandomErasing, "pixel" mode, one box: with probability `prob`, fill a
+    random box (area fraction in `scale`, log-uniform aspect in `ratio`) with standard
+    normal noise, the same box and noise on every frame (SlowFast's `cube` erasing).
+    Works on a normalized (C, T, H, W) clip."""
+    if prob <= 0 or rng.random() >= prob:
+        return clip
+    c, t, height, width = clip.shape
+    for _ in range(10):
+        target = height * width * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        h = int(round(math.sqrt(target * aspect)))
+        w = int(round(math.sqrt(target / aspect)))
+        if w < width and h < height:
+            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            noise = torch.from_numpy(rng.standard_normal((c, 1, h, w), dtype=np.float32))
+            clip = clip.clone()
+            clip[..., top : top + h, left : left + w] = noise.to(clip.device)
+            return clip
+    return clip

@@ -1,0 +1,135 @@
+"""Video files through PyAV (the `video` extra): probe, decode chosen frames, encode.
+
+PyAV bundles FFmpeg with H.264/VP9 decoders and the libx264/libvpx-vp9 encoders, so
+this module is the CPU backend's decoder, the synthetic data's encoder and the scan's
+prober. It is imported lazily: `import mvit_fast` works without PyAV.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class NoFrames(ValueError):
+    """The file opened but not one frame decoded."""
+
+
+def import_av():
+    try:
+        import av
+    except ImportError as e:
+        raise ImportError("reading or writing video files needs PyAV: pip install 'mvit-fast[video]'") from e
+    av.logging.set_level(av.logging.PANIC)  # damaged files are counted and reported by us, not spammed
+    return av
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a file's container says about its first video stream."""
+
+    num_frames: int  # from container metadata, else counted packets
+    fps: float
+    codec: str
+    width: int
+    height: int
+    variable_frame_rate: bool  # packet durations differ (only known when packets were counted)
+
+
+def probe(path: str, *, count_packets: bool = False) -> VideoInfo:
+    """Read stream metadata; count packets when the container gives no frame count
+    (webm) or when `count_packets` (also detects variable frame rate). Raises on
+    unreadable files (`FileNotFoundError`, `av.error.FFmpegError`, `ValueError`)."""
+    av = import_av()
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        num_frames, vfr = stream.frames, False
+        if count_packets or num_frames <= 0:
+            pts = [p.pts for p in container.demux(stream) if p.size and p.pts is not None]
+            num_frames = len(pts)
+            steps = np.diff(np.sort(np.asarray(pts, dtype=np.int64)))
+            vfr = bool(steps.size and steps.max() - steps.min() > 1)  # 1 tick of rounding allowed
+        rate = stream.average_rate or stream.guessed_rate
+        return VideoInfo(
+            num_frames,
+            float(rate) if rate else 0.0,
+            stream.codec_context.name,
+            stream.codec_context.width,
+            stream.codec_context.height,
+            vfr,
+        )
+
+
+def decode_frames(path: str, indices: np.ndarray) -> tuple[np.ndarray, int]:
+    """Decode the frames at `indices` (any order, repeats allowed) as uint8 (T, H, W, 3) RGB.
+
+    Decodes sequentially from the start up to the largest index (K400-length clips are
+    short; exact frame counting beats timestamp seeking on damaged files). An index past
+    the last decodable frame gets the last decoded frame, as SlowFast pads. Returns the
+    frames and the number of frames actually decoded (< max index + 1 means truncated).
+    Raises `NoFrames` when no frame decodes.
+    """
+    av = import_av()
+    wanted = set(int(i) for i in indices)
+    last_wanted = max(wanted)
+    got: dict[int, np.ndarray] = {}
+    decoded, last_frame = 0, None
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        try:
+            for frame in container.decode(stream):
+                if decoded in wanted:
+                    got[decoded] = frame.to_ndarray(format="rgb24")
+                last_frame = frame
+                decoded += 1
+                if decoded > last_wanted:
+                    break
+        except av.error.FFmpegError:
+            pass  # a damaged tail: keep what decoded, the caller reports the shortfall
+    if last_frame is None:
+        raise NoFrames(f"{path}: no decodable frame")
+    if decoded <= last_wanted:
+        last = got.get(decoded - 1)
+        if last is None:
+            last = last_frame.to_ndarray(format="rgb24")
+        for i in wanted:
+            if i >= decoded:
+                got[i] = last
+    return np.stack([got[int(i)] for i in indices]), decoded
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, *, fps: int = 30, codec: str = "h264") -> None:
+    """Encode uint8 (T, H, W, 3) RGB frames: codec "h264" (libx264, .mp4) or "vp9"
+    (libvpx-vp9, .webm). Written to a temporary name and renamed, so a crash never
+    leaves a half-written file under `path`."""
+    av = import_av()
+    encoder = {"h264": "libx264", "vp9": "libvpx-vp9"}.get(codec)
+    if encoder is None:
+        raise ValueError(f"unknown codec {codec!r}; use 'h264' or 'vp9'")
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # same suffix: picks the container
+    options = (
+        {"crf": "18", "preset": "veryfast", "g": "16"}
+        if codec == "h264"
+        else {"deadline": "realtime", "cpu-used": "8", "crf": "20", "b": "0", "g": "16"}
+    )
+    try:
+        # faststart: the index goes first, so a file cut short still opens (and shows as truncated).
+        container_options = {"movflags": "faststart"} if path.suffix == ".mp4" else {}
+        with av.open(str(tmp), "w", options=container_options) as container:
+            stream = container.add_stream(encoder, rate=fps, options=options)
+            stream.width, stream.height = frames.shape[2], frames.shape[1]
+            stream.pix_fmt = "yuv420p"
+            for image in frames:
+                container.mux(
+                    stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24"))
+                )
+            container.mux(stream.encode(None))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,27 @@
+"""Home implementations of MViTv2 checkpoints, when installed, as test oracles.
+
+torchvision's `mvit_v2_s` is pure PyTorch, but torchvision's package import
+registers fake kernels for its compiled ops, which fails when its C++ extension
+does not match the installed torch (e.g. the CPU torch wheel). The model code
+needs none of those ops, so that one registration module is skipped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+
+def torchvision_mvit_v2_s():
+    """torchvision.models.video.mvit_v2_s, or None when torchvision is not installed."""
+    if importlib.util.find_spec("torchvision") is None:
+        return None
+    try:
+        from torchvision.models.video import mvit_v2_s
+    except RuntimeError:  # compiled ops unavailable: skip their fake-kernel registrations
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+        from torchvision.models.video import mvit_v2_s
+    return mvit_v2_s

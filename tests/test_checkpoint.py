@@ -1,0 +1,154 @@
+"""Checkpoint formats: key mapping round trips, interpolation, heads, errors, convert CLI."""
+
+import pytest
+import torch
+
+import mvit_fast
+from mvit_fast import load_checkpoint
+from mvit_fast.checkpoint import FORMATS, detect_format, export_state_dict, read_checkpoint, save_checkpoint
+from mvit_fast.convert import main as convert_main
+
+# Every stage and dim change of MViTv2, at a width that builds in milliseconds.
+MINI = dict(depths=(1, 2, 1, 1), embed_dim=16, num_heads=1, num_frames=4, crop_size=32)
+CONTAINERS = {"slowfast": "model_state", "mmaction2": "state_dict"}
+
+# Keys as each home codebase names them (one per mapping rule).
+FOREIGN_KEYS = {
+    "slowfast": ["patch_embed.proj.weight", "cls_token", "blocks.1.attn.pool_q.weight",
+                 "blocks.1.attn.norm_q.weight", "blocks.1.mlp.fc1.weight", "blocks.1.proj.weight",
+                 "head.projection.weight", "norm.weight"],
+    "mmaction2": ["backbone.patch_embed.projection.weight", "backbone.cls_token",
+                  "backbone.blocks.1.attn.pool_q.weight", "backbone.blocks.1.attn.norm_q.weight",
+                  "backbone.blocks.1.mlp.fc1.weight", "backbone.blocks.1.proj.weight",
+                  "cls_head.fc_cls.weight", "backbone.norm3.weight"],
+    "torchvision": ["conv_proj.weight", "pos_encoding.class_token",
+                    "blocks.1.attn.pool_q.pool.weight", "blocks.1.attn.pool_q.norm_act.0.weight",
+                    "blocks.1.mlp.0.weight", "blocks.1.project.weight", "head.1.weight", "norm.weight"],
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return mvit_fast.build_model("s", **MINI).eval()
+
+
+def _wrap(sd, fmt):
+    return {CONTAINERS[fmt]: sd, "epoch": 3} if fmt in CONTAINERS else sd
+
+
+@pytest.mark.parametrize("fmt", ["slowfast", "mmaction2", "torchvision"])
+def test_foreign_key_names(model, fmt):
+    sd = export_state_dict(model.state_dict(), fmt)
+    assert set(FOREIGN_KEYS[fmt]) <= set(sd)
+    assert detect_format(sd) == fmt
+    if fmt == "torchvision":
+        assert sd["pos_encoding.class_token"].shape == (16,)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip_through_a_file(model, fmt, tmp_path):
+    path = tmp_path / f"ckpt_{fmt}.pt"
+    if fmt == "mvit_fast":
+        save_checkpoint(path, model, epoch=3)
+    else:
+        torch.save(_wrap(export_state_dict(model.state_dict(), fmt), fmt), path)
+    fresh = mvit_fast.build_model("s", **MINI).eval()
+    report = load_checkpoint(fresh, path)
+    assert report.format == fmt
+    assert not (report.missing or report.unexpected or report.interpolated or report.reinitialized)
+    assert len(report.loaded) == len(model.state_dict())
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    clip = torch.randn(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh(clip), model(clip))
+
+
+def test_ddp_prefix_is_stripped(model):
+    sd = {f"module.{k}": v for k, v in model.state_dict().items()}
+    assert load_checkpoint(mvit_fast.build_model("s", **MINI), {"model_state": sd}).format == "slowfast"
+
+
+def test_k400_into_ssv2_needs_reinit_head(model):
+    ssv2 = mvit_fast.build_model("s", "ssv2", **MINI)
+    with pytest.raises(ValueError, match="reinit_head=True"):
+        load_checkpoint(ssv2, model.state_dict())
+    head_before = ssv2.head.projection.weight.clone()
+    report = load_checkpoint(ssv2, model.state_dict(), reinit_head=True)
+    assert report.reinitialized == ["head.projection.bias", "head.projection.weight"]
+    assert torch.equal(ssv2.head.projection.weight, head_before)
+    assert torch.equal(ssv2.blocks[3].attn.qkv.weight, model.blocks[3].attn.qkv.weight)
+    assert "re-initialized (not loaded): head.projection.weight" in report.summary()
+
+
+def test_rel_pos_tables_interpolate_to_another_input_size(model):
+    bigger = mvit_fast.build_model("s", **{**MINI, "num_frames": 6, "crop_size": 48})
+    report = load_checkpoint(bigger, model.state_dict())
+    assert report.interpolated["blocks.0.attn.rel_pos_h"] == (15, 23)
+    assert report.interpolated["blocks.0.attn.rel_pos_t"] == (3, 5)
+    assert "interpolated: blocks.0.attn.rel_pos_h 15 -> 23 rows" in report.summary()
+
+
+def test_strict_and_non_strict_reports(model):
+    sd = dict(model.state_dict())
+    del sd["blocks.2.attn.rel_pos_t"]
+    sd["blocks.2.attn.extra"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing \['blocks.2.attn.rel_pos_t'\].*extra"):
+        load_checkpoint(mvit_fast.build_model("s", **MINI), sd)
+    report = load_checkpoint(mvit_fast.build_model("s", **MINI), sd, strict=False)
+    assert report.missing == ["blocks.2.attn.rel_pos_t"]
+    assert report.unexpected == ["blocks.2.attn.extra"]
+    assert "left out (not in model): blocks.2.attn.extra" in report.summary()
+
+
+def test_checkpoint_of_another_architecture(model):
+    deeper = mvit_fast.build_model("s", **{**MINI, "depths": (1, 2, 2, 1)})
+    with pytest.raises(ValueError, match="missing"):
+        load_checkpoint(deeper, model.state_dict())
+    wider = mvit_fast.build_model("s", **{**MINI, "embed_dim": 32})
+    with pytest.raises(ValueError, match="another architecture"):
+        load_checkpoint(wider, model.state_dict())
+
+
+def test_unreadable_inputs(tmp_path):
+    model = mvit_fast.build_model("s", **MINI)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(model, tmp_path / "missing.pyth")
+    (tmp_path / "garbage.pyth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not read"):
+        load_checkpoint(model, tmp_path / "garbage.pyth")
+    with pytest.raises(ValueError, match="unrecognized checkpoint"):
+        load_checkpoint(model, {"fc.weight": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match="not tensors"):
+        read_checkpoint({"model_state": {"a": 1}})
+
+
+def test_convert_cli(model, tmp_path, capsys):
+    src = tmp_path / "tv.pth"
+    torch.save(export_state_dict(model.state_dict(), "torchvision"), src)
+    assert convert_main([str(src), str(tmp_path / "ours.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "depths (1, 2, 1, 1), width 16" in out and "format: torchvision" in out and "every model tensor loaded" in out
+    converted = torch.load(tmp_path / "ours.pt", weights_only=True)
+    assert converted["format"] == "mvit-fast"
+    assert {k: converted["config"][k] for k in ("depths", "embed_dim", "num_frames", "crop_size")} == {
+        "depths": (1, 2, 1, 1), "embed_dim": 16, "num_frames": 4, "crop_size": 32}
+    assert convert_main([str(tmp_path / "ours.pt"), str(tmp_path / "mm.pth"), "--to", "mmaction2"]) == 0
+    sd, fmt = read_checkpoint(tmp_path / "mm.pth")
+    assert fmt == "mmaction2" and torch.equal(sd["cls_head.fc_cls.weight"], model.head.projection.weight)
+    assert convert_main([str(tmp_path / "nope.pth"), str(tmp_path / "x.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size, dataset", [("s", "k400"), ("b", "ssv2"), ("l", "k400")])
+def test_infer_config_recognizes_published_models(size, dataset):
+    from mvit_fast.checkpoint import infer_config, preset_name
+
+    with torch.device("meta"):
+        model = mvit_fast.build_model(size, dataset)
+    cfg = infer_config(model.state_dict())
+    ref = mvit_fast.get_config(size, dataset)
+    assert (cfg.depths, cfg.embed_dim, cfg.num_heads, cfg.num_classes, cfg.num_frames, cfg.crop_size) == (
+        ref.depths, ref.embed_dim, ref.num_heads, ref.num_classes, ref.num_frames, ref.crop_size)
+    assert preset_name(cfg) == f"MViTv2-{size.upper()}"

@@ -1,0 +1,103 @@
+"""The pre-flight scan and the built-in synthetic dataset."""
+
+import numpy as np
+
+from mvit_fast.data import ClipSampling, TrainAugment, build_loader, make_synthetic, read_list
+from mvit_fast.data.__main__ import main as cli
+from mvit_fast.data.lists import write_list
+from mvit_fast.data.synthetic import CLASSES, render_clip
+from mvit_fast.data.video_io import decode_frames, probe
+from tests.test_data_pyav import bad_videos
+
+
+def test_scan_counts_every_kind_and_writes_bad_paths(tmp_path, capsys):
+    folder = tmp_path / "v"
+    folder.mkdir()
+    write_list(tmp_path / "list.txt", [r for r in bad_videos(folder) if r.num_frames is None], root=folder)
+    bad_out, frames_out = tmp_path / "bad.txt", tmp_path / "frames.txt"
+    code = cli(
+        [
+            "scan",
+            str(tmp_path / "list.txt"),
+            "--root",
+            str(folder),
+            "--min-frames",
+            "13",
+            "--workers",
+            "2",
+            "--bad-out",
+            str(bad_out),
+            "--frames-out",
+            str(frames_out),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "files: 9  found: 8  missing: 1" in out
+    assert "status: missing 1, ok 4, too_short 1, truncated 1, undecodable 1, zero_frames 1" in out
+    assert "codecs: h264 7" in out and "fingerprint: 9 files [missing=1,ok=4," in out
+    bad = dict(line.split(" ", 1)[::-1] for line in bad_out.read_text().splitlines())
+    assert {k.rsplit("/", 1)[1]: v for k, v in bad.items()} == {
+        "short.mp4": "too_short",
+        "cut.mp4": "truncated",
+        "garbage.mp4": "undecodable",
+        "empty.mp4": "zero_frames",
+        "gone.mp4": "missing",
+    }
+    good = read_list(frames_out, root=folder)
+    assert [(r.num_frames, r.label) for r in good] == [(32, 0), (32, 2), (32, 4), (32, 1), (5, 4)]
+    cli(
+        [
+            "scan",
+            str(tmp_path / "list.txt"),
+            "--root",
+            str(folder),
+            "--min-frames",
+            "13",
+            "--workers",
+            "1",
+            "--bad-out",
+            str(bad_out),
+        ]
+    )
+    assert capsys.readouterr().out.splitlines()[4] == out.splitlines()[4]  # same fingerprint
+
+
+def test_classes_differ_only_in_motion():
+    first = [render_clip(c, 6, 32, np.random.default_rng(7)) for c in CLASSES]
+    assert all(np.array_equal(f[0], first[0][0]) for f in first)  # frame 0 does not depend on the class
+    assert all(not np.array_equal(f[5], first[0][5]) for f in first[1:])  # the motion does
+    moved = first[CLASSES.index("move_right")]
+    assert not np.array_equal(moved[0], moved[1])
+
+
+def test_synthetic_is_deterministic_idempotent_and_loads(tmp_path):
+    kw = dict(num_train=12, num_val=6, num_frames=16, size=32, progress=False)
+    ds = make_synthetic(tmp_path / "a", **kw)
+    train = read_list(ds.train_list, root=ds.root)
+    assert [r.label for r in train] == [i % 6 for i in range(12)]
+    assert [r.num_frames for r in read_list(ds.val_frames_list, root=ds.root)] == [16] * 6
+    assert ds.label_map.read_text().split() == list(CLASSES)
+    assert probe(train[0].path).codec == "h264" and probe(train[0].path).num_frames == 16
+    mtimes = [p.stat().st_mtime_ns for p in sorted((tmp_path / "a" / "train").iterdir())]
+    train[3] and (tmp_path / "a" / "train" / "000003.mp4").write_bytes(b"broken")
+    make_synthetic(tmp_path / "a", **kw)  # regenerates only the broken file
+    after = [p.stat().st_mtime_ns for p in sorted((tmp_path / "a" / "train").iterdir())]
+    assert [a == b for a, b in zip(mtimes, after)] == [True] * 3 + [False] + [True] * 8
+    other = make_synthetic(tmp_path / "b", **kw)
+    idx = np.arange(16)
+    for name in ("train/000003.mp4", "val/000005.mp4"):
+        a, _ = decode_frames(str(ds.root / name), idx)
+        b, _ = decode_frames(str(other.root / name), idx)
+        assert np.array_equal(a, b)
+    loader = build_loader(
+        ds.train_list,
+        root=ds.root,
+        train=True,
+        batch_size=4,
+        backend="pyav",
+        num_workers=0,
+        sampling=ClipSampling("k400", 4, 2),
+        augment=TrainAugment(crop_size=32),
+    )
+    assert [b.clips.shape for b in loader] == [(4, 3, 4, 32, 32)] * 3

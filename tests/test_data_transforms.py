@@ -1,0 +1,124 @@
+"""Spatial transforms, RandAugment and Mixup/CutMix on small tensors."""
+
+import numpy as np
+import pytest
+import torch
+
+from mvit_fast.data.mixup import MixupCutmix, smooth_one_hot
+from mvit_fast.data.randaugment import OPS, apply_op, rand_augment
+from mvit_fast.data.transforms import (
+    normalize,
+    random_erase,
+    random_resized_crop_box,
+    short_side_resize,
+    spatial_crops,
+)
+
+
+def ramp_clip(t=3, h=40, w=60) -> torch.Tensor:
+    """(T, 3, H, W): channel 0 = column index, channel 1 = row index, channel 2 = frame index."""
+    clip = torch.empty(t, 3, h, w)
+    clip[:, 0] = torch.arange(w).float()
+    clip[:, 1] = torch.arange(h).float()[:, None]
+    clip[:, 2] = torch.arange(t).float()[:, None, None]
+    return clip
+
+
+def test_random_resized_crop_box_area_and_aspect():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        top, left, h, w = random_resized_crop_box(256, 340, (0.08, 1.0), (3 / 4, 4 / 3), rng)
+        assert 0 <= top <= 256 - h and 0 <= left <= 340 - w
+        assert 0.07 <= h * w / (256 * 340) <= 1.0
+        assert 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05
+
+
+def test_random_resized_crop_fallback_is_centred():
+    rng = np.random.default_rng(0)
+    # Impossible aspect: falls back to the whole height and a width clamped to ratio 2.
+    assert random_resized_crop_box(10, 100, (1.0, 1.0), (2.0, 2.0), rng) == (0, 40, 10, 20)
+
+
+def test_short_side_resize_and_three_crops_landscape():
+    clip = ramp_clip(h=40, w=60)
+    resized = short_side_resize(clip, 20)
+    assert resized.shape[-2:] == (20, 30)
+    left, center, right = spatial_crops(ramp_clip(h=20, w=30), 20, 3)
+    assert [c[0, 0, 0, 0].item() for c in (left, center, right)] == [0, 5, 10]  # column of the first pixel
+    assert spatial_crops(ramp_clip(h=20, w=30), 20, 1)[0][0, 0, 0, 0].item() == 5
+
+
+def test_three_crops_portrait_go_top_to_bottom():
+    top, center, bottom = spatial_crops(ramp_clip(h=30, w=20), 20, 3)
+    assert [c[0, 1, 0, 0].item() for c in (top, center, bottom)] == [0, 5, 10]
+
+
+def test_normalize_layout_and_values():
+    clip = torch.full((2, 3, 4, 5), 255 * 0.45)
+    clip[1] = 255.0
+    out = normalize(clip, (0.45,) * 3, (0.225,) * 3)
+    assert out.shape == (3, 2, 4, 5) and out.dtype == torch.float32
+    assert torch.allclose(out[:, 0], torch.zeros(())) and torch.allclose(
+        out[:, 1], torch.tensor(0.55 / 0.225)
+    )
+
+
+def test_random_erase_same_box_on_every_frame():
+    rng = np.random.default_rng(3)
+    clip = torch.zeros(3, 4, 32, 32)
+    erased = random_erase(clip, 1.0, rng)
+    changed = erased != 0
+    assert changed.any()
+    assert torch.equal(changed[:, 0], changed[:, 3]) and torch.equal(erased[:, 0], erased[:, 2])
+    assert random_erase(clip, 0.0, rng) is clip
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_every_randaugment_op_is_the_same_on_every_frame(name):
+    frame = torch.rand(1, 3, 24, 32) * 255
+    clip = frame.expand(4, -1, -1, -1).clone()
+    out = apply_op(name, clip, 0.7, np.random.default_rng(0))
+    assert out.shape == clip.shape and out.min() >= 0 and out.max() <= 255
+    assert torch.allclose(out, out[:1].expand_as(out))
+
+
+def test_rand_augment_changes_the_clip_but_not_across_frames():
+    clip = (torch.rand(1, 3, 24, 24) * 255).expand(5, -1, -1, -1).clone()
+    outs = [rand_augment(clip, np.random.default_rng(s)) for s in range(10)]
+    assert sum(not torch.equal(o, clip) for o in outs) >= 5
+    assert all(torch.allclose(o, o[:1].expand_as(o)) for o in outs)
+
+
+def test_flip_and_translate_directions():
+    clip = ramp_clip(t=1, h=8, w=8)
+    shifted = apply_op("TranslateXRel", clip, 0.0, np.random.default_rng(0))
+    assert torch.allclose(shifted, clip, atol=1e-4)  # level 0 is the identity
+    assert torch.equal(clip.flip(-1)[0, 0, 0], torch.arange(7, -1, -1).float())
+
+
+def test_label_smoothing_and_mixup_targets():
+    labels = torch.tensor([0, 2, 1, 2])
+    target = smooth_one_hot(labels, 3, 0.1)
+    assert torch.allclose(target[0], torch.tensor([0.1 / 3 + 0.9, 0.1 / 3, 0.1 / 3]))
+    mix = MixupCutmix(3, seed=0)
+    for _ in range(20):
+        clips = torch.randn(4, 3, 2, 16, 16)
+        original = clips.clone()
+        mixed, soft = mix(clips, labels)
+        assert soft.shape == (4, 3) and torch.allclose(soft.sum(1), torch.ones(4))
+        # Each clip is lam * own + (1 - lam) * partner, pixel-wise (mixup) or box-wise (cutmix):
+        own = smooth_one_hot(labels, 3, 0.1)
+        lam = ((soft - own.flip(0)) / (own - own.flip(0)))[0, 0]
+        from_own = (mixed - original.flip(0)) / (original - original.flip(0))
+        assert torch.allclose(from_own.mean(), lam, atol=0.02)
+
+
+def test_cutmix_box_is_the_same_on_every_frame():
+    mix = MixupCutmix(2, mixup_alpha=0.0, cutmix_alpha=1.0, seed=1)
+    clips = torch.stack([torch.zeros(3, 4, 16, 16), torch.ones(3, 4, 16, 16)])
+    mixed, soft = mix(clips, torch.tensor([0, 1]))
+    assert torch.equal(mixed[0, :, 0], mixed[0, :, 3])
+    area = mixed[0, 0, 0].mean()  # fraction of video 0 replaced by video 1
+    assert torch.allclose(soft[0, 1], 0.05 + 0.9 * area)
+    with pytest.raises(ValueError, match="even batch"):
+        mix(torch.zeros(3, 3, 1, 4, 4), torch.zeros(3, dtype=torch.long))

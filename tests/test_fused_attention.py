@@ -1,0 +1,231 @@
+"""The fused Triton backend against the float64 oracle: output and every gradient.
+
+On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set by conftest)
+on CPU tensors in float32 and float16 (the interpreter's bf16 tl.dot is broken in
+triton 3.9); shapes stay at tens of tokens. The `cuda` tests repeat the cases in
+bf16/fp16 on the GPU, run the real MViTv2-S block shapes and torch.compile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mvit_fast
+from mvit_fast.attention import pooled_attention
+from tests.numerics import assert_close
+
+GRAD_NAMES = ("q", "k", "v", "rel_pos_t", "rel_pos_h", "rel_pos_w")
+
+
+@dataclass(frozen=True)
+class Case:
+    q_thw: tuple[int, int, int]
+    k_thw: tuple[int, int, int]
+    head_dim: int = 16
+    has_cls: bool = True
+    residual: bool = True
+    axes: tuple[bool, bool, bool] = (True, True, True)  # rel_pos_t, rel_pos_h, rel_pos_w on/off
+    table_lens: tuple[int | None, int | None, int | None] = (None, None, None)  # None: 2*max-1
+    batch: int = 2
+    heads: int = 2
+    non_contiguous: bool = False
+
+    @property
+    def interpolated(self) -> bool:
+        return any(n is not None and n != 2 * max(qs, ks) - 1
+                   for n, qs, ks in zip(self.table_lens, self.q_thw, self.k_thw))
+
+    def __str__(self) -> str:
+        axes = "".join(n for n, on in zip("thw", self.axes) if on) or "none"
+        return (f"q{self.q_thw}-k{self.k_thw}-d{self.head_dim}-cls{int(self.has_cls)}-"
+                f"res{int(self.residual)}-rel_{axes}-B{self.batch}H{self.heads}"
+                f"{'-interp' if self.interpolated else ''}"
+                f"{'-strided' if self.non_contiguous else ''}").replace(" ", "")
+
+
+# A covering set, not the full product: every flag on and off somewhere, integer and
+# non-integer grid ratios, Nk = 1 (+cls), Nq = 1, head dims 16/72/96, interpolated tables,
+# block-aligned lengths (EVEN_M/EVEN_N paths) and strided inputs.
+CASES = [
+    Case((2, 5, 5), (2, 3, 3)),  # non-integer ratio 5/3
+    Case((2, 5, 5), (2, 3, 3), has_cls=False, residual=False),
+    Case((1, 7, 7), (1, 1, 1), has_cls=False, axes=(False, True, True)),  # Nk = 1
+    Case((1, 7, 7), (1, 1, 1), residual=False, axes=(True, False, False)),  # Nk = 1 + cls
+    Case((2, 4, 4), (2, 2, 2), head_dim=72, axes=(False, True, False)),  # integer ratio 2
+    Case((1, 3, 4), (2, 2, 3), head_dim=96, residual=False, axes=(True, False, True)),  # Nk > Nq
+    Case((2, 4, 4), (1, 4, 4), has_cls=False, axes=(False, False, False)),  # no bias; 32 x 16
+    Case((1, 1, 1), (1, 2, 3), has_cls=False, batch=1, heads=3),  # Nq = 1
+    Case((2, 5, 5), (2, 3, 3), table_lens=(5, 7, 4)),  # tables interpolated to (3, 9, 9)
+    Case((2, 3, 3), (1, 3, 3), non_contiguous=True),
+]
+
+
+def _make_inputs(case: Case, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
+    """(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w) in dtype; absent tables are None.
+
+    q/k/v are LayerNorm-like (unit variance, as MViT's normed pooled tokens); the tables
+    get std 0.2, so the bias is a few units, as in trained models.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    nq = int(case.has_cls) + case.q_thw[0] * case.q_thw[1] * case.q_thw[2]
+    nk = int(case.has_cls) + case.k_thw[0] * case.k_thw[1] * case.k_thw[2]
+    b, h, d = case.batch, case.heads, case.head_dim
+    if case.non_contiguous:
+        # Slices of a packed (B, N, 3, heads, d) buffer, as a fused qkv projection gives.
+        q = torch.randn(b, nq, 3, h, d, generator=gen)[:, :, 1].transpose(1, 2)
+        kv = torch.randn(b, nk, 3, h, d, generator=gen)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 2].transpose(1, 2)
+    else:
+        q, k, v = (torch.randn(b, h, n, d, generator=gen) for n in (nq, nk, nk))
+    tables = []
+    for on, length, qs, ks in zip(case.axes, case.table_lens, case.q_thw, case.k_thw):
+        length = length or 2 * max(qs, ks) - 1
+        tables.append(0.2 * torch.randn(length, d, generator=gen) if on else None)
+    out = [t.to(device=device, dtype=dtype) if t is not None else None for t in (q, k, v, *tables)]
+    assert case.non_contiguous == (not out[0].is_contiguous())
+    return out
+
+
+def _run(inputs, case: Case, backend: str, grad_out: torch.Tensor, compile: bool = False):
+    """Output and the gradients of (q, k, v, tables) for <grad_out, output>."""
+    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in inputs]
+
+    def attention(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w):
+        return pooled_attention(q, k, v, case.q_thw, case.k_thw, rel_pos_t, rel_pos_h, rel_pos_w,
+                                has_cls=case.has_cls, residual_pooling=case.residual, backend=backend)
+
+    out = (torch.compile(attention, fullgraph=True) if compile else attention)(*leaves)
+    present = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(out, present, grad_out.to(out.dtype)))
+    return out, [next(grads) if t is not None else None for t in leaves]
+
+
+def check_against_oracle(case: Case, dtype: torch.dtype, device: str = "cpu", seed: int = 0,
+                         compile: bool = False) -> None:
+    """Triton in `dtype` (optionally under torch.compile) vs eager in float64, same inputs."""
+    inputs = _make_inputs(case, dtype, device, seed)
+    oracle_inputs = [t.double() if t is not None else None for t in inputs]
+    nq = inputs[0].shape[2]
+    gen = torch.Generator().manual_seed(seed + 1)
+    # dO is rounded to dtype once and fed to both, like the inputs: only the kernel's error counts.
+    grad_out = torch.randn(case.batch, case.heads, nq, case.head_dim, generator=gen).to(device, dtype)
+    out, grads = _run(inputs, case, "triton", grad_out, compile)
+    ref, ref_grads = _run(oracle_inputs, case, "eager", grad_out)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_close(out, ref, dtype=dtype, kind="fwd", name=f"out [{case}]")
+    for name, grad, ref_grad in zip(GRAD_NAMES, grads, ref_grads):
+        if ref_grad is None:
+            assert grad is None
+            continue
+        assert_close(grad, ref_grad, dtype=dtype, kind="grad", name=f"d{name} [{case}]")
+
+
+# ---------------------------------------------------------------------------------------
+# CPU (Triton interpreter)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_fp32_matches_oracle(case: Case) -> None:
+    check_against_oracle(case, torch.float32)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5], CASES[6], CASES[8], CASES[9]], ids=str)
+def test_fp16_matches_oracle(case: Case) -> None:
+    check_against_oracle(case, torch.float16)
+
+
+def test_pinned_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MVIT_FAST_TRITON_CONFIG pins the blocks: 32 x 16 tiles, EVEN_M/EVEN_N on for 32 x 16."""
+    monkeypatch.setenv("MVIT_FAST_TRITON_CONFIG", "BLOCK_M=32,BLOCK_N=16,num_warps=4,num_stages=1")
+    check_against_oracle(CASES[6], torch.float32)  # Nq = 32, Nk = 16: no masks
+    check_against_oracle(CASES[0], torch.float32)
+
+
+def test_pinned_config_rejects_garbage(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MVIT_FAST_TRITON_CONFIG", "BLOCK_M=32")
+    with pytest.raises(ValueError, match="BLOCK_N"):
+        check_against_oracle(CASES[0], torch.float32)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(
+    q_thw=st.tuples(st.integers(1, 2), st.integers(1, 5), st.integers(1, 5)),
+    k_thw=st.tuples(st.integers(1, 2), st.integers(1, 4), st.integers(1, 4)),
+    head_dim=st.sampled_from([8, 16, 24]),
+    has_cls=st.booleans(),
+    residual=st.booleans(),
+    axes=st.tuples(st.booleans(), st.booleans(), st.booleans()),
+    heads=st.integers(1, 2),
+)
+def test_random_shapes_fp32(q_thw, k_thw, head_dim, has_cls, residual, axes, heads) -> None:
+    case = Case(q_thw, k_thw, head_dim, has_cls, residual, axes, batch=1, heads=heads)
+    check_against_oracle(case, torch.float32)
+
+
+def test_registered_ops_and_fake_shapes() -> None:
+    """The ops exist under mvit_fast:: and their fake shapes match the real outputs."""
+    case = CASES[0]
+    q, k, v, *tables = _make_inputs(case, torch.float32)
+    from mvit_fast.attention.reference import decomposed_rel_pos
+
+    rel = torch.cat([t for t in decomposed_rel_pos(q, case.q_thw, case.k_thw, *tables) if t is not None],
+                    dim=-1)
+    args = (q, k, v, rel, list(case.k_thw), [True, True, True], True, True, 0.25)
+    torch.library.opcheck(torch.ops.mvit_fast.pooled_attention_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_rejects_unsupported_inputs() -> None:
+    case = Case((1, 2, 2), (1, 1, 1), head_dim=264, axes=(False, False, False), batch=1, heads=1)
+    q, k, v, *_ = _make_inputs(case, torch.float32)
+    with pytest.raises(ValueError, match="head_dim 264"):
+        pooled_attention(q, k, v, case.q_thw, case.k_thw, backend="triton")
+    case = replace(case, head_dim=16)
+    q, k, v, *_ = _make_inputs(case, torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        pooled_attention(q, k, v, case.q_thw, case.k_thw, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cuda_matches_oracle(case: Case, dtype: torch.dtype) -> None:
+    check_against_oracle(case, dtype, device="cuda")
+
+
+def _mvit_s_block_cases() -> list[Case]:
+    specs = mvit_fast.block_specs(mvit_fast.get_config("s"))
+    cases = []
+    for index in (0, 1, 3, 14):  # 25089 x 393, 6273 x 1569, 1569 x 1569, 393 x 1569
+        spec = specs[index]
+        t_len, hw_len = spec.rel_pos_t_len, spec.rel_pos_hw_len
+        cases.append(Case(tuple(spec.q_grid), tuple(spec.kv_grid), head_dim=spec.head_dim,
+                          table_lens=(t_len, hw_len, hw_len), batch=2, heads=spec.num_heads))
+    return cases
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", _mvit_s_block_cases(), ids=str)
+def test_cuda_mvit_s_blocks(case: Case, dtype: torch.dtype) -> None:
+    """The real MViTv2-S block shapes at batch 2; the float64 oracle runs on the GPU."""
+    check_against_oracle(case, dtype, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", [CASES[0], _mvit_s_block_cases()[2]], ids=str)
+def test_cuda_compile_fullgraph(case: Case) -> None:
+    """torch.compile(fullgraph=True) traces the triton_op (no graph break), fwd and bwd."""
+    torch._dynamo.reset()
+    check_against_oracle(case, torch.bfloat16, device="cuda", compile=True)

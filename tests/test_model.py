@@ -1,0 +1,132 @@
+"""The model: against torchvision's MViTv2-S, init, drop path, checkpointing, compile, errors."""
+
+import pytest
+import torch
+
+import mvit_fast
+from mvit_fast import MultiScaleAttention, load_checkpoint
+from tests.home import torchvision_mvit_v2_s
+
+# Every stage and dim change of MViTv2 at a width that builds fast; stem grid 2x8x8.
+TINY = dict(depths=(1, 2, 1, 1), embed_dim=16, num_frames=4, crop_size=32, num_classes=7)
+
+
+def test_logits_match_torchvision_mvit_v2_s():
+    mvit_v2_s = torchvision_mvit_v2_s()
+    if mvit_v2_s is None:
+        pytest.skip("torchvision is not installed (the home implementation of mvit_v2_s)")
+    torch.manual_seed(0)
+    home = mvit_v2_s().eval()
+    with torch.no_grad():
+        for p in home.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # biases and LN params away from their init
+    ours = mvit_fast.build_model("s").eval()
+    report = load_checkpoint(ours, home.state_dict())
+    assert report.format == "torchvision" and not (report.missing or report.unexpected)
+    clip = torch.randn(1, 3, 16, 224, 224)
+    with torch.no_grad():
+        diff = (ours(clip) - home(clip)).abs().max().item()
+    assert diff < 1e-4, f"max |logit difference| {diff:.3g}"
+
+
+def test_slowfast_init():
+    torch.manual_seed(0)
+    model = mvit_fast.build_model("s", **TINY)
+    blk = model.blocks[1]
+    assert torch.all(blk.attn.qkv.bias == 0.02) and torch.all(blk.mlp.fc1.bias == 0.02)
+    assert torch.all(blk.norm1.bias == 0.02) and torch.all(blk.norm1.weight == 1.0)
+    assert model.cls_token.abs().sum() > 0  # trunc normal too, 16 values: too few for a std check
+    for w in (blk.attn.qkv.weight, blk.attn.pool_q.weight, blk.attn.rel_pos_h):
+        # trunc_normal_(std=.02) truncates at +-2 (absolute), i.e. a plain normal at this std
+        assert 0.015 < w.std() < 0.025 and w.mean().abs() < 0.005
+
+
+def test_forward_backward_and_eval_determinism():
+    torch.manual_seed(0)
+    model = mvit_fast.build_model("s", **TINY)
+    clip = torch.randn(2, 3, 4, 32, 32)
+    logits = model(clip)
+    assert logits.shape == (2, 7)
+    logits.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(clip), model(clip))
+
+
+def test_drop_path_and_head_dropout_only_in_training():
+    torch.manual_seed(0)
+    model = mvit_fast.build_model("s", **TINY, drop_path_rate=0.5)
+    clip = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        assert not torch.equal(model(clip), model(clip))  # stochastic while training
+        model.eval()
+        assert torch.equal(model(clip), model(clip))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = mvit_fast.build_model("s", **TINY, drop_path_rate=0.0, head_dropout=0.0)
+    clip = torch.randn(2, 3, 4, 32, 32)
+    model(clip).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.checkpoint_activations = True
+    model(clip).square().sum().backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_compiles_without_graph_breaks():
+    model = mvit_fast.build_model("s", **{**TINY, "depths": (1, 1, 1, 1)}).eval()
+    clip = torch.randn(1, 3, 4, 32, 32)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(clip), model(clip))
+
+
+def test_other_input_sizes_interpolate_tables():
+    model = mvit_fast.build_model("s", **TINY).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 6, 40, 48))  # 3x10x12 grid: non-square, longer than tables
+    assert out.shape == (1, 7) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("clip, error, match", [
+    (torch.randn(1, 4, 32, 32), ValueError, r"\(B, 3, T, H, W\)"),
+    (torch.randn(1, 4, 3, 32, 32), ValueError, r"\(B, 3, T, H, W\)"),
+    (torch.zeros(1, 3, 4, 32, 32, dtype=torch.uint8), TypeError, "floating-point"),
+])
+def test_bad_clips(clip, error, match):
+    model = mvit_fast.build_model("s", **TINY)
+    with pytest.raises(error, match=match):
+        model(clip)
+
+
+def test_multiscale_attention_is_a_slowfast_drop_in():
+    # Block 1 of MViTv2-S, built with SlowFast's constructor arguments.
+    attn = MultiScaleAttention(96, 192, [8, 56, 56], num_heads=2, qkv_bias=True,
+                               kernel_q=[3, 3, 3], kernel_kv=[3, 3, 3], stride_q=[1, 2, 2],
+                               stride_kv=[1, 4, 4], norm_layer=torch.nn.LayerNorm,
+                               has_cls_embed=True, mode="conv", rel_pos_spatial=True,
+                               rel_pos_temporal=True, residual_pooling=True)
+    assert set(attn.state_dict()) == {
+        "qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "pool_q.weight", "pool_k.weight",
+        "pool_v.weight", "norm_q.weight", "norm_q.bias", "norm_k.weight", "norm_k.bias",
+        "norm_v.weight", "norm_v.bias", "rel_pos_h", "rel_pos_w", "rel_pos_t"}
+    assert attn.rel_pos_h.shape == (55, 96) and attn.rel_pos_t.shape == (15, 96)
+    x = torch.randn(2, 1 + 4 * 8 * 8, 96)
+    out, q_shape = attn(x, [4, 8, 8])
+    assert out.shape == (2, 1 + 4 * 4 * 4, 192) and q_shape == [4, 4, 4]
+    copy = MultiScaleAttention.from_module(attn, backend="eager")
+    assert copy.rel_pos_h.shape == attn.rel_pos_h.shape
+    torch.testing.assert_close(copy(x, [4, 8, 8])[0], out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="tokens"):
+        attn(x[:, 1:], [4, 8, 8])
+
+
+def test_multiscale_attention_unsupported_modes():
+    with pytest.raises(NotImplementedError, match="pool_first"):
+        MultiScaleAttention(8, 8, [2, 4, 4], num_heads=2, pool_first=True)
+    with pytest.raises(NotImplementedError, match="conv_unshared"):
+        MultiScaleAttention(8, 8, [2, 4, 4], num_heads=2, mode="conv_unshared")
