@@ -192,7 +192,9 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     A classifier head of another class count (e.g. K400 weights into an SSv2
     model) raises unless `reinit_head=True`, which keeps the model's own head.
     With `strict`, missing or unexpected keys raise a ValueError listing them;
-    otherwise they are only reported. Returns the `LoadReport`.
+    otherwise they are only reported. A model built on the meta device
+    (`with torch.device("meta"): build_model("l")`) is loaded with `assign=True`:
+    no init, no copy. Returns the `LoadReport`.
     """
     raw, fmt = read_checkpoint(path_or_state_dict, weights_only=weights_only)
     sd, renamed = to_native(raw, fmt)
@@ -224,7 +226,13 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
         to_load[key] = value
         if key in renamed:
             report.mapped[key] = renamed[key]
-    model.load_state_dict(to_load, strict=False)
+    # A model built on the meta device (no init, no memory) takes the checkpoint's tensors.
+    on_meta = any(t.is_meta for t in model.state_dict().values())
+    model.load_state_dict(to_load, strict=False, assign=on_meta)
+    still_meta = sorted(k for k, t in model.state_dict().items() if t.is_meta)
+    if still_meta:
+        raise ValueError(f"the model was built on the meta device, so every tensor must come from "
+                         f"the checkpoint, but these did not: {_short(still_meta)}")
     report.loaded = sorted(to_load)
     return report
 

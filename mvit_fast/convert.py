@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from .checkpoint import (
     FORMATS,
     atomic_save,
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         raw, fmt = read_checkpoint(args.src, weights_only=not args.allow_pickle)
         native, _ = to_native(raw, fmt)
         cfg = infer_config(native)
-        model = MViT(cfg)
+        with torch.device("meta"):  # every tensor comes from the checkpoint: skip the init
+            model = MViT(cfg)
         report = load_checkpoint(model, raw, strict=True)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -152,3 +152,17 @@ def test_infer_config_recognizes_published_models(size, dataset):
     assert (cfg.depths, cfg.embed_dim, cfg.num_heads, cfg.num_classes, cfg.num_frames, cfg.crop_size) == (
         ref.depths, ref.embed_dim, ref.num_heads, ref.num_classes, ref.num_frames, ref.crop_size)
     assert preset_name(cfg) == f"MViTv2-{size.upper()}"
+
+
+def test_model_built_on_meta_device_is_assigned(model):
+    with torch.device("meta"):
+        empty = mvit_fast.build_model("s", **MINI)
+    load_checkpoint(empty, model.state_dict())
+    assert not any(p.is_meta for p in empty.parameters())
+    clip = torch.randn(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(empty.eval()(clip), model(clip))
+    with torch.device("meta"):
+        ssv2 = mvit_fast.build_model("s", "ssv2", **MINI)
+    with pytest.raises(ValueError, match="meta device"):
+        load_checkpoint(ssv2, model.state_dict(), reinit_head=True)

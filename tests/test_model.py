@@ -130,3 +130,25 @@ def test_multiscale_attention_unsupported_modes():
         MultiScaleAttention(8, 8, [2, 4, 4], num_heads=2, pool_first=True)
     with pytest.raises(NotImplementedError, match="conv_unshared"):
         MultiScaleAttention(8, 8, [2, 4, 4], num_heads=2, mode="conv_unshared")
+
+
+def test_triton_backend_matches_float64_eager_model():
+    """Whole model with the fused attention (Triton; interpreter on CPU) vs the float64 oracle."""
+    from mvit_fast.attention import BACKENDS
+    from tests.numerics import assert_close
+
+    if "triton" not in BACKENDS:
+        pytest.skip("triton is not installed")
+    torch.manual_seed(0)
+    no_dropout = dict(TINY, drop_path_rate=0.0, head_dropout=0.0)
+    model = mvit_fast.build_model("s", **no_dropout)
+    oracle = mvit_fast.build_model("s", **no_dropout, attention_backend="eager").double()
+    oracle.load_state_dict(model.state_dict())
+    model.set_attention_backend("triton")
+    clip = torch.randn(2, 3, 4, 32, 32)
+    logits, want = model(clip), oracle(clip.double())
+    assert_close(logits, want, dtype=torch.float32, name="logits")
+    logits.square().sum().backward()
+    want.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
+        assert_close(p.grad, q.grad, dtype=torch.float32, kind="grad", name=f"grad of {name}")

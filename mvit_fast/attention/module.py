@@ -10,6 +10,11 @@ from torch import Tensor
 
 from .functional import pooled_attention
 
+try:
+    from .fused_pool import can_fuse_pool, fused_pool_qkv
+except ImportError:  # triton is a Linux-only dependency
+    can_fuse_pool = fused_pool_qkv = None
+
 __all__ = ["MultiScaleAttention", "attention_pool"]
 
 
@@ -160,15 +165,23 @@ class MultiScaleAttention(nn.Module):
             raise ValueError(f"x has {n} tokens but thw_shape={tuple(thw_shape)} with "
                              f"has_cls_embed={self.has_cls_embed} means {expected}")
         heads = self.num_heads
-        if self.separate_qkv:
-            q, k, v = (proj(x).reshape(batch, n, heads, -1).transpose(1, 2)
-                       for proj in (self.q, self.k, self.v))
-        else:
-            q, k, v = self.qkv(x).reshape(batch, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         cls = self.has_cls_embed
-        q, q_shape = attention_pool(q, self.pool_q, thw_shape, cls, getattr(self, "norm_q", None))
-        k, k_shape = attention_pool(k, self.pool_k, thw_shape, cls, getattr(self, "norm_k", None))
-        v, _ = attention_pool(v, self.pool_v, thw_shape, cls, getattr(self, "norm_v", None))
+        pools = (self.pool_q, self.pool_k, self.pool_v)
+        norms = tuple(getattr(self, name, None) for name in ("norm_q", "norm_k", "norm_v"))
+        if (self.backend == "triton" and not self.separate_qkv and fused_pool_qkv is not None
+                and can_fuse_pool(pools, norms, x)):
+            # One kernel per q/k/v: conv + LayerNorm straight from the projection's layout.
+            qkv = self.qkv(x).reshape(batch, n, 3, heads, -1)
+            q, k, v, q_shape, k_shape = fused_pool_qkv(qkv, thw_shape, cls, pools, norms)
+        else:
+            if self.separate_qkv:
+                q, k, v = (proj(x).reshape(batch, n, heads, -1).transpose(1, 2)
+                           for proj in (self.q, self.k, self.v))
+            else:
+                q, k, v = self.qkv(x).reshape(batch, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            q, q_shape = attention_pool(q, self.pool_q, thw_shape, cls, norms[0])
+            k, k_shape = attention_pool(k, self.pool_k, thw_shape, cls, norms[1])
+            v, _ = attention_pool(v, self.pool_v, thw_shape, cls, norms[2])
         x = pooled_attention(
             q, k, v, q_shape, k_shape,
             self.rel_pos_t if self.rel_pos_temporal else None,

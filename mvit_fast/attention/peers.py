@@ -1,7 +1,8 @@
 """Peer backends of `pooled_attention`: what people can build from stock PyTorch.
 
-Each has the signature and semantics of `reference.eager_attention` and is
-differentiable by autograd into q, k, v and the raw rel-pos tables:
+Each has the signature and semantics of `reference.eager_attention` (the arguments
+of `pooled_attention`, all positional, `scale` resolved) and is differentiable by
+autograd into q, k, v and the raw rel-pos tables:
 
 - `sdpa_attention`: `F.scaled_dot_product_attention` with the (B, heads, Nq, Nk)
   bias materialized from the decomposed tables: what users do today.
@@ -23,16 +24,11 @@ from torch import Tensor
 from torch.nn.attention import flex_attention as _flex_module
 from torch.nn.attention.flex_attention import flex_attention
 
-from .reference import decomposed_rel_pos
+from .reference import add_residual, decomposed_rel_pos, rel_pos_bias
 
 __all__ = ["flex_rel_pos_attention", "sdpa_attention", "sdpa_aug_attention"]
 
 Thw = tuple[int, int, int]
-
-
-def _add_residual(out: Tensor, q: Tensor, has_cls: bool) -> Tensor:
-    """Residual pooling: out += pooled q, the cls row excluded."""
-    return out + (F.pad(q[:, :, 1:], (0, 0, 1, 0)) if has_cls else q)
 
 
 def _key_axis_index(k_thw: Thw, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -43,24 +39,17 @@ def _key_axis_index(k_thw: Thw, device: torch.device) -> tuple[Tensor, Tensor, T
 
 
 def _present(tables):
+    """[(axis, table)] for the tables that exist (axis 0, 1, 2 = t, h, w)."""
     return [(i, r) for i, r in enumerate(tables) if r is not None]
 
 
 def sdpa_attention(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls, residual_pooling,
                    scale) -> Tensor:
-    """SDPA with a materialized additive bias (B, heads, Nq, Nk); cls row and column unbiased."""
+    """SDPA with the materialized additive bias (B, heads, Nq, Nk); cls row and column unbiased."""
     rels = decomposed_rel_pos(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
-    bias = None
-    if any(r is not None for r in rels):
-        kt, kh, kw = k_thw
-        views = (lambda r: r[..., :, None, None], lambda r: r[..., None, :, None],
-                 lambda r: r[..., None, None, :])
-        terms = [views[i](r) for i, r in _present(rels)]
-        bias = sum(terms[1:], terms[0]).expand(*q.shape[:2], q.shape[2] - has_cls, kt, kh, kw)
-        s = int(has_cls)
-        bias = F.pad(bias.reshape(*bias.shape[:3], kt * kh * kw), (s, 0, s, 0))
+    bias = rel_pos_bias(rels, k_thw, has_cls)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-    return _add_residual(out, q, has_cls) if residual_pooling else out
+    return add_residual(out, q, has_cls) if residual_pooling else out
 
 
 def _augment(q, k, v, rels, k_thw, has_cls, scale, multiple: int = 8):
@@ -72,7 +61,7 @@ def _augment(q, k, v, rels, k_thw, has_cls, scale, multiple: int = 8):
     common width that is a multiple of 8 (FlashAttention and cuDNN need d % 8 == 0,
     and equal q/k/v widths).
     """
-    batch, heads, nk, dim = k.shape
+    batch, heads, nk, _ = k.shape
     s = int(has_cls)
     present = _present(rels)
     if present:
@@ -91,17 +80,20 @@ def _augment(q, k, v, rels, k_thw, has_cls, scale, multiple: int = 8):
     return pad(q_aug), pad(k_aug), pad(v)
 
 
-def sdpa_aug_attention(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls,
-                       residual_pooling, scale) -> Tensor:
+def sdpa_aug_attention(q: Tensor, k: Tensor, v: Tensor, q_thw: Thw, k_thw: Thw, rel_pos_t: Tensor | None,
+                       rel_pos_h: Tensor | None, rel_pos_w: Tensor | None, has_cls: bool,
+                       residual_pooling: bool, scale: float) -> Tensor:
     """Bias folded into the head dim, then bias-free SDPA with scale=1 (see `_augment`).
 
     Autograd does the backward: the extra columns of dq_aug are d(rel_t|rel_h|rel_w),
-    which flow on into q and the raw tables through `decomposed_rel_pos`.
+    which flow on into q and the raw tables through `decomposed_rel_pos`. In bf16,
+    q*scale is rounded once before the dot (the kernels would scale in fp32): within
+    the bf16 tolerance, and exact in float64.
     """
     rels = decomposed_rel_pos(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
     q_aug, k_aug, v_aug = _augment(q, k, v, rels, k_thw, has_cls, scale)
     out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, scale=1.0)[..., : q.shape[-1]]
-    return _add_residual(out, q, has_cls) if residual_pooling else out
+    return add_residual(out, q, has_cls) if residual_pooling else out
 
 
 _compiled_flex: Callable[..., Tensor] | None = None
@@ -131,8 +123,9 @@ def _flex_for(dtype: torch.dtype) -> Callable[..., Tensor]:
     return _compiled_flex
 
 
-def flex_rel_pos_attention(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls,
-                           residual_pooling, scale) -> Tensor:
+def flex_rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, q_thw: Thw, k_thw: Thw, rel_pos_t: Tensor | None,
+                           rel_pos_h: Tensor | None, rel_pos_w: Tensor | None, has_cls: bool,
+                           residual_pooling: bool, scale: float) -> Tensor:
     """FlexAttention whose score_mod adds rel_t[b,h,i,t_j] + rel_h[b,h,i,h_j] + rel_w[b,h,i,w_j].
 
     The tables ride in one captured tensor `rel` (B, heads, Nq, Kt+Kh+Kw+1): row 0 (cls
@@ -169,4 +162,4 @@ def flex_rel_pos_attention(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_
     width = 1 << (dim - 1).bit_length() if _FLEX_POW2_HEAD_DIM_ONLY else dim
     pad = (lambda x: F.pad(x, (0, width - dim))) if width != dim else (lambda x: x)
     out = _flex_for(q.dtype)(pad(q), pad(k), pad(v), score_mod=score_mod, scale=scale)[..., :dim]
-    return _add_residual(out, q, has_cls) if residual_pooling else out
+    return add_residual(out, q, has_cls) if residual_pooling else out

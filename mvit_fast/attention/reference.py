@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["decomposed_rel_pos", "eager_attention", "rel_pos_index", "resize_rel_pos"]
+__all__ = ["add_residual", "decomposed_rel_pos", "eager_attention", "rel_pos_bias", "rel_pos_index",
+           "resize_rel_pos"]
 
 
 def rel_pos_index(q_size: int, k_size: int, device: torch.device | None = None) -> Tensor:
@@ -70,23 +71,56 @@ def decomposed_rel_pos(
     return out[0], out[1], out[2]
 
 
-def eager_attention(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls, residual_pooling,
-           scale):
-    """Materialized reference: the (Nq x Nk) scores and bias in q's dtype."""
-    attn = (q * scale) @ k.transpose(-2, -1)
-    rel_t, rel_h, rel_w = decomposed_rel_pos(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w,
-                                             has_cls)
+def rel_pos_bias(
+    rels: tuple[Tensor | None, Tensor | None, Tensor | None],
+    k_thw: Sequence[int],
+    has_cls: bool,
+) -> Tensor | None:
+    """The (B, heads, Nq, Nk) additive bias from `decomposed_rel_pos`'s tables, or None.
+
+    bias[i, j] = rel_t[i, t_j] + rel_h[i, h_j] + rel_w[i, w_j] (keys t-major); the cls
+    row and column are zero. This is the Nq x Nk tensor the fused backends never build.
+    """
     kt, kh, kw = k_thw
     terms = [r for r in (
-        rel_t[..., :, None, None] if rel_t is not None else None,
-        rel_h[..., None, :, None] if rel_h is not None else None,
-        rel_w[..., None, None, :] if rel_w is not None else None,
+        rels[0][..., :, None, None] if rels[0] is not None else None,
+        rels[1][..., None, :, None] if rels[1] is not None else None,
+        rels[2][..., None, None, :] if rels[2] is not None else None,
     ) if r is not None]
-    if terms:
-        bias = sum(terms[1:], terms[0]).expand(*attn.shape[:2], -1, kt, kh, kw)
-        s = int(has_cls)  # the cls row and column get no bias
-        attn = attn + F.pad(bias.reshape(*bias.shape[:3], kt * kh * kw), (s, 0, s, 0))
+    if not terms:
+        return None
+    bias = sum(terms[1:], terms[0]).expand(*terms[0].shape[:3], kt, kh, kw)
+    s = int(has_cls)
+    return F.pad(bias.reshape(*bias.shape[:3], kt * kh * kw), (s, 0, s, 0))
+
+
+def add_residual(out: Tensor, q: Tensor, has_cls: bool) -> Tensor:
+    """Residual pooling: out + the pooled, unscaled q, the cls row excluded."""
+    return out + (F.pad(q[:, :, 1:], (0, 0, 1, 0)) if has_cls else q)
+
+
+def eager_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_thw: Sequence[int],
+    k_thw: Sequence[int],
+    rel_pos_t: Tensor | None,
+    rel_pos_h: Tensor | None,
+    rel_pos_w: Tensor | None,
+    has_cls: bool,
+    residual_pooling: bool,
+    scale: float,
+) -> Tensor:
+    """The materialized reference of `pooled_attention` (arguments as there), in q's dtype.
+
+    softmax((q * scale) k^T + bias) v, plus q on the non-cls rows when residual_pooling.
+    Every backend implements this signature and is tested against it in float64.
+    """
+    attn = (q * scale) @ k.transpose(-2, -1)
+    rels = decomposed_rel_pos(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
+    bias = rel_pos_bias(rels, k_thw, has_cls)
+    if bias is not None:
+        attn = attn + bias
     out = attn.softmax(dim=-1) @ v
-    if residual_pooling:
-        out = out + (F.pad(q[:, :, 1:], (0, 0, 1, 0)) if has_cls else q)
-    return out
+    return add_residual(out, q, has_cls) if residual_pooling else out

@@ -1,0 +1,338 @@
+"""The fused pooling (depthwise Conv3d + LayerNorm of q, k, v) against the eager ops in float64.
+
+On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set by conftest) on
+CPU tensors in float32, float16 and bfloat16 (no tl.dot here, so the interpreter's bf16
+dot bug does not apply), on grids of tens of tokens. The oracle is
+`attention_pool` (nn.Conv3d + nn.LayerNorm, as `MultiScaleAttention` runs it) in float64
+on the same (rounded) inputs and parameters; outputs and every gradient (qkv, the three
+conv weights, the three LayerNorm weights and biases) go through `assert_close`. The
+`cuda` tests repeat this in bf16 at the real MViTv2-S/B block shapes and compare a whole
+MViTv2-S block (fused pooling + fused attention) with the eager block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mvit_fast
+import mvit_fast.attention.module as attention_module
+from mvit_fast.attention import MultiScaleAttention, attention_pool
+from mvit_fast.attention.fused_pool import can_fuse_pool, fused_pool_qkv, pool_norm_qkv
+from mvit_fast.model import MultiScaleBlock
+from tests.numerics import assert_close
+
+Triple = tuple[int, int, int]
+PARAM_NAMES = ("pool_q", "pool_k", "pool_v", "norm_q.weight", "norm_k.weight", "norm_v.weight",
+               "norm_q.bias", "norm_k.bias", "norm_v.bias")
+
+
+@dataclass(frozen=True)
+class Case:
+    thw: Triple
+    stride_q: Triple
+    stride_kv: Triple
+    head_dim: int = 16
+    heads: int = 1
+    has_cls: bool = True
+    batch: int = 2
+    strided_qkv: bool = False  # qkv a permuted view of a (B, 3, N, heads, d) buffer
+
+    def __str__(self) -> str:
+        return (f"thw{self.thw}-q{self.stride_q}-kv{self.stride_kv}-d{self.head_dim}-H{self.heads}"
+                f"-cls{int(self.has_cls)}-B{self.batch}{'-strided' if self.strided_qkv else ''}"
+                ).replace(" ", "")
+
+
+# Every MViT stride ((1,1,1), (1,2,2), (1,4,4), (1,8,8)) plus a temporal one, odd grid
+# sizes (stride-2 axes of 5, 7 and 9 end in a half window), grids smaller than the stride,
+# cls on/off, head dims 16/72/96 (72, 96 padded to 128), 1 and 2 heads, a strided qkv.
+CASES = [
+    Case((2, 5, 5), (1, 2, 2), (1, 4, 4), heads=2),
+    Case((3, 4, 5), (1, 1, 1), (2, 2, 2), has_cls=False),
+    Case((2, 9, 7), (1, 1, 1), (1, 8, 8), batch=1),
+    Case((1, 3, 7), (1, 2, 2), (1, 1, 1), head_dim=72, batch=1),
+    Case((2, 3, 3), (1, 1, 1), (1, 1, 1), head_dim=96, heads=2, batch=1),
+    Case((2, 3, 5), (1, 2, 2), (1, 4, 4), heads=2, has_cls=False, strided_qkv=True),
+    Case((1, 1, 1), (1, 2, 2), (1, 8, 8), heads=2, batch=1),  # one token (+ cls)
+]
+FP16_CASES = [CASES[2], CASES[3], CASES[4]]
+SMALL = Case((1, 3, 3), (1, 2, 2), (1, 2, 2), batch=1)
+
+
+def _make(case: Case, dtype: torch.dtype, param_dtype: torch.dtype | None = None,
+          device: str = "cpu", seed: int = 0):
+    """qkv (B, N, 3, heads, d) and the 9 parameters (3 conv weights, 3 gammas, 3 betas).
+
+    Unit-variance qkv (a projection of a normed input); conv weights std 0.3 so the 27-tap
+    sums are O(1) and differ per tap; gamma 1 + N(0, 0.1), beta N(0, 0.1).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    b, h, d = case.batch, case.heads, case.head_dim
+    n = int(case.has_cls) + case.thw[0] * case.thw[1] * case.thw[2]
+    if case.strided_qkv:
+        qkv = torch.randn(b, 3, n, h, d, generator=gen).permute(0, 2, 1, 3, 4)
+    else:
+        qkv = torch.randn(b, n, 3 * h * d, generator=gen).view(b, n, 3, h, d)
+    weights = [0.3 * torch.randn(d, 1, 3, 3, 3, generator=gen) for _ in range(3)]
+    gammas = [1 + 0.1 * torch.randn(d, generator=gen) for _ in range(3)]
+    betas = [0.1 * torch.randn(d, generator=gen) for _ in range(3)]
+    pdt = param_dtype or dtype
+    params = [t.to(device, pdt) for t in (*weights, *gammas, *betas)]
+    return qkv.to(device, dtype), params
+
+
+def _oracle(qkv: torch.Tensor, params, case: Case):
+    """q, k, v from `attention_pool` with nn.Conv3d + nn.LayerNorm, as the module runs them."""
+    d = case.head_dim
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    outs = []
+    for i, (x, stride) in enumerate(zip((q, k, v), (case.stride_q, case.stride_kv, case.stride_kv))):
+        conv = nn.Conv3d(d, d, 3, stride=stride, padding=1, groups=d, bias=False)
+        norm = nn.LayerNorm(d, eps=1e-6)
+        # the (float64) parameter tensors themselves, so autograd reaches them
+        del conv.weight, norm.weight, norm.bias
+        conv.weight, norm.weight, norm.bias = params[i], params[3 + i], params[6 + i]
+        outs.append(attention_pool(x, conv, case.thw, case.has_cls, norm)[0])
+    return outs
+
+
+def _fused(qkv: torch.Tensor, params, case: Case):
+    strides = (case.stride_q, case.stride_kv, case.stride_kv)
+    return pool_norm_qkv(qkv, case.thw, params[:3], strides, params[3:6], params[6:],
+                         has_cls=case.has_cls, eps=1e-6)
+
+
+def _run(fn, qkv, params, case: Case, grad_outs):
+    leaves = [qkv.detach().requires_grad_(True), *(p.detach().requires_grad_(True) for p in params)]
+    outs = fn(leaves[0], leaves[1:], case)
+    grads = torch.autograd.grad(outs, leaves, [g.to(o.dtype) for g, o in zip(grad_outs, outs)])
+    return outs, grads
+
+
+def check_against_oracle(case: Case, dtype: torch.dtype, param_dtype: torch.dtype | None = None,
+                         device: str = "cpu", seed: int = 0) -> None:
+    """Fused in `dtype` vs `attention_pool` in float64 on the same rounded inputs, all grads."""
+    qkv, params = _make(case, dtype, param_dtype, device, seed)
+    # The output gradients, rounded to dtype once and fed to both.
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        shapes = [o.shape for o in _oracle(qkv.double(), [p.double() for p in params], case)]
+    grad_outs = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+    outs, grads = _run(_fused, qkv, params, case, grad_outs)
+    ref, ref_grads = _run(_oracle, qkv.double(), [p.double() for p in params], case, grad_outs)
+    for name, out, r in zip("qkv", outs, ref):
+        assert out.dtype == dtype and out.is_contiguous()
+        assert_close(out, r, dtype=dtype, kind="fwd", name=f"{name} [{case}]")
+    for name, g, r in zip(("qkv", *PARAM_NAMES), grads, ref_grads):
+        assert g.dtype == (dtype if name == "qkv" else params[0].dtype)
+        assert_close(g, r, dtype=dtype, kind="grad", name=f"d{name} [{case}]")
+
+
+# ---------------------------------------------------------------------------------------
+# CPU (Triton interpreter)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_fp32_matches_oracle(case: Case) -> None:
+    check_against_oracle(case, torch.float32)
+
+
+@pytest.mark.parametrize("case", FP16_CASES, ids=str)
+def test_fp16_matches_oracle(case: Case) -> None:
+    check_against_oracle(case, torch.float16)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=str)
+def test_bf16_matches_oracle(case: Case) -> None:
+    """bf16 runs under the interpreter here: these kernels have no tl.dot (the op whose
+    bf16 result triton 3.9's interpreter gets wrong), only loads, FMAs and reductions."""
+    check_against_oracle(case, torch.bfloat16)
+
+
+def test_fp16_activations_fp32_params() -> None:
+    """Autocast's mix: half activations, fp32 parameters; parameter gradients stay fp32."""
+    check_against_oracle(CASES[3], torch.float16, param_dtype=torch.float32)
+
+
+def test_backward_is_deterministic() -> None:
+    case = SMALL
+    qkv, params = _make(case, torch.float32)
+    grad_outs = [torch.randn_like(o) for o in _fused(qkv, params, case)]
+    first = _run(_fused, qkv, params, case, grad_outs)[1]
+    second = _run(_fused, qkv, params, case, grad_outs)[1]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_pinned_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MVIT_FAST_POOL_CONFIG pins the tile: 16-row blocks, so the dz pass' programs walk
+    several blocks each (2 programs per (batch, head) under the interpreter)."""
+    monkeypatch.setenv("MVIT_FAST_POOL_CONFIG", "BLOCK_M=16,num_warps=4")
+    check_against_oracle(CASES[2], torch.float32)
+
+
+def test_registered_ops_fake_shapes() -> None:
+    """Both ops exist under mvit_fast:: and their fake shapes match the real outputs."""
+    case = SMALL
+    qkv, params = _make(case, torch.float32)
+    geometry = (list(case.thw), [*case.stride_q, *case.stride_kv, *case.stride_kv], case.has_cls, 1e-6)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.mvit_fast.pool_norm_fwd.default,
+                          (qkv, params[:3], params[3:6], params[6:], *geometry), test_utils=checks)
+    grads = [torch.randn_like(o) for o in _fused(qkv, params, case)]
+    torch.library.opcheck(torch.ops.mvit_fast.pool_norm_bwd.default,
+                          (grads, qkv, params[:3], params[3:6], *geometry), test_utils=checks)
+
+
+def test_rejects_unsupported_inputs() -> None:
+    case = CASES[0]
+    qkv, params = _make(case, torch.float32)
+    with pytest.raises(TypeError, match="float64"):
+        _fused(qkv.double(), params, case)
+    with pytest.raises(ValueError, match="tokens"):
+        _fused(qkv[:, 1:], params, case)
+    with pytest.raises(ValueError, match="kernel"):
+        _fused(qkv, [torch.zeros(16, 1, 5, 5, 5)] * 3 + params[3:], case)
+    with pytest.raises(ValueError, match=r"\(B, N, 3, heads, head_dim\)"):
+        _fused(qkv[:, :, :2], params, case)
+
+
+def _attention_pair(seed: int = 0, **kwargs):
+    """A MultiScaleAttention with backend="triton" and its float64 eager twin, same weights."""
+    torch.manual_seed(seed)
+    fused = MultiScaleAttention(**kwargs, backend="triton")
+    with torch.no_grad():  # non-trivial norms and rel-pos tables
+        for name, p in fused.named_parameters():
+            if "norm" in name or "rel_pos" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    eager = MultiScaleAttention(**kwargs, backend="eager").double()
+    eager.load_state_dict({k: v.double() for k, v in fused.state_dict().items()})
+    return fused, eager
+
+
+def _check_module(fused: nn.Module, eager: nn.Module, x: torch.Tensor, thw, dtype: torch.dtype,
+                  autocast: bool = False) -> None:
+    """Output and the gradients of x and of every parameter, fused in dtype vs eager float64.
+
+    With autocast the fused module keeps fp32 parameters and input and runs under
+    torch.autocast(dtype) (the training setup); tolerances are dtype's either way.
+    """
+    x_fused = x.detach().to(torch.float32 if autocast else dtype).requires_grad_(True)
+    xs = [x_fused, x.detach().double().requires_grad_(True)]
+    results = []
+    for module, xi in zip((fused, eager), xs):
+        with torch.autocast(x.device.type, dtype, enabled=autocast and module is fused):
+            out, out_thw = module(xi, thw)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+        params = [p for _, p in sorted(module.named_parameters())]
+        results.append((out, out_thw, torch.autograd.grad(out, [xi, *params], grad_out)))
+    (out, thw_f, grads), (ref, thw_e, ref_grads) = results
+    assert thw_f == thw_e
+    assert_close(out, ref, dtype=dtype, kind="fwd", name="block output")
+    names = ["x"] + sorted(n for n, _ in fused.named_parameters())
+    for name, g, r in zip(names, grads, ref_grads):
+        assert_close(g, r, dtype=dtype, kind="grad", name=f"d{name}")
+
+
+def test_module_triton_backend_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One MViTv2 attention (q stride (1,2,2), kv (1,2,2), 2 heads, rel-pos, residual):
+    fused pooling + fused attention in fp32 vs the eager module in float64."""
+    calls = []
+    spy = lambda *args: calls.append(1) or fused_pool_qkv(*args)
+    monkeypatch.setattr(attention_module, "fused_pool_qkv", spy)
+    thw = (2, 5, 5)
+    fused, eager = _attention_pair(
+        dim=16, dim_out=32, input_size=thw, num_heads=2, qkv_bias=True, kernel_q=(3, 3, 3),
+        kernel_kv=(3, 3, 3), stride_q=(1, 2, 2), stride_kv=(1, 2, 2),
+        norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6), rel_pos_spatial=True,
+        rel_pos_temporal=True, residual_pooling=True)
+    x = torch.randn(2, 1 + 50, 16, generator=torch.Generator().manual_seed(2))
+    _check_module(fused, eager, x, thw, torch.float32)
+    assert calls == [1]  # the fused pooling ran (once per forward)
+
+
+def test_module_falls_back_when_not_fusable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Max pooling (no conv, no norm) keeps the plain ops under backend="triton"."""
+    monkeypatch.setattr(attention_module, "fused_pool_qkv", None)  # would raise if called
+    module = MultiScaleAttention(16, 16, (1, 4, 4), num_heads=1, kernel_q=(3, 3, 3),
+                                 kernel_kv=(3, 3, 3), stride_kv=(1, 2, 2), mode="max",
+                                 backend="eager")
+    norms = (None, None, None)
+    assert not can_fuse_pool((module.pool_q, module.pool_k, module.pool_v), norms, torch.zeros(1))
+    out, thw = module(torch.randn(1, 17, 16), (1, 4, 4))
+    assert out.shape == (1, 17, 16) and thw == [1, 4, 4]
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA
+# ---------------------------------------------------------------------------------------
+
+
+def _block_cases(size: str) -> list[Case]:
+    """Distinct pooling shapes (grid, strides, heads, head_dim) of a model's blocks, batch 2."""
+    seen = {}
+    for s in mvit_fast.block_specs(mvit_fast.get_config(size)):
+        key = (s.input_grid, s.stride_q, s.stride_kv, s.head_dim, s.num_heads)
+        seen.setdefault(key, Case(*key[:3], head_dim=s.head_dim, heads=s.num_heads, batch=2))
+    return list(seen.values())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cuda_matches_oracle(case: Case, dtype: torch.dtype) -> None:
+    check_against_oracle(case, dtype, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", _block_cases("s") + _block_cases("b"), ids=str)
+def test_cuda_mvit_block_shapes_bf16(case: Case) -> None:
+    """Real MViTv2-S/B pooling shapes, bf16 activations and fp32 parameters (autocast's mix)."""
+    check_against_oracle(case, torch.bfloat16, param_dtype=torch.float32, device="cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_compile_fullgraph() -> None:
+    """torch.compile(fullgraph=True) traces both triton_ops (no graph break), fwd and bwd."""
+    torch._dynamo.reset()
+    case = CASES[0]
+    qkv, params = _make(case, torch.bfloat16, torch.float32, device="cuda")
+    grad_outs = [torch.randn_like(o) for o in _fused(qkv, params, case)]
+    compiled = torch.compile(_fused, fullgraph=True)
+    outs, grads = _run(compiled, qkv, params, case, grad_outs)
+    ref, ref_grads = _run(_fused, qkv, params, case, grad_outs)
+    # Same kernels; the autotuner may pick other tiles under compile (another summation order
+    # of the weight partials), so compare with the tolerance, not bitwise.
+    for name, a, b in zip(("q", "k", "v", "qkv", *PARAM_NAMES), [*outs, *grads], [*ref, *ref_grads]):
+        assert_close(a, b, dtype=torch.bfloat16, kind="fwd" if len(name) == 1 else "grad",
+                     name=f"compiled {name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("index", [1, 3], ids=lambda i: f"block{i}")
+def test_cuda_mvit_s_block(index: int) -> None:
+    """A whole MViTv2-S block (norms, fused pooling, fused attention, skip, MLP) under bf16
+    autocast against the eager block in float64: block 1 (q stride, 2 heads, 6273 x 1569 tokens)
+    and block 3 (1569 x 1569, 4 heads), batch 1."""
+    cfg = mvit_fast.get_config("s")
+    spec = mvit_fast.block_specs(cfg)[index]
+    kwargs = dict(kernel=spec.kernel, stride_q=spec.stride_q, stride_kv=spec.stride_kv,
+                  norm_eps=cfg.norm_eps)
+    torch.manual_seed(0)
+    fused = MultiScaleBlock(spec.dim_in, spec.dim_out, spec.num_heads, spec.table_grid, **kwargs,
+                            backend="triton").cuda()
+    with torch.no_grad():
+        for name, p in fused.named_parameters():
+            if "norm" in name or "rel_pos" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    eager = MultiScaleBlock(spec.dim_in, spec.dim_out, spec.num_heads, spec.table_grid, **kwargs,
+                            backend="eager").cuda().double()
+    eager.load_state_dict({k: v.double() for k, v in fused.state_dict().items()})
+    t, h, w = spec.input_grid
+    x = torch.randn(1, 1 + t * h * w, spec.dim_in, device="cuda")
+    _check_module(fused, eager, x, [t, h, w], torch.bfloat16, autocast=True)
