@@ -10,11 +10,16 @@ per head and clip for the forward (QK^T and PV, 2 FLOPs per multiply-add), 2.5x 
 for forward+backward (the backward's five matmuls, FlashAttention's convention). The
 bias, softmax and residual are not counted, so every backend is scored against the
 same work.
+
+Whole-model runs (bench/test_model.py) record through `record_run`, which `record`
+also uses: the same device, version and commit fields, TFLOP/s from the caller's
+FLOP count, and the CUDA peak memory.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,6 +102,23 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("attention_shape", params)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_smoke_threads():
+    """Without a GPU the suites are smoke tests on small shapes: run them on one thread.
+
+    On a busy 2-core machine, torch's OpenMP workers spin-wait for descheduled peers at
+    every op: a 60 ms MViTv2-S 4x64 forward took 0.3-6 s on 2 threads, steadily 60-110 ms
+    on 1 (measured with another process on the cores).
+    """
+    if CUDA:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     return torch.device("cuda" if CUDA else "cpu")
@@ -132,9 +154,9 @@ def run_info(device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    import platform
     return {
         "device": torch.cuda.get_device_name(device) if CUDA else platform.processor() or "cpu",
+        "device_type": device.type,
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
@@ -143,23 +165,38 @@ def run_info(device) -> dict:
 
 
 @pytest.fixture
-def record(run_info, dtype, batch) -> Callable[..., None]:
+def record_run(run_info) -> Callable[..., None]:
+    """record_run(benchmark, flops=, **fields): fills `benchmark.extra_info` for any suite.
+
+    Adds `run_info`, the caller's fields, `flops` (FLOPs of one timed call), TFLOP/s =
+    flops / median time, and on CUDA `peak_memory_mb`: the allocator's peak since the
+    caller's last `torch.cuda.reset_peak_memory_stats()`.
+    """
+
+    def _record_run(benchmark, *, flops: float, **fields) -> None:
+        info = benchmark.extra_info
+        info.update(run_info)
+        info.update(fields, flops=flops)
+        if benchmark.stats:  # None or empty under --benchmark-disable
+            info["tflops"] = flops / benchmark.stats.stats.median / 1e12
+        if CUDA:
+            info["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+
+    return _record_run
+
+
+@pytest.fixture
+def record(record_run, dtype, batch) -> Callable[..., None]:
     """record(benchmark, backend=, mode=, suite=, shape=): fills `benchmark.extra_info`.
 
     Effective TFLOP/s = attention_flops / median time. Peak memory is the CUDA
-    allocator's peak since the case started (inputs included).
+    allocator's peak over the timed calls, inputs included.
     """
 
     def _record(benchmark, *, backend: str, mode: str, suite: str, shape: AttentionShape) -> None:
-        info = benchmark.extra_info
-        info.update(run_info)
-        info.update(backend=backend, mode=mode, suite=suite, dtype=str(dtype).removeprefix("torch."),
-                    batch=batch, heads=shape.heads, head_dim=shape.head_dim, q_grid=shape.q_grid,
-                    kv_grid=shape.kv_grid, nq=shape.nq, nk=shape.nk, blocks=shape.blocks,
-                    flops=attention_flops(shape, batch, mode))
-        if benchmark.stats:  # None or empty under --benchmark-disable
-            info["tflops"] = info["flops"] / benchmark.stats.stats.median / 1e12
-        if CUDA:
-            info["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        record_run(benchmark, flops=attention_flops(shape, batch, mode), kind="attention",
+                   backend=backend, mode=mode, suite=suite, dtype=str(dtype).removeprefix("torch."),
+                   batch=batch, heads=shape.heads, head_dim=shape.head_dim, q_grid=shape.q_grid,
+                   kv_grid=shape.kv_grid, nq=shape.nq, nk=shape.nk, blocks=shape.blocks)
 
     return _record

@@ -1,37 +1,72 @@
 #!/usr/bin/env bash
-# The one command a session with a lent GPU runs: CUDA tests, then the attention benchmarks.
+# The one command a session with a lent GPU runs: CUDA tests, then every GPU benchmark.
 #
 #   OUT=/some/dir bash bench/gpu_suite.sh        # on the device machine $OUT is preset
 #
 # Machine: H100/H200, torch 2.11 + triton 3.6 preinstalled, Python 3.12, NO network.
-# The package installs offline (--no-deps --no-build-isolation). Test tools missing there
-# (pytest, pytest-benchmark, py-cpuinfo, hypothesis, ...) travel as wheels in ./.whl
-# (git-ignored; pass it in the device tool's `carry`), made here with e.g.
-#   pip download --no-deps -d .whl pytest pluggy iniconfig packaging pytest-benchmark \
-#       py-cpuinfo hypothesis attrs sortedcontainers
-# Writes under $OUT:
-#   run_info.json            device, commit, command, versions; exit codes once done
-#   pip.log                  the offline install
-#   tests_cuda.log/.xml      pytest tests -m cuda (junit xml)
-#   bench_<suite>.log/.json  benchmark tables and pytest-benchmark json per suite
-#   bench_attention.json     both suites (S16x224, B32x224) merged; extra_info on every row
-# bench/test_data.py (DALI vs PyAV) is not run here: it needs the DALI wheel carried in.
-# Budget: well under the device tool's 10 minutes per command. Each step has its own
-# timeout (SIGINT first, then KILL); override with TESTS_TIMEOUT / BENCH_TIMEOUT
-# (seconds; defaults 120 + 2 x 170). MVIT_FAST_COMMIT names the commit when the copy
-# has no .git.
+# The package installs offline (--no-deps --no-build-isolation). What is missing there
+# travels as wheels in ./.whl (git-ignored; pass `.whl` in the device tool's `carry`,
+# 64 MiB in all), made on the development machine with
+#   pip wheel --no-deps -w .whl fvcore iopath yacs portalocker tabulate termcolor pytest \
+#       pluggy iniconfig packaging pytest-benchmark py-cpuinfo hypothesis attrs sortedcontainers
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux2014_x86_64 -d .whl pyyaml pillow   # if the image lacks them
+# (matplotlib is optional here: without it the report step writes tables, no plots).
+#
+# Steps, in priority order; each has a timeout (SIGINT, then KILL 15 s later) and all of
+# them share one deadline, DEADLINE seconds after the start (default 570: the device tool
+# allows 600 per command). A step the deadline leaves no time for is not started (exit
+# code 125); STEPS="step step ..." runs only the named steps, e.g. in a second call.
+#   pip                 offline install                                 pip.log
+#   tests               pytest tests -m cuda                            tests.log, tests.xml
+#   train_compiled      compiled bf16 training step (Triton attention) of MViTv2-S and -B
+#                       (bench/test_model.py: clips/s, compile time)    bench_train_compiled.json
+#   model_eager         bench/test_model.py, S and B, eager fp32/bf16   bench_model_eager.json
+#   attention_S16x224   bench/test_attention.py, MViTv2-S shapes        bench_attention_S16x224.json
+#   model_compiled_S16x224  the other compiled S cases (SDPA; Triton inference)
+#   pool                bench/test_pool.py (fused pooling), if present  bench_pool.json
+#   attention_B32x224, model_compiled_B32x224: as for S
+#   report              python -m mvit_fast.report throughput           throughput.md (+ PNGs)
+# Each compiled case compiles the whole model cold (about a minute or more per case on the
+# first run, estimated, not measured yet), so one call is expected to get through
+# train_compiled, model_eager and attention_S16x224, which already give the headline
+# (compiled Triton vs eager training); the rest in a second call (a fresh machine, hence pip):
+#   STEPS="pip model_compiled_S16x224 pool attention_B32x224 model_compiled_B32x224 report"
+# Every step also leaves NAME.log and NAME.cmd (its command line). run_info.json (with
+# STEPS: run_info-<first step>.json): device, commit, command, versions, nvidia-smi and
+# every step's exit code (124: timed out, 125: not started). Each bench_*.json is
+# pytest-benchmark's, with the row fields of
+# bench/conftest.py `record_run` (device, versions, commit, dtype, batch, shape, TFLOP/s,
+# peak memory) in every extra_info and, added at the end, "command" and "run_info" at the
+# top level. A suite cut by its timeout keeps the cases it finished (pytest-benchmark
+# saves on SIGINT). bench/test_data.py (DALI vs PyAV) is not run: the DALI wheel (199 MB)
+# is not carried. MViTv2-L (bench/test_model.py -k L40x312, batch 1) is left out: its
+# compilation alone would take much of the budget.
+#
+# Commit the results (development machine; the device tool copies $OUT to its files_at):
+#   run=bench/results/$(date +%F)-<gpu, e.g. h100>-$(git rev-parse --short HEAD)
+#   mkdir -p "$run" && cp <files_at>/*.json <files_at>/*.md <files_at>/*.png "$run"/  # every call's
+#   python -m mvit_fast.report throughput   # reads the newest GPU run under bench/results/
+#   git add "$run"   # then list it in README.md "Performance"
+# MVIT_FAST_COMMIT names the commit when the copy has no .git (the device tool's copy).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT to a results folder}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 
 export MVIT_FAST_COMMIT=${MVIT_FAST_COMMIT:-$(git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)}
-TESTS_TIMEOUT=${TESTS_TIMEOUT:-120}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-170}  # per suite
+export MVIT_BENCH_MACS_CACHE="$OUT/macs_per_clip.json"  # fvcore counts once for all model steps
+DEADLINE=${DEADLINE:-570}
+START=$SECONDS
+EXIT_CODES=()
 
-run_info() {  # run_info.json: what ran where; exit codes as name=rc arguments once known
-  python - "$@" > "$OUT/run_info.json" <<'PY'
+STEPS=${STEPS:-}
+RUN_INFO="$OUT/run_info${STEPS:+-${STEPS%% *}}.json"  # calls with STEPS go in one folder too
+
+run_info() {  # $RUN_INFO: what ran where; exit codes as name=rc arguments once known
+  python - "$@" > "$RUN_INFO" <<'PY'
 import json, os, platform, subprocess, sys
 import torch
 try:
@@ -46,6 +81,7 @@ except OSError as e:
     smi = str(e)
 print(json.dumps({
     "command": "bash bench/gpu_suite.sh",
+    "steps": os.environ.get("STEPS") or "all",
     "commit": os.environ["MVIT_FAST_COMMIT"],
     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     "nvidia_smi": smi,
@@ -58,39 +94,77 @@ print(json.dumps({
 PY
 }
 
+step() {  # step NAME BUDGET_S CMD...: CMD under min(BUDGET_S, time to the deadline)
+  local name=$1 budget=$2
+  shift 2
+  if [ -n "$STEPS" ] && [[ " $STEPS " != *" $name "* ]]; then return 0; fi
+  local left=$((DEADLINE - (SECONDS - START) - 20))  # 20 s: the KILL grace and the last run_info
+  if [ "$left" -lt 30 ]; then
+    echo "== $name: not started, ${left}s to the deadline" | tee "$OUT/$name.log"
+    EXIT_CODES+=("$name=125")
+    return 0
+  fi
+  local limit=$((budget < left ? budget : left))
+  echo "== $name: timeout ${limit}s at $((SECONDS - START))s"
+  printf '%q ' "$@" > "$OUT/$name.cmd"
+  timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  EXIT_CODES+=("$name=${PIPESTATUS[0]}")
+}
+
+bench() {  # bench NAME BUDGET_S FILE PYTEST_ARGS...: one pytest-benchmark run into bench_NAME.json
+  local name=$1 budget=$2 file=$3
+  shift 3
+  step "$name" "$budget" python -m pytest "$file" --benchmark-only -p no:cacheprovider \
+    --benchmark-columns=min,median,mean,stddev,rounds --benchmark-json="$OUT/bench_$name.json" "$@"
+}
+
 run_info
-if [ -d .whl ]; then
-  pip install --no-index --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1
+# (timeout runs programs, not shell functions: the install is a `bash -c` script)
+step pip 90 bash -c 'if [ -d .whl ]; then python -m pip install --no-index --no-deps .whl/*.whl || exit; fi
+  python -m pip install --no-index --no-deps --no-build-isolation -e .'
+step tests 120 python -m pytest tests -m cuda -p no:cacheprovider --junitxml="$OUT/tests.xml"
+
+# Attention and pooling ops: a few rounds of 0.1 s each (the tests warm up themselves).
+OP_ROUNDS=(--benchmark-max-time=0.1 --benchmark-min-rounds=3)
+# Whole-model steps take 0.1-2 s: three rounds after the case's own warm-up.
+MODEL_ROUNDS=(--benchmark-max-time=0.5 --benchmark-min-rounds=3)
+HEADLINE="train and compile-triton-bf16"
+bench train_compiled 200 bench/test_model.py -k "(S16x224 or B32x224) and $HEADLINE" "${MODEL_ROUNDS[@]}"
+bench model_eager 100 bench/test_model.py -k "(S16x224 or B32x224) and eager-" "${MODEL_ROUNDS[@]}"
+bench attention_S16x224 90 bench/test_attention.py -k S16x224 "${OP_ROUNDS[@]}"
+bench model_compiled_S16x224 200 bench/test_model.py -k "S16x224 and compile- and not ($HEADLINE)" \
+  "${MODEL_ROUNDS[@]}"
+if [ -f bench/test_pool.py ]; then
+  bench pool 50 bench/test_pool.py -k "S16x224 or B32x224" "${OP_ROUNDS[@]}"
 fi
-pip install --no-index --no-deps --no-build-isolation -e . >> "$OUT/pip.log" 2>&1
-pip_rc=$?
+bench attention_B32x224 70 bench/test_attention.py -k B32x224 "${OP_ROUNDS[@]}"
+bench model_compiled_B32x224 250 bench/test_model.py -k "B32x224 and compile- and not ($HEADLINE)" \
+  "${MODEL_ROUNDS[@]}"
 
-timeout -s INT -k 30 "$TESTS_TIMEOUT" python -m pytest tests -m cuda -p no:cacheprovider \
-  --junitxml="$OUT/tests_cuda.xml" 2>&1 | tee "$OUT/tests_cuda.log"
-tests_rc=$?
-
-# One pytest run per suite, S first: a run cut by its timeout loses its own json
-# (pytest-benchmark cannot save a half-timed case), not the other suite's.
-# The test warms up itself (compile, autotune); rounds are bounded by max-time.
-bench_rc=0
-for suite in S16x224 B32x224; do
-  timeout -s INT -k 30 "$BENCH_TIMEOUT" python -m pytest bench/test_attention.py --benchmark-only \
-    -p no:cacheprovider -k "$suite" --benchmark-max-time=0.2 --benchmark-min-rounds=5 \
-    --benchmark-columns=min,median,mean,stddev,rounds \
-    --benchmark-json="$OUT/bench_$suite.json" 2>&1 | tee "$OUT/bench_$suite.log"
-  rc=$?
-  [ "$rc" = 0 ] || bench_rc=$rc
-done
-python - "$OUT" <<'PY' || bench_rc=1  # merge the suites into bench_attention.json
+# Stamp every result file with its command and the run's info, then tabulate (and plot,
+# where matplotlib is installed).
+python - "$OUT" "$RUN_INFO" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-runs = [json.loads(p.read_text()) for p in sorted(out.glob("bench_[SB]*.json"))]
-if runs:
-    merged = dict(runs[0], benchmarks=[b for r in runs for b in r["benchmarks"]])
-    (out / "bench_attention.json").write_text(json.dumps(merged, indent=2))
-print(f"bench_attention.json: {sum(len(r['benchmarks']) for r in runs)} cases, {len(runs)} suite run(s)")
+info = json.loads(pathlib.Path(sys.argv[2]).read_text())
+for path in sorted(out.glob("bench_*.json")):
+    cmd = out / (path.stem.removeprefix("bench_") + ".cmd")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:  # cut while writing: keep it as it is
+        print(f"{path.name}: not JSON ({e})")
+        continue
+    data.update(command=cmd.read_text().strip() if cmd.exists() else None, run_info=info)
+    path.write_text(json.dumps(data, indent=2))
+    print(f"{path.name}: {len(data['benchmarks'])} cases")
 PY
+PLOTS=(--plot-dir "$OUT")
+python -c "import matplotlib" 2>/dev/null || PLOTS=(--no-plots)
+if compgen -G "$OUT/bench_*.json" > /dev/null; then
+  step report 30 sh -c 'python -m mvit_fast.report throughput "$@" > "$0/throughput.md"; rc=$?; cat "$0/throughput.md"; exit $rc' \
+    "$OUT" "$OUT"/bench_*.json "${PLOTS[@]}"
+fi
 
-run_info pip=$pip_rc tests=$tests_rc bench=$bench_rc
-echo "exit codes: pip=$pip_rc tests=$tests_rc bench=$bench_rc (124: timed out)"
-[ "$pip_rc" = 0 ] && [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
+run_info "${EXIT_CODES[@]}"
+echo "exit codes: ${EXIT_CODES[*]} (124: timed out, 125: not started); $((SECONDS - START))s"
+for code in "${EXIT_CODES[@]}"; do [ "${code#*=}" = 0 ] || exit 1; done

@@ -1,4 +1,5 @@
-"""Reports: `python -m mvit_fast.report flops` prints params and fvcore multiply-adds.
+"""Reports: `python -m mvit_fast.report flops` prints params and fvcore multiply-adds;
+`python -m mvit_fast.report throughput [JSON ...]` tabulates and plots benchmark results.
 
 fvcore's "FLOPs" are multiply-adds (what the MViTv2 results table calls FLOPs).
 The count runs block by block on a real clip-sized input (fvcore traces with
@@ -12,8 +13,9 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -119,6 +121,292 @@ def flops_table(size: str, dataset: str, rows: list[StageCount]) -> str:
     return "\n".join(lines)
 
 
+# --- throughput: tables and plots from the benchmark suites' pytest-benchmark JSON -------------
+#
+# Rows are pytest-benchmark entries whose `extra_info` the bench/ suites fill (bench/conftest.py
+# `record_run`): kind "model" (bench/test_model.py: clips/s, peak memory, TFLOP/s from the fvcore
+# count) and kind "attention" (bench/test_attention.py: one op call at one block shape).
+
+RESULTS_DIR = "bench/results"
+MODEL_VARIANTS = ("eager-fp32", "eager-bf16", "compile-sdpa-bf16", "compile-triton-bf16")
+ATTENTION_BACKENDS = ("eager", "sdpa", "flex", "sdpa_aug", "triton")
+_SIZE_ORDER = {"s": 0, "b": 1, "l": 2}
+
+# Spec sheets (dense bf16 tensor-core FLOP/s, HBM bytes/s), matched by substring of the CUDA
+# device name, most specific first. The plain "H100" is the SXM part ("NVIDIA H100 80GB HBM3").
+DEVICE_PEAKS: tuple[tuple[str, float, float], ...] = (
+    ("H100 PCIe", 756e12, 2.0e12),
+    ("H100 NVL", 835e12, 3.9e12),
+    ("H100", 989e12, 3.35e12),
+    ("H200", 989e12, 4.8e12),
+)
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
+
+
+def device_peaks(device: str) -> tuple[float, float] | None:
+    """(dense bf16 FLOP/s, memory bytes/s) of a CUDA device name from `DEVICE_PEAKS`, or None."""
+    for key, flops, bandwidth in DEVICE_PEAKS:
+        if key.lower() in device.lower():
+            return flops, bandwidth
+    return None
+
+
+def load_benchmarks(paths: Iterable[str | Path]) -> list[dict]:
+    """Every benchmark of the given pytest-benchmark JSON files as one flat dict per row:
+    `extra_info` plus `name`, `median_s` and `source` (the file)."""
+    rows = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if "benchmarks" not in data:
+            raise ValueError(f"{path}: not a pytest-benchmark JSON file (no 'benchmarks' list)")
+        for bench in data["benchmarks"]:
+            stats = bench.get("stats") or {}
+            if not stats.get("median"):
+                continue  # a case cut before its rounds finished
+            rows.append(dict(bench.get("extra_info", {}), name=bench["name"], median_s=stats["median"],
+                             source=str(path)))
+    return rows
+
+
+def _is_gpu_run(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return any(b.get("extra_info", {}).get("device_type") == "cuda" for b in data.get("benchmarks", ()))
+
+
+def newest_gpu_run(results_dir: str | Path = RESULTS_DIR) -> list[Path]:
+    """The pytest-benchmark JSON files of the newest GPU run under `results_dir`.
+
+    A run is one folder (bench/gpu_suite.sh's $OUT, committed as bench/results/<run>/);
+    the newest is the one whose GPU files carry the latest pytest-benchmark `datetime`.
+    """
+    runs: dict[Path, str] = {}
+    for path in sorted(Path(results_dir).glob("**/*.json")):
+        if _is_gpu_run(path):
+            stamp = json.loads(path.read_text()).get("datetime", "")
+            runs[path.parent] = max(runs.get(path.parent, ""), stamp)
+    if not runs:
+        raise FileNotFoundError(
+            f"no GPU benchmark results under {results_dir}/: run `OUT=<dir> bash bench/gpu_suite.sh` "
+            "on a CUDA machine (see its header for committing them), or pass JSON files")
+    folder = max(runs, key=lambda run: (runs[run], str(run)))
+    return [p for p in sorted(folder.glob("*.json")) if _is_gpu_run(p)]
+
+
+def _best(rows: list[dict]) -> dict | None:
+    """The fastest row (highest clips/s): a batch sweep reports each variant at its best batch."""
+    return max(rows, key=lambda r: r.get("clips_per_s") or 0.0, default=None)
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _suite_key(suite: str) -> tuple:
+    return (_SIZE_ORDER.get(suite[:1].lower(), 9), suite)
+
+
+def _model_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("kind") == "model" and r.get("clips_per_s")]
+
+
+def _attention_rows(rows: list[dict]) -> list[dict]:
+    # rows from before `kind` existed are told apart by their fields (pool rows have no "nk")
+    return [r for r in rows if r.get("kind") == "attention"
+            or ("kind" not in r and {"backend", "nq", "nk", "blocks"} <= r.keys())]
+
+
+def throughput_tables(rows: list[dict]) -> str:
+    """Markdown: per model, clips/s of every variant and mode with speedups and memory."""
+    models = _model_rows(rows)
+    out = []
+    for suite in sorted({r["suite"] for r in models}, key=_suite_key):
+        in_suite = [r for r in models if r["suite"] == suite]
+        first = in_suite[0]
+        devices = ", ".join(sorted({r.get("device", "?") for r in in_suite}))
+        out += [f"### {first.get('model', suite)} {suite[1:]} ({devices}; torch {first.get('torch')}, "
+                f"triton {first.get('triton')}, commit {str(first.get('commit'))[:10]})",
+                "",
+                "| mode | variant | batch | clips/s | vs eager fp32 | vs eager bf16 | TFLOP/s "
+                "| peak memory (GiB) | memory per clip (GiB) | first step (s) |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for mode in ("train", "infer"):
+            best = {v: _best([r for r in in_suite if r["mode"] == mode and r["variant"] == v])
+                    for v in sorted({r["variant"] for r in in_suite},
+                                    key=lambda v: (MODEL_VARIANTS + (v,)).index(v))}
+            for variant, row in best.items():
+                if row is None:
+                    continue
+                speedups = []
+                for base in ("eager-fp32", "eager-bf16"):
+                    ref = best.get(base)
+                    speedups.append(f"{row['clips_per_s'] / ref['clips_per_s']:.2f}x" if ref else "-")
+                peak = row.get("peak_memory_mb")
+                peak_gib = None if peak is None else peak / 1024
+                per_clip = None if peak is None else peak / 1024 / row["batch"]
+                out.append(f"| {mode} | {variant} | {row['batch']} | {row['clips_per_s']:.2f} | "
+                           f"{speedups[0]} | {speedups[1]} | {_fmt(row.get('tflops'), '.3g')} | "
+                           f"{_fmt(peak_gib, '.2f')} | {_fmt(per_clip, '.3f')} | "
+                           f"{_fmt(row.get('first_step_s'), '.1f')} |")
+        out += ["", "clips/s at the best batch of each variant; TFLOP/s from the fvcore count "
+                "(2 FLOPs per multiply-add, x3 for a training step); memory per clip = peak / batch; "
+                "first step = compilation + one step.", ""]
+    attention = attention_block_times(rows)
+    if attention:
+        out += ["### Attention op over all blocks of a clip batch (ms; bench/test_attention.py)", "",
+                "| suite | mode | batch | " + " | ".join(ATTENTION_BACKENDS) + " |",
+                "|---|---|---:|" + "---:|" * len(ATTENTION_BACKENDS)]
+        for (suite, mode, batch), by_backend in attention.items():
+            cells = [_fmt(sum(by_backend[b].values()) * 1e3 if b in by_backend else None, ".2f")
+                     for b in ATTENTION_BACKENDS]
+            out.append(f"| {suite} | {mode} | {batch} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def attention_block_times(rows: list[dict]) -> dict[tuple[str, str, int], dict[str, dict[str, float]]]:
+    """{(suite, mode, batch): {backend: {shape id: seconds}}}: the median time of one call at a
+    shape times the number of blocks that have it, so the shapes of a backend add up to the
+    attention time of one pass through the whole model."""
+    out: dict[tuple[str, str, int], dict[str, dict[str, float]]] = {}
+    for r in sorted(_attention_rows(rows), key=lambda r: (_suite_key(r["suite"]), r["mode"])):
+        blocks = r["blocks"]
+        shape = (f"b{blocks[0]}" if len(blocks) == 1 else f"b{blocks[0]}-{blocks[-1]}") + \
+            f" {r['nq']}x{r['nk']}"
+        by_backend = out.setdefault((r["suite"], r["mode"], r["batch"]), {})
+        by_backend.setdefault(r["backend"], {})[shape] = r["median_s"] * len(blocks)
+    return out
+
+
+def attention_io_bytes(row: dict) -> float:
+    """Unavoidable memory traffic of one attention call: q, k, v read and out written (fwd);
+    plus q, k, v, out, dout read and dq, dk, dv written (bwd). Tables and LSE are left out."""
+    per_token = row["batch"] * row["heads"] * row["head_dim"] * _DTYPE_BYTES.get(row["dtype"], 4)
+    fwd = 2 * row["nq"] + 2 * row["nk"]
+    return per_token * (fwd if row["mode"] == "fwd" else fwd + 4 * row["nq"] + 4 * row["nk"])
+
+
+def _figure(ncols: int, nrows: int = 1, width: float = 5.5, height: float = 4.0):
+    """A matplotlib Figure without pyplot (no GUI backend, no global state)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("the throughput plots need matplotlib: pip install 'mvit-fast[report]' "
+                          "(or pass --no-plots)") from e
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, [ax for row in axes for ax in row]
+
+
+def plot_attention_breakdown(rows: list[dict], path: Path) -> Path | None:
+    """Stacked bars: attention time of one model pass per backend, split by block shape."""
+    times = attention_block_times(rows)
+    if not times:
+        return None
+    fig, axes = _figure(len(times))
+    for ax, ((suite, mode, batch), by_backend) in zip(axes, times.items()):
+        backends = [b for b in ATTENTION_BACKENDS if b in by_backend] + \
+            sorted(set(by_backend) - set(ATTENTION_BACKENDS))
+        shapes = list(dict.fromkeys(s for b in backends for s in by_backend[b]))
+        bottom = [0.0] * len(backends)
+        for shape in shapes:
+            heights = [by_backend[b].get(shape, 0.0) * 1e3 for b in backends]
+            ax.bar(backends, heights, bottom=bottom, label=shape)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        ax.set_title(f"{suite} {mode}, batch {batch}")
+        ax.set_ylabel("attention time per model pass (ms)")
+        ax.legend(fontsize="x-small", title="blocks, Nq x Nk", title_fontsize="x-small")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_attention_roofline(rows: list[dict], path: Path) -> Path | None:
+    """Achieved attention TFLOP/s against arithmetic intensity, under the device's roofline."""
+    attention = [r for r in _attention_rows(rows) if r.get("tflops")]
+    if not attention:
+        return None
+    device = attention[0].get("device", "?")
+    peaks = device_peaks(device)
+    fig, (ax,) = _figure(1, width=7.0, height=5.0)
+    intensity = {id(r): r["flops"] / attention_io_bytes(r) for r in attention}
+    markers = dict(zip(ATTENTION_BACKENDS, "osD^v"))
+    for backend in dict.fromkeys(r["backend"] for r in attention):
+        for mode, color in (("fwd", "tab:blue"), ("fwd+bwd", "tab:orange")):
+            pts = [r for r in attention if r["backend"] == backend and r["mode"] == mode]
+            if pts:
+                ax.scatter([intensity[id(r)] for r in pts], [r["tflops"] for r in pts], color=color,
+                           marker=markers.get(backend, "x"), label=f"{backend} {mode}")
+    if peaks:
+        flops, bandwidth = peaks
+        lo, hi = min(intensity.values()) / 2, max(intensity.values()) * 2
+        xs = [lo * (hi / lo) ** (i / 100) for i in range(101)]
+        ax.plot(xs, [min(flops, bandwidth * x) / 1e12 for x in xs], color="black", linewidth=1,
+                label=f"roofline: {flops / 1e12:.0f} TFLOP/s bf16, {bandwidth / 1e12:.2f} TB/s")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("FLOP per byte of q, k, v, out (and gradients) traffic")
+    ax.set_ylabel("TFLOP/s (attention matmuls)")
+    ax.set_title(device + ("" if peaks else " (no spec in DEVICE_PEAKS: no roofline)"))
+    ax.legend(fontsize="x-small")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_throughput_vs_batch(rows: list[dict], path: Path) -> Path | None:
+    """clips/s against batch size, one panel per model, one line per variant and mode."""
+    models = _model_rows(rows)
+    if not models:
+        return None
+    suites = sorted({r["suite"] for r in models}, key=_suite_key)
+    fig, axes = _figure(len(suites))
+    for ax, suite in zip(axes, suites):
+        for mode, style in (("train", "-o"), ("infer", "--s")):
+            for variant in MODEL_VARIANTS:
+                pts = sorted((r["batch"], r["clips_per_s"]) for r in models
+                             if r["suite"] == suite and r["mode"] == mode and r["variant"] == variant)
+                if pts:
+                    ax.plot(*zip(*pts), style, label=f"{variant} {mode}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch (clips)")
+        ax.set_ylabel("clips/s")
+        ax.set_title(suite)
+        ax.legend(fontsize="x-small")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def write_plots(rows: list[dict], plot_dir: str | Path) -> list[Path]:
+    """The three PNGs (those the rows have data for) under `plot_dir`."""
+    plot_dir = Path(plot_dir)
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    made = [plot_attention_breakdown(rows, plot_dir / "attention_breakdown.png"),
+            plot_attention_roofline(rows, plot_dir / "attention_roofline.png"),
+            plot_throughput_vs_batch(rows, plot_dir / "throughput_vs_batch.png")]
+    return [p for p in made if p is not None]
+
+
+def throughput_main(json_files: list[str], *, results_dir: str | Path = RESULTS_DIR,
+                    plot_dir: str | Path | None = None, plots: bool = True) -> int:
+    """`report throughput`: print the tables, write the plots; 1 when there is nothing to read."""
+    try:
+        paths = [Path(p) for p in json_files] or newest_gpu_run(results_dir)
+    except FileNotFoundError as e:
+        print(e, file=sys.stderr)
+        return 1
+    rows = load_benchmarks(paths)
+    if not _model_rows(rows) and not _attention_rows(rows):
+        print(f"no model or attention benchmark rows in {[str(p) for p in paths]}", file=sys.stderr)
+        return 1
+    print(f"<!-- python -m mvit_fast.report throughput {' '.join(str(p) for p in paths)} -->\n")
+    print(throughput_tables(rows), flush=True)
+    if plots:
+        for path in write_plots(rows, plot_dir or paths[0].parent):
+            print(f"wrote {path}", file=sys.stderr)  # stdout is the Markdown
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mvit_fast.report")
     sub = parser.add_subparsers(dest="report", required=True)
@@ -126,7 +414,19 @@ def main(argv: list[str] | None = None) -> int:
     flops.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES))
     flops.add_argument("--dataset", choices=sorted(DATASETS), default="k400")
     flops.add_argument("--json", help="also write the per-stage counts to this JSON file")
+    throughput = sub.add_parser(
+        "throughput", help="clips/s tables and plots from pytest-benchmark JSON (bench/)")
+    throughput.add_argument("json_files", nargs="*", metavar="JSON",
+                            help="pytest-benchmark JSON files; default: the newest GPU run under "
+                                 "--results-dir")
+    throughput.add_argument("--results-dir", default=RESULTS_DIR,
+                            help=f"where committed GPU runs live (default: {RESULTS_DIR})")
+    throughput.add_argument("--plot-dir", help="where the PNGs go (default: beside the first JSON)")
+    throughput.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
     args = parser.parse_args(argv)
+    if args.report == "throughput":
+        return throughput_main(args.json_files, results_dir=args.results_dir, plot_dir=args.plot_dir,
+                               plots=not args.no_plots)
 
     results = {}
     for size in args.sizes:

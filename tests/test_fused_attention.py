@@ -192,6 +192,22 @@ def test_rejects_unsupported_inputs() -> None:
         pooled_attention(q, k, v, case.q_thw, case.k_thw, backend="triton")
 
 
+def test_autocast_runs_the_kernel_in_the_autocast_dtype() -> None:
+    # Under autocast, pooled q/k/v arrive in fp32 (LayerNorm is an fp32 op); the op must
+    # still run in the autocast dtype, as SDPA does (fp16 here: the interpreter's bf16 dot
+    # is broken, see DESIGN section 7).
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 1 + 2 * 3 * 3, 16) for _ in range(3))
+    k, v = k[:, :, :5], v[:, :, :5]
+    tables = [torch.randn(n, 16) for n in (3, 5, 5)]
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = pooled_attention(q, k, v, (2, 3, 3), (1, 2, 2), *tables, backend="triton")
+    assert out.dtype == torch.float16
+    want = pooled_attention(q.double(), k.double(), v.double(), (2, 3, 3), (1, 2, 2),
+                            *(t.double() for t in tables), backend="eager")
+    assert_close(out, want, dtype=torch.float16, name="autocast output")
+
+
 # ---------------------------------------------------------------------------------------
 # CUDA
 # ---------------------------------------------------------------------------------------

@@ -121,6 +121,11 @@ def triton_attention(
     Returns:
         (B, heads, Nq, d) in q's dtype, contiguous.
     """
+    if torch.is_autocast_enabled(q.device.type):
+        # Like SDPA under autocast: the matmuls run in the autocast dtype. Pooled q, k, v
+        # leave LayerNorm in fp32 under autocast, which would otherwise pick the fp32 kernel.
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     # The per-query tables in float32 whatever q's dtype: they are small, and the kernel
     # adds them in ~fp32 precision (hi/lo split), so the bias is not rounded to bf16.
     tables = decomposed_rel_pos(q.float(), q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)

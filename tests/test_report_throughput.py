@@ -1,0 +1,102 @@
+"""`python -m mvit_fast.report throughput`: tables and plots from a committed pytest-benchmark fixture.
+
+tests/fixtures/bench_small.json is hand-made (round numbers, commit "fixture-not-a-commit"), in
+pytest-benchmark's format with the extra_info that bench/test_model.py and bench/test_attention.py
+write: a fixture for the report, not a measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mvit_fast.report import (
+    attention_block_times,
+    attention_io_bytes,
+    device_peaks,
+    load_benchmarks,
+    main,
+    newest_gpu_run,
+    throughput_tables,
+)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "bench_small.json"
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    return load_benchmarks([FIXTURE])
+
+
+def test_model_table_values(rows):
+    table = throughput_tables(rows)
+    assert "### MViTv2-S 16x224 (NVIDIA H100 80GB HBM3; torch 2.11.0+cu130, triton 3.6.0" in table
+    lines = table.splitlines()
+    # train: eager fp32 8 clips/s; eager bf16 16; compiled Triton best at batch 32 (32 clips/s,
+    # not the 20 clips/s of its batch-16 row); memory per clip = peak / batch
+    assert "| train | eager-fp32 | 8 | 8.00 | 1.00x | 0.50x | 3.09 | 8.00 | 1.000 | 2.0 |" in lines
+    assert "| train | eager-bf16 | 16 | 16.00 | 2.00x | 1.00x | 6.19 | 16.00 | 1.000 | 2.0 |" in lines
+    assert ("| train | compile-triton-bf16 | 32 | 32.00 | 4.00x | 2.00x | 12.4 | 20.00 | 0.625 | 60.0 |"
+            in lines)
+    # infer has no eager-bf16 row: that speedup is "-"
+    assert "| infer | compile-sdpa-bf16 | 32 | 256.00 | 4.00x | - | 33 | 4.00 | 0.125 | 30.0 |" in lines
+    assert table.index("| train | eager-fp32") < table.index("| infer | eager-fp32")
+
+
+def test_attention_times_weighted_by_blocks(rows):
+    times = attention_block_times(rows)
+    assert list(times) == [("S16x224", "fwd", 8)]
+    by_backend = times["S16x224", "fwd", 8]
+    # block 0 once, blocks 4-13 ten times
+    assert by_backend["eager"] == pytest.approx({"b0 25089x393": 2e-3, "b4-13 1569x393": 5e-3})
+    assert sum(by_backend["triton"].values()) == pytest.approx(1.5e-3)
+    assert "| S16x224 | fwd | 8 | 7.00 | - | - | - | 1.50 |" in throughput_tables(rows).splitlines()
+
+
+def test_roofline_inputs(rows):
+    assert device_peaks("NVIDIA H100 80GB HBM3") == (989e12, 3.35e12)
+    assert device_peaks("NVIDIA H100 PCIe")[0] == 756e12
+    assert device_peaks("cpu") is None
+    block0 = next(r for r in rows if r.get("kind") == "attention" and r["blocks"] == [0])
+    # DESIGN's roofline: S block 0 moves q, k, v, out = (2 * 25089 + 2 * 393) * 96 bf16 per clip
+    assert attention_io_bytes(block0) == 8 * (2 * 25089 + 2 * 393) * 96 * 2
+    assert attention_io_bytes(dict(block0, mode="fwd+bwd")) == 3 * attention_io_bytes(block0)
+
+
+def test_cli_writes_tables_and_pngs(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the plots need matplotlib (the `report` or `dev` extra)")
+    assert main(["throughput", str(FIXTURE), "--plot-dir", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "| infer | eager-fp32 | 32 | 64.00 | 1.00x |" in captured.out
+    for name in ("attention_breakdown.png", "attention_roofline.png", "throughput_vs_batch.png"):
+        png = tmp_path / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"wrote {png}" in captured.err
+
+
+def test_cli_tables_only(tmp_path, capsys):
+    assert main(["throughput", str(FIXTURE), "--no-plots", "--plot-dir", str(tmp_path)]) == 0
+    assert "| train | eager-bf16 | 16 |" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
+
+
+def test_default_reads_the_newest_gpu_run(tmp_path, capsys):
+    data = json.loads(FIXTURE.read_text())
+    for run, stamp in (("old", "2001-01-01T00:00:00"), ("new", "2002-01-01T00:00:00")):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "bench_model.json").write_text(json.dumps(dict(data, datetime=stamp)))
+    # a newer run without GPU rows (a CPU smoke run) is not a GPU result
+    cpu_rows = [dict(b, extra_info=dict(b["extra_info"], device_type="cpu")) for b in data["benchmarks"]]
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "bench.json").write_text(
+        json.dumps(dict(data, datetime="2003-01-01T00:00:00", benchmarks=cpu_rows)))
+    shutil.copy(FIXTURE, tmp_path / "new" / "bench_attention.json")
+    (tmp_path / "new" / "run_info.json").write_text("{}")  # not pytest-benchmark JSON: ignored
+    assert newest_gpu_run(tmp_path) == [tmp_path / "new" / "bench_attention.json",
+                                        tmp_path / "new" / "bench_model.json"]
+
+    assert main(["throughput", "--results-dir", str(tmp_path / "empty"), "--no-plots"]) == 1
+    assert "no GPU benchmark results under" in capsys.readouterr().err
