@@ -129,7 +129,8 @@ def test_convert_cli(model, tmp_path, capsys):
     torch.save(export_state_dict(model.state_dict(), "torchvision"), src)
     assert convert_main([str(src), str(tmp_path / "ours.pt")]) == 0
     out = capsys.readouterr().out
-    assert "depths (1, 2, 1, 1), width 16" in out and "format: torchvision" in out and "every model tensor loaded" in out
+    assert "depths (1, 2, 1, 1), width 16" in out and "format: torchvision" in out
+    assert "every model tensor loaded" in out
     converted = torch.load(tmp_path / "ours.pt", weights_only=True)
     assert converted["format"] == "mvit-fast"
     assert {k: converted["config"][k] for k in ("depths", "embed_dim", "num_frames", "crop_size")} == {

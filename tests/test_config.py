@@ -77,6 +77,11 @@ def test_model_grids_follow_specs_at_another_input_size():
     assert seen == [s.q_grid for s in block_specs(cfg)]
 
 
+@pytest.mark.parametrize("size, k400, ssv2", [("s", 0.2, 0.4), ("b", 0.3, 0.4), ("l", 0.75, 0.75)])
+def test_drop_path_rates_are_slowfasts(size, k400, ssv2):
+    assert (get_config(size, "k400").drop_path_rate, get_config(size, "ssv2").drop_path_rate) == (k400, ssv2)
+
+
 def test_drop_path_is_linear_over_depth():
     specs = block_specs(get_config("b", "k400"))
     rates = [s.drop_path for s in specs]

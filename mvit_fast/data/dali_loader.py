@@ -159,7 +159,7 @@ class DALILoader:
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.max_fail_fraction, self.max_retries = max_fail_fraction, max_retries
         self.views = views_per_video(train, sampling, augment)
-        self.epoch, self.report = 0, DataReport()
+        self.epoch, self.start_batch, self.report = 0, 0, DataReport()
         self._probed: dict[str, tuple[int, bool]] = {}  # path -> (frame count, landscape)
         clips_per_video = 1 if train else sampling.num_clips
         self.pipe = build_pipeline(
@@ -171,11 +171,13 @@ class DALILoader:
             device_id=self.device.index if self.device.type == "cuda" else None,
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch (its shuffle); `start_batch` skips that many batches without
+        decoding them, to resume mid-epoch."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     def _shard(self) -> list[int]:
-        return shard_indices(
+        shard = shard_indices(
             len(self.records),
             self.rank,
             self.world_size,
@@ -183,6 +185,7 @@ class DALILoader:
             seed=self.seed,
             epoch=self.epoch,
         )
+        return shard[self.start_batch * self.batch_size :]
 
     def __len__(self) -> int:
         n = len(self._shard())
@@ -256,7 +259,7 @@ class DALILoader:
                 torch.repeat_interleave(torch.tensor(labels), repeat).to(self.device),
                 torch.repeat_interleave(torch.tensor(video_index), repeat).to(self.device),
             )
-        self.report, self.epoch = report, self.epoch + 1
+        self.report, self.epoch, self.start_batch = report, self.epoch + 1, 0
         if report.counts:
             log.warning("epoch data report (rank %d): %s", self.rank, report.summary())
         report.check(self.max_fail_fraction)

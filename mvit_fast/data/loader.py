@@ -96,13 +96,15 @@ class PyAVLoader:
         self.device = torch.device(device) if device is not None else None
         self.max_fail_fraction = max_fail_fraction
         self.views = views_per_video(dataset.train, dataset.sampling, dataset.augment)
-        self.epoch, self.report = 0, DataReport()
+        self.epoch, self.start_batch, self.report = 0, 0, DataReport()
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch (its shuffle); `start_batch` skips that many batches without
+        decoding them, to resume mid-epoch."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     def _shard(self) -> list[int]:
-        return shard_indices(
+        shard = shard_indices(
             len(self.dataset),
             self.rank,
             self.world_size,
@@ -110,6 +112,7 @@ class PyAVLoader:
             seed=self.seed,
             epoch=self.epoch,
         )
+        return shard[self.start_batch * self.batch_size :]
 
     def __len__(self) -> int:
         n = len(self._shard())
@@ -132,7 +135,7 @@ class PyAVLoader:
             if self.device is not None:
                 clips, labels, index = (t.to(self.device, non_blocking=True) for t in (clips, labels, index))
             yield Batch(clips, labels, index)
-        self.report, self.epoch = report, self.epoch + 1
+        self.report, self.epoch, self.start_batch = report, self.epoch + 1, 0
         if report.counts:
             log.warning("epoch data report (rank %d): %s", self.rank, report.summary())
         report.check(self.max_fail_fraction)

@@ -26,6 +26,8 @@ import numpy as np
 
 from .lists import VideoRecord, write_list
 
+# Part of the cache folder's name: bump it whenever `render_clip` changes its output.
+GENERATOR_VERSION = 2
 CLASSES = ("move_left", "move_right", "move_up", "move_down", "rotate_cw", "rotate_ccw")
 _DIRECTIONS = {"move_left": (-1, 0), "move_right": (1, 0), "move_up": (0, -1), "move_down": (0, 1)}
 
@@ -56,7 +58,10 @@ def render_clip(motion: str, num_frames: int, size: int, rng: np.random.Generato
     angle0 = rng.uniform(0, 2 * np.pi)
     lobes, phases = rng.integers(1, 5, size=3), rng.uniform(0, 2 * np.pi, size=3)
     speed = rng.uniform(0.8, 1.6)  # pixels per frame
-    spin = rng.uniform(0.12, 0.25)  # radians per frame
+    # Radians per frame. A k-lobed texture looks the same after 2*pi/k, so a sampled step
+    # (spin * rate) past pi/k reads as the opposite direction: at rate 4 and k <= 4 the
+    # step stays below pi/4 (0.1 * 4 * 4 = 1.6 rad < pi), so cw and ccw never alias.
+    spin = rng.uniform(0.04, 0.1)
     step = np.array(_DIRECTIONS.get(motion, (0, 0)), dtype=float) * speed
     turn = {"rotate_cw": spin, "rotate_ccw": -spin}.get(motion, 0.0)  # y points down: +angle turns clockwise
 
@@ -123,7 +128,7 @@ def make_synthetic(
     suffix = {"h264": ".mp4", "vp9": ".webm"}.get(codec)
     if suffix is None:
         raise ValueError(f"unknown codec {codec!r}; use 'h264' or 'vp9'")
-    name = f"{codec}_s{size}_f{num_frames}_n{num_train}-{num_val}_fps{fps}_seed{seed}"
+    name = f"v{GENERATOR_VERSION}_{codec}_s{size}_f{num_frames}_n{num_train}-{num_val}_fps{fps}_seed{seed}"
     root = Path(root) if root is not None else default_cache_dir() / name
     jobs = []
     for split_id, (split, count) in enumerate((("train", num_train), ("val", num_val))):

@@ -1,0 +1,489 @@
+"""`python train.py`: the command line and `main`, which wires config, data, model and loop.
+
+    main(size, dataset, lists...) -> get_recipe -> build_model (+ --checkpoint weights)
+        -> train (DDP under torchrun) -> multi-view test -> summary, run_dir/results.json
+    main(eval_only=True, checkpoint=PATH) -> multi-view test only
+
+Every `Recipe` field is a flag (`--base-lr`, `--batch-size`, `--no-mixup`, ...); flags left
+out keep the published recipe of the size and dataset. The resolved recipe is printed and
+saved as `run_dir/config.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import resource
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import infer_config, load_checkpoint, preset_name, read_checkpoint, to_native
+from ..config import SIZES
+from ..data import (
+    ClipSampling,
+    TestAugment,
+    TrainAugment,
+    build_loader,
+    make_synthetic,
+    read_label_map,
+    read_list,
+)
+from ..model import MViT, build_model
+from .dist import Dist, barrier, cleanup, init_distributed
+from .evaluate import EvalResult, evaluate, write_per_class, write_predictions
+from .recipe import RECIPE_DATASETS, Recipe, get_recipe
+from .trainer import TrainingDiverged, accumulation, amp_dtype, latest_checkpoint, train
+
+# The quickstart's synthetic dataset (generated once into the cache, ~1 min on 2 cores): enough
+# clips that a small model learns the motion instead of memorizing the appearance of each clip.
+SYNTHETIC = dict(num_train=1200, num_val=120, num_frames=48, size=32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPaths:
+    train_list: Path | None
+    val_list: Path
+    root: str
+    class_names: list[str] | None
+
+
+def resolve_data(
+    dataset: str,
+    d: Dist,
+    *,
+    data_root: str | None,
+    train_list: str | None,
+    val_list: str | None,
+    label_map: str | None,
+    need_train: bool,
+) -> DataPaths:
+    """The lists to read. Synthetic without lists: the built-in dataset (generated once, by rank 0)."""
+    if dataset == "synthetic" and train_list is None and val_list is None:
+        if d.is_main:
+            make_synthetic(data_root, progress=True, **SYNTHETIC)
+        barrier()
+        ds = make_synthetic(data_root, progress=False, **SYNTHETIC)
+        return DataPaths(ds.train_list, ds.val_list, str(ds.root), list(read_label_map(ds.label_map)))
+    flags = {"--val-list": val_list}
+    if need_train:
+        flags["--train-list"] = train_list
+    for flag, value in flags.items():
+        if value is None:
+            raise ValueError(
+                f"{flag} FILE is required for --dataset {dataset} (a 'path label' or "
+                "'video_id num_frames label' list; paths relative to --data-root)"
+            )
+        if not Path(value).is_file():
+            raise ValueError(f"{flag} {value}: no such file")
+    if data_root is not None and not Path(data_root).is_dir():
+        raise ValueError(f"--data-root {data_root}: no such directory")
+    if label_map is not None and not Path(label_map).is_file():
+        raise ValueError(f"--label-map {label_map}: no such file")
+    names = list(read_label_map(label_map)) if label_map else None
+    return DataPaths(Path(train_list) if need_train else None, Path(val_list), data_root or "", names)
+
+
+def eval_loader(records, recipe: Recipe, d: Dist, *, num_clips: int, num_crops: int):
+    """Test views of `records`: `num_clips` temporal clips x `num_crops` crops (this rank's shard)."""
+    sampling = ClipSampling(recipe.protocol, recipe.num_frames, recipe.sampling_rate, num_clips)
+    augment = TestAugment(
+        short_side=recipe.test_short_side,
+        crop_size=recipe.crop_size,
+        num_crops=num_crops,
+        mean=recipe.mean,
+        std=recipe.std,
+    )
+    return build_loader(
+        records,
+        train=False,
+        batch_size=recipe.eval_batch_size,
+        sampling=sampling,
+        augment=augment,
+        backend=recipe.loader,
+        num_workers=recipe.num_workers,
+        seed=recipe.seed,
+        rank=d.rank,
+        world_size=d.world_size,
+        device=d.device,
+    )
+
+
+def build(recipe: Recipe, checkpoint: str | None, d: Dist, *, reinit_head: bool) -> MViT:
+    """The recipe's model, with `checkpoint`'s weights (any format `load_checkpoint` reads)."""
+    torch.manual_seed(recipe.seed)  # the same initial weights on every rank and every run
+    model = build_model(
+        recipe.size,
+        "k400",
+        attention_backend=recipe.attention_backend,
+        checkpoint_activations=recipe.checkpoint_activations,
+        **recipe.model_overrides(),
+    )
+    if checkpoint is not None:
+        try:
+            report = load_checkpoint(model, checkpoint, reinit_head=reinit_head)
+        except ValueError as e:
+            raise ValueError(
+                f"--checkpoint {checkpoint} does not fit the model of --size {recipe.size} "
+                f"(expected {preset_name(model.cfg)}, {recipe.num_classes} classes"
+                f"{_describe(checkpoint)}): {e}"
+            ) from e
+        if d.is_main:
+            print(f"loaded {checkpoint}:\n{report.summary()}", flush=True)
+    return model.to(d.device)
+
+
+def _describe(checkpoint: str) -> str:
+    try:
+        raw, fmt = read_checkpoint(checkpoint)
+        cfg = infer_config(to_native(raw, fmt)[0])
+        return f"; the checkpoint holds {preset_name(cfg)} with {cfg.num_classes} classes"
+    except Exception:  # only a hint for the error message
+        return ""
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def model_tflops_per_clip(recipe: Recipe) -> float:
+    """Training TFLOPs per clip: 3 x forward (fwd + bwd) x 2 FLOPs per fvcore multiply-add."""
+    try:
+        from ..report import count_model
+    except ImportError:
+        return math.nan
+    cfg = build_model(recipe.size, "k400", attention_backend="eager", **recipe.model_overrides()).cfg
+    macs = sum(r.macs for r in count_model(MViT(cfg, attention_backend="eager")))
+    return 6 * macs / 1e12
+
+
+def main(
+    *,
+    size: str | None = None,
+    dataset: str = "synthetic",
+    data_root: str | None = None,
+    train_list: str | None = None,
+    val_list: str | None = None,
+    label_map: str | None = None,
+    run_dir: str | None = None,
+    eval_only: bool = False,
+    checkpoint: str | None = None,
+    resume: str | None = None,
+    dump: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    **overrides,
+) -> dict:
+    """Train (then test) or, with `eval_only`, test `checkpoint`. Returns the results dict that
+    is also written to `run_dir/results.json`. `overrides` are `Recipe` fields."""
+    t_start = time.perf_counter()
+    recipe = get_recipe(size, dataset, **{k: v for k, v in overrides.items() if v is not None})
+    if eval_only and checkpoint is None:
+        raise ValueError(
+            "--eval needs --checkpoint PATH (a SlowFast, mmaction2, torchvision or mvit-fast file)"
+        )
+    if resume is not None and eval_only:
+        raise ValueError("--resume continues training; use --checkpoint with --eval")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise ValueError(f"--checkpoint {checkpoint}: no such file")
+    d = init_distributed(device)
+    try:
+        data = resolve_data(
+            recipe.dataset,
+            d,
+            data_root=data_root,
+            train_list=train_list,
+            val_list=val_list,
+            label_map=label_map,
+            need_train=not eval_only,
+        )
+        val_records = read_list(data.val_list, root=data.root)
+        resume_path = latest_checkpoint(resume) if resume is not None else None
+        if run_dir is None:
+            run_dir = (
+                resume_path.parent.parent
+                if resume_path is not None
+                else Path("runs") / f"{'eval_' if eval_only else ''}{recipe.dataset}_{recipe.size}_"
+                f"{time.strftime('%Y%m%d-%H%M%S')}"
+            )
+        run_dir = Path(run_dir)
+        if d.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        if d.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        resolved = {
+            **recipe.to_dict(),
+            "data": {k: str(v) for k, v in dataclasses.asdict(data).items() if k != "class_names"},
+            "world_size": d.world_size,
+            "device": str(d.device),
+            "checkpoint": checkpoint,
+            "resume": str(resume_path) if resume_path else None,
+            "eval_only": eval_only,
+        }
+        if not eval_only:
+            per_device, accum = accumulation(recipe, d.world_size)
+            resolved.update(batch_per_device=per_device, grad_accumulation=accum)
+        if d.is_main:
+            print("resolved config:\n" + json.dumps(resolved, indent=1, default=str), flush=True)
+            (run_dir / ("eval_config.json" if eval_only else "config.json")).write_text(
+                json.dumps(resolved, indent=1, default=str) + "\n"
+            )
+
+        labels = [r.label for r in val_records]
+        dtype = amp_dtype(recipe, d.device)
+        model = build(recipe, checkpoint, d, reinit_head=not eval_only)
+        results: dict = {"run_dir": str(run_dir)}
+        if not eval_only:
+            train_records = read_list(data.train_list, root=data.root)
+            sampling = ClipSampling(recipe.protocol, recipe.num_frames, recipe.sampling_rate, 1)
+            augment = TrainAugment(
+                crop_size=recipe.crop_size,
+                scale=(recipe.min_crop_area, 1.0),
+                flip=recipe.flip,
+                rand_augment=recipe.rand_augment,
+                erase_prob=recipe.erase_prob,
+                repeats=recipe.repeats,
+                mean=recipe.mean,
+                std=recipe.std,
+            )
+            loader = build_loader(
+                train_records,
+                train=True,
+                batch_size=resolved["batch_per_device"],
+                sampling=sampling,
+                augment=augment,
+                backend=recipe.loader,
+                num_workers=recipe.num_workers,
+                seed=recipe.seed,
+                rank=d.rank,
+                world_size=d.world_size,
+                device=d.device,
+            )
+            val_loader = eval_loader(val_records, recipe, d, num_clips=1, num_crops=1)
+
+            def validate(m) -> float:
+                return evaluate(
+                    m, val_loader, labels, recipe.num_classes, 1, device=d.device, amp_dtype=dtype
+                ).view_top1
+
+            out = train(
+                model,
+                recipe,
+                d,
+                loader,
+                run_dir=run_dir,
+                resume=resume_path,
+                validate=validate,
+                progress=progress,
+            )
+            results.update(
+                status=out.status,
+                step=out.position.step,
+                epoch=out.position.epoch,
+                best_val_top1=out.position.best_top1,
+                checkpoint=str(out.checkpoint),
+                skipped_steps=out.skipped_steps,
+                first_step_s=out.first_step_s,
+                clips_per_s=out.clips_per_s,
+                data_s_per_step=out.data_s_per_step,
+                compute_s_per_step=out.compute_s_per_step,
+                train_wall_s=out.wall_s,
+            )
+            if out.status != "finished":
+                results["wall_s"] = time.perf_counter() - t_start
+                _write_results(run_dir, results, d)
+                return results
+        views = recipe.test_clips * recipe.test_crops
+        loader = eval_loader(val_records, recipe, d, num_clips=recipe.test_clips, num_crops=recipe.test_crops)
+        t_test = time.perf_counter()
+        result = evaluate(
+            model,
+            loader,
+            labels,
+            recipe.num_classes,
+            views,
+            device=d.device,
+            amp_dtype=dtype,
+            progress=progress and d.is_main,
+        )
+        results.update(
+            test={
+                **result.metrics(),
+                "protocol": f"{recipe.test_clips} clips x {recipe.test_crops} crops",
+                "wall_s": time.perf_counter() - t_test,
+            }
+        )
+        if d.is_main:
+            write_per_class(run_dir / "per_class.csv", result, data.class_names)
+            if dump is not None:
+                write_predictions(dump, result, [r.path for r in val_records], data.class_names)
+        results["peak_memory_gb"] = peak_memory_gb(d.device)
+        results["wall_s"] = time.perf_counter() - t_start
+        if not eval_only and d.is_main and math.isfinite(results.get("clips_per_s", math.nan)):
+            results["model_tflops_per_s"] = model_tflops_per_clip(recipe) * results["clips_per_s"]
+        if d.is_main:
+            print(summary(recipe, result, results, data.class_names), flush=True)
+        _write_results(run_dir, results, d)
+        return results
+    finally:
+        cleanup()
+
+
+def _write_results(run_dir: Path, results: dict, d: Dist) -> None:
+    if d.is_main:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+
+
+def summary(recipe: Recipe, result: EvalResult, results: dict, class_names: list[str] | None) -> str:
+    lines = [f"test ({recipe.test_clips} clips x {recipe.test_crops} crops): {result.summary()}"]
+    if len(result.per_class) <= 10:
+        names = class_names or [str(c) for c in range(len(result.per_class))]
+        lines.append(
+            "per class top-1: " + ", ".join(f"{n} {a:.0f}%" for n, a in zip(names, result.per_class))
+        )
+    if "clips_per_s" in results:
+        lines.append(
+            f"train: {results['step']} steps, {results['clips_per_s']:.1f} clips/s after the first step "
+            f"({results['first_step_s']:.1f} s; data {results['data_s_per_step'] * 1e3:.0f} ms / compute "
+            f"{results['compute_s_per_step'] * 1e3:.0f} ms per step)"
+            + (
+                f", {results['model_tflops_per_s']:.3f} model TFLOP/s"
+                if "model_tflops_per_s" in results
+                else ""
+            )
+        )
+    lines.append(
+        f"peak memory {results['peak_memory_gb']:.2f} GiB, wall time {results['wall_s']:.0f} s; "
+        f"results in {results['run_dir']}"
+    )
+    return "\n".join(lines)
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+_HELP = {
+    "batch_size": "videos per optimizer step over all devices (x repeats clips); lr scales with it",
+    "batch_per_device": "videos per device per micro-batch (default: as many as the recipe allows; "
+    "the rest is gradient accumulation)",
+    "base_lr": "lr for base_lr_batch videos per step (peak lr = base_lr * batch_size / base_lr_batch)",
+    "compile": "torch.compile the model (default: on CUDA only)",
+    "precision": "auto: bf16 autocast on CUDA, fp32 on CPU (fp32 master weights either way)",
+    "max_steps": "stop after this many optimizer steps, saving a checkpoint, as on SIGTERM",
+    "grad_clip": "max global grad L2 norm (0: no clipping)",
+}
+
+
+def _flag_type(tp):
+    """(argparse type, nargs) of a Recipe field's annotation."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _flag_type(args[0])
+    if typing.get_origin(tp) is tuple:
+        return typing.get_args(tp)[0], "+"
+    return tp, None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train or evaluate MViTv2 (S/B/L) on Kinetics-400, SSv2 or the built-in "
+        "synthetic dataset with the published recipe. With no data arguments: the CPU quickstart.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--size",
+        choices=SIZES,
+        default=None,
+        help="MViTv2 size (default s; on synthetic, the narrow quickstart model unless given)",
+    )
+    p.add_argument("--dataset", choices=RECIPE_DATASETS, default="synthetic")
+    p.add_argument(
+        "--data-root", help="folder the list paths are relative to (synthetic: where to generate it)"
+    )
+    p.add_argument("--train-list", help="train list: 'path label' or 'video_id num_frames label' per line")
+    p.add_argument("--val-list", help="validation / test list, same formats")
+    p.add_argument("--label-map", help="class names, one per line (or SSv2's labels json)")
+    p.add_argument(
+        "--run-dir",
+        help="where config, CSV logs, checkpoints and results go (default runs/<dataset>_<size>_<time>)",
+    )
+    p.add_argument(
+        "--eval", dest="eval_only", action="store_true", help="only run the multi-view test of --checkpoint"
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="weights to start from (train; a different head is re-initialized) or "
+        "to test (--eval): SlowFast .pyth, mmaction2 .pth, torchvision, mvit-fast",
+    )
+    p.add_argument(
+        "--resume", help="continue a run exactly: its run dir (newest checkpoint) or a checkpoint file"
+    )
+    p.add_argument("--dump", help="write test predictions (.csv per video, else a torch file of scores)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    recipe = p.add_argument_group("recipe (defaults: the published recipe of --size and --dataset)")
+    hints = typing.get_type_hints(Recipe)
+    for f in dataclasses.fields(Recipe):
+        if f.name in ("size", "dataset"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp, nargs = _flag_type(hints[f.name])
+        if tp is bool:
+            recipe.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=_HELP.get(f.name)
+            )
+        else:
+            recipe.add_argument(
+                flag, type=tp, nargs=nargs, default=None, metavar=f.name.upper(), help=_HELP.get(f.name)
+            )
+    return p
+
+
+_RECIPE_FLAGS = {f.name for f in dataclasses.fields(Recipe)} - {"size", "dataset"}
+
+
+def parse_args(argv: list[str] | None = None) -> dict:
+    """Flags -> `main` keyword arguments (recipe flags not given are left out). Bad values exit
+    with an argparse error naming the flag."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    kwargs = {k: v for k, v in args.items() if v is not None or k in ("size",)}
+    for key in ("depths", "kv_stride_adaptive", "betas", "mean", "std"):
+        if kwargs.get(key) is not None:
+            kwargs[key] = tuple(kwargs[key])
+    try:
+        get_recipe(
+            kwargs.get("size"),
+            kwargs.get("dataset", "synthetic"),
+            **{k: v for k, v in kwargs.items() if k in _RECIPE_FLAGS},
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    return kwargs
+
+
+def cli(argv: list[str] | None = None) -> int:
+    kwargs = parse_args(argv)
+    try:
+        results = main(**kwargs)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0 if results.get("status", "finished") in ("finished", "stopped") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,235 @@
+"""Engine units: recipe schedule and param groups, multi-view aggregation, argument errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mvit_fast import build_model
+from mvit_fast.data import Batch
+from mvit_fast.engine import (
+    aggregate_views,
+    build_optimizer,
+    evaluate,
+    get_recipe,
+    lr_at,
+    main,
+    param_groups,
+    parse_args,
+    per_class_accuracy,
+    topk_hits,
+)
+from mvit_fast.engine.trainer import accumulation
+
+TINY = dict(depths=(1, 1, 1, 1), embed_dim=16, num_frames=4, crop_size=32, num_classes=6)
+
+
+# ---- recipe -------------------------------------------------------------------------------------
+
+
+def test_k400_schedule_warmup_peak_and_cosine_end():
+    r = get_recipe("s", "k400")
+    assert (r.optimizer, r.epochs, r.warmup_epochs, r.weight_decay, r.grad_clip) == (
+        "adamw",
+        200,
+        30.0,
+        0.05,
+        1.0,
+    )
+    assert (r.mixup_alpha, r.cutmix_alpha, r.mixup_switch_prob, r.label_smoothing, r.repeats) == (
+        0.8,
+        1.0,
+        0.5,
+        0.1,
+        2,
+    )
+    assert r.lr == pytest.approx(1e-4)  # the released config's one-machine batch of 16 videos
+    assert lr_at(0.0, r) == pytest.approx(1e-6)  # warmup starts at WARMUP_START_LR
+    assert lr_at(15.0, r) == pytest.approx((1e-6 + 1e-4) / 2)  # linear
+    assert lr_at(30.0, r) == pytest.approx(1e-4)  # peak at the end of warmup
+    assert lr_at(115.0, r) == pytest.approx((1e-4 + 1e-6) / 2)  # cosine midpoint
+    assert lr_at(200.0, r) == pytest.approx(1e-6)  # cosine ends at COSINE_END_LR
+    lrs = [lr_at(e / 10, r) for e in range(2001)]
+    peak = lrs.index(max(lrs))
+    assert peak == 300 and all(a <= b for a, b in zip(lrs[:peak], lrs[1 : peak + 1]))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))
+    assert get_recipe("s", "k400", batch_size=64).lr == pytest.approx(4e-4)  # linear in the global batch
+
+
+def test_ssv2_and_l_recipes():
+    s = get_recipe("s", "ssv2")
+    assert (s.optimizer, s.momentum, s.nesterov, s.weight_decay, s.epochs, s.warmup_epochs) == (
+        "sgd",
+        0.9,
+        True,
+        1e-4,
+        100,
+        3.0,
+    )
+    assert (s.lr, s.num_classes, s.protocol, s.flip, s.repeats, s.test_clips, s.test_crops) == (
+        pytest.approx(2.5e-3),
+        174,
+        "ssv2",
+        False,
+        1,
+        1,
+        3,
+    )
+    assert lr_at(0.0, s) == pytest.approx(1e-4) and lr_at(3.0, s) == pytest.approx(2.5e-3)
+    assert lr_at(100.0, s) == pytest.approx(1e-6)
+    l400 = get_recipe("l", "k400")
+    assert (l400.num_frames, l400.sampling_rate, l400.crop_size, l400.test_clips, l400.test_crops) == (
+        40,
+        3,
+        312,
+        5,
+        3,
+    )
+    assert l400.mean == (0.485, 0.456, 0.406) and l400.checkpoint_activations
+    lssv2 = get_recipe("l", "ssv2")
+    assert (lssv2.mixup, lssv2.grad_clip, lssv2.epochs, lssv2.lr) == (False, 2.0, 40, pytest.approx(1.25e-3))
+    assert get_recipe("b", "ssv2").drop_path_rate is None  # the model config's: one table, config.py
+
+
+def test_param_groups_follow_slowfast_zero_decay():
+    model = build_model("s", "k400", **TINY)
+    r = get_recipe("s", "k400")
+    decay, no_decay = param_groups(model, r)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+    assert no_decay_names == {n for n, p in model.named_parameters() if p.ndim == 1 or n.endswith(".bias")}
+    assert {"blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "patch_embed.proj.bias"} <= no_decay_names
+    # ZERO_DECAY_POS_CLS is False in every MViTv2 config: cls token and rel-pos tables decay
+    assert {
+        "cls_token",
+        "blocks.0.attn.rel_pos_h",
+        "blocks.0.attn.rel_pos_t",
+        "blocks.0.attn.qkv.weight",
+        "patch_embed.proj.weight",
+    } <= decay_names
+    _, no_decay = param_groups(model, get_recipe("s", "k400", zero_decay_pos_cls=True))
+    assert "cls_token" in {names[id(p)] for p in no_decay["params"]}
+    opt = build_optimizer(model, r)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.999)
+    sgd = build_optimizer(model, get_recipe("s", "ssv2"))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9
+    assert [g["weight_decay"] for g in sgd.param_groups] == [1e-4, 0.0]
+
+
+def test_gradient_accumulation_reaches_the_global_batch():
+    r = get_recipe("s", "k400", batch_size=64)
+    assert accumulation(r, 1) == (8, 8)
+    assert accumulation(r, 8) == (8, 1)
+    assert accumulation(get_recipe("l", "k400"), 2) == (1, 8)
+    with pytest.raises(ValueError, match="not divisible"):
+        accumulation(r, 3)
+    with pytest.raises(ValueError, match="batch_per_device 3"):
+        accumulation(get_recipe("s", "k400", batch_size=64, batch_per_device=3), 1)
+
+
+# ---- multi-view aggregation ----------------------------------------------------------------------
+
+
+def test_aggregate_views_sums_softmax_per_video():
+    # 3 videos x 2 views, 3 classes; the single views disagree, the sum decides.
+    logits = torch.tensor(
+        [
+            [4.0, 0, 0],
+            [0, 1.0, 0],  # video 0: view 0 says class 0 strongly
+            [0, 2.0, 0],
+            [0, 0, 2.1],  # video 1: near tie, class 2 slightly
+            [0, 0, 1.0],
+            [3.0, 0, 0],
+        ]
+    )  # video 2
+    index = torch.tensor([0, 0, 2, 2, 1, 1])  # views arrive in any order
+    probs = logits.softmax(-1)
+    scores, counts = aggregate_views(probs, index, 3)
+    assert counts.tolist() == [2, 2, 2]
+    torch.testing.assert_close(scores[2], (probs[2] + probs[3]).double())
+    assert scores.argmax(1).tolist() == [0, 0, 2]
+    labels = torch.tensor([0, 2, 1])
+    hit1, hit5 = topk_hits(scores, labels)
+    assert hit1.tolist() == [True, False, False] and hit5.all()  # top-5 capped at 3 classes
+    per_class = per_class_accuracy(hit1, labels, 4)
+    assert per_class[:3].tolist() == [1.0, 0.0, 0.0] and math.isnan(per_class[3])
+
+
+class _FakeModel(torch.nn.Module):
+    """Logits are the clip's first value per class: clip[:, :C, 0, 0, 0]."""
+
+    def forward(self, x):
+        return x[:, :, 0, 0, 0]
+
+
+def test_evaluate_counts_every_listed_video_once():
+    # 4 videos, 2 views each; video 3's file is unreadable: its views went to video 1.
+    def clip(*values):
+        c = torch.zeros(1, 3, 1, 1, 1)
+        c[0, :, 0, 0, 0] = torch.tensor(values)
+        return c
+
+    views = [
+        (0, clip(5, 0, 0)),
+        (0, clip(5, 0, 0)),
+        (1, clip(0, 5, 0)),
+        (1, clip(0, 0, 5)),
+        (2, clip(0, 0, 5)),
+        (2, clip(0, 0, 5)),
+        (1, clip(0, 5, 0)),
+        (1, clip(0, 5, 0)),
+    ]
+    labels = [0, 1, 2, 0]
+    batches = [
+        Batch(
+            torch.cat([c for _, c in views[i : i + 3]]),
+            torch.tensor([labels[v] for v, _ in views[i : i + 3]]),
+            torch.tensor([v for v, _ in views[i : i + 3]]),
+        )
+        for i in range(0, 8, 3)
+    ]
+    result = evaluate(_FakeModel(), batches, labels, 3, 2, device=torch.device("cpu"))
+    assert result.num_videos == 4 and result.num_views == 8
+    assert result.top1 == 75.0  # videos 0, 1, 2 right; video 3 (no views) wrong, not class 0 by default
+    assert result.view_top1 == 100 * 7 / 8
+    assert result.incomplete == [3]
+    assert result.per_class[0] == 50.0 and result.per_class[1] == 100.0
+
+
+# ---- errors --------------------------------------------------------------------------------------
+
+
+def test_bad_command_lines_are_argparse_errors(capsys):
+    for argv, message in [
+        (["--size", "xl"], "invalid choice"),
+        (["--dataset", "ucf"], "invalid choice"),
+        (["--base-lr", "fast"], "invalid float"),
+        (["--optimizer", "lamb"], "optimizer must be"),
+        (["--test-crops", "2"], "test_crops must be 1 or 3"),
+        (["--warmup-epochs", "300", "--epochs", "200"], "warmup_epochs"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err
+    kwargs = parse_args(["--size", "b", "--no-mixup", "--depths", "1", "1", "1", "1", "--base-lr", "3e-4"])
+    assert kwargs["size"] == "b" and kwargs["mixup"] is False and kwargs["depths"] == (1, 1, 1, 1)
+    assert kwargs["base_lr"] == 3e-4 and "epochs" not in kwargs  # untouched flags keep the recipe
+
+
+def test_bad_main_arguments_raise_clear_value_errors(tmp_path):
+    with pytest.raises(ValueError, match="--train-list FILE is required for --dataset k400"):
+        main(dataset="k400", val_list=__file__, device="cpu")
+    with pytest.raises(ValueError, match="--val-list .*missing.csv: no such file"):
+        main(dataset="k400", train_list=__file__, val_list=str(tmp_path / "missing.csv"), device="cpu")
+    with pytest.raises(ValueError, match="--eval needs --checkpoint"):
+        main(eval_only=True, device="cpu")
+    with pytest.raises(ValueError, match="--checkpoint .*nope.pt: no such file"):
+        main(eval_only=True, checkpoint=str(tmp_path / "nope.pt"), device="cpu")
+    with pytest.raises(ValueError, match="unknown recipe setting"):
+        main(learning_rate=1.0, device="cpu")
+    with pytest.raises(ValueError, match="unknown MViTv2 size 'xl'"):
+        main(size="xl", device="cpu")
