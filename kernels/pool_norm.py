@@ -34,12 +34,13 @@ from x (27 cached loads per token instead of a stored fp32 tensor).
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import is_interpreted, pinned_config
 
 __all__ = ["INTERPRETED", "MAX_HEAD_DIM", "pool_norm_backward", "pool_norm_forward", "pooled_size"]
 
@@ -360,7 +361,7 @@ _SPLIT_TARGET = 512
 _MAX_SPLIT = 64
 _INTERPRETER_SPLIT = 2  # tests: programs walk several blocks (the loop is exercised)
 
-INTERPRETED = not isinstance(_pool_norm_fwd, triton.runtime.JITFunction)
+INTERPRETED = is_interpreted(_pool_norm_fwd)
 
 
 def _keep(block_m: int, num_warps: int, num_stages: int, block_d: int, pass_name: str) -> bool:
@@ -394,16 +395,8 @@ def _tuned(pass_name: str, block_d: int):
 
 def _pinned_config() -> dict[str, int] | None:
     """One fixed config: from MVIT_FAST_POOL_CONFIG, or the small interpreter one."""
-    spec = os.environ.get(_CONFIG_ENV)
-    if spec:
-        try:
-            cfg = {key.strip(): int(val) for key, val in (item.split("=") for item in spec.split(","))}
-        except ValueError as err:
-            raise ValueError(f"{_CONFIG_ENV}={spec!r}: expected 'BLOCK_M=32,num_warps=4'") from err
-        if "BLOCK_M" not in cfg:
-            raise ValueError(f"{_CONFIG_ENV}={spec!r} lacks BLOCK_M")
-        return {"num_warps": 4, "num_stages": 1, **cfg}
-    return dict(_INTERPRETER_CONFIG) if INTERPRETED else None
+    return pinned_config(_CONFIG_ENV, ("BLOCK_M",), {"num_warps": 4, "num_stages": 1},
+                         _INTERPRETER_CONFIG if INTERPRETED else None)
 
 
 def _launch(wrap: Callable, pass_name: str, rows: int | None, grid1: int, block_d: int,

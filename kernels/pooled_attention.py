@@ -36,12 +36,13 @@ Passes (launchers at the bottom; `wrap` lets the caller route launches through
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import is_interpreted, pinned_config
 
 __all__ = ["INTERPRETED", "MAX_GRID_AXIS", "MAX_HEAD_DIM", "attention_backward", "attention_forward"]
 
@@ -529,29 +530,13 @@ def _configs(pass_name: str) -> list[triton.Config]:
     ]
 
 
-# triton.jit decides at decoration time (TRITON_INTERPRET set before triton's import)
-# whether kernels run in the interpreter; ask the kernel, not the environment of the call.
-INTERPRETED = not isinstance(_attn_fwd, triton.runtime.JITFunction)
-
-
-def _interpreting() -> bool:
-    return INTERPRETED
+INTERPRETED = is_interpreted(_attn_fwd)
 
 
 def _pinned_config() -> dict[str, int] | None:
     """One fixed config: from MVIT_FAST_TRITON_CONFIG, or the small interpreter one."""
-    spec = os.environ.get(_CONFIG_ENV)
-    if spec:
-        try:
-            cfg = {key.strip(): int(val) for key, val in (item.split("=") for item in spec.split(","))}
-        except ValueError as err:
-            raise ValueError(f"{_CONFIG_ENV}={spec!r}: expected 'BLOCK_M=64,BLOCK_N=32,"
-                             "num_warps=4,num_stages=2'") from err
-        missing = {"BLOCK_M", "BLOCK_N"} - cfg.keys()
-        if missing:
-            raise ValueError(f"{_CONFIG_ENV}={spec!r} lacks {sorted(missing)}")
-        return {"num_warps": 4, "num_stages": 2, **cfg}
-    return dict(_INTERPRETER_CONFIG) if _interpreting() else None
+    return pinned_config(_CONFIG_ENV, ("BLOCK_M", "BLOCK_N"), {"num_warps": 4, "num_stages": 2},
+                         _INTERPRETER_CONFIG if INTERPRETED else None)
 
 
 _TUNE_KEY = ["NQ_BUCKET", "NK_BUCKET", "D", "HAS_REL_T", "HAS_REL_H", "HAS_REL_W", "PAD_T", "PAD_H",
@@ -592,7 +577,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel: torch.Tensor,
         raise TypeError(f"triton pooled attention takes float32/float16/bfloat16, got {q.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.is_cuda or _interpreting()):
+    if not (q.is_cuda or INTERPRETED):
         raise ValueError(f"triton pooled attention needs CUDA tensors (or TRITON_INTERPRET=1), "
                          f"got {q.device}")
     if q.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:

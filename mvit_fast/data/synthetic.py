@@ -27,7 +27,7 @@ import numpy as np
 from .lists import VideoRecord, write_list
 
 # Part of the cache folder's name: bump it whenever `render_clip` changes its output.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 CLASSES = ("move_left", "move_right", "move_up", "move_down", "rotate_cw", "rotate_ccw")
 _DIRECTIONS = {"move_left": (-1, 0), "move_right": (1, 0), "move_up": (0, -1), "move_down": (0, 1)}
 
@@ -56,12 +56,13 @@ def render_clip(motion: str, num_frames: int, size: int, rng: np.random.Generato
     radius = rng.uniform(0.18, 0.28) * size
     center = rng.uniform(0, size, size=2)  # (x, y), uniform: position says nothing about the class
     angle0 = rng.uniform(0, 2 * np.pi)
-    lobes, phases = rng.integers(1, 5, size=3), rng.uniform(0, 2 * np.pi, size=3)
+    lobes, phases = rng.integers(1, 3, size=3), rng.uniform(0, 2 * np.pi, size=3)  # 1 or 2 lobes
     speed = rng.uniform(0.8, 1.6)  # pixels per frame
     # Radians per frame. A k-lobed texture looks the same after 2*pi/k, so a sampled step
-    # (spin * rate) past pi/k reads as the opposite direction: at rate 4 and k <= 4 the
-    # step stays below pi/4 (0.1 * 4 * 4 = 1.6 rad < pi), so cw and ccw never alias.
-    spin = rng.uniform(0.04, 0.1)
+    # (spin * rate) past pi/k reads as the opposite direction. With k <= 2 at rate 4 the
+    # step times k stays below pi (0.18 * 4 * 2 = 1.44), so cw and ccw never alias, while
+    # the rim still moves several pixels per sampled frame.
+    spin = rng.uniform(0.1, 0.18)
     step = np.array(_DIRECTIONS.get(motion, (0, 0)), dtype=float) * speed
     turn = {"rotate_cw": spin, "rotate_ccw": -spin}.get(motion, 0.0)  # y points down: +angle turns clockwise
 
