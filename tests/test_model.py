@@ -152,3 +152,29 @@ def test_triton_backend_matches_float64_eager_model():
     want.square().sum().backward()
     for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
         assert_close(p.grad, q.grad, dtype=torch.float32, kind="grad", name=f"grad of {name}")
+
+
+def test_bf16_autocast_gradients_are_deterministic_and_close_to_float64():
+    # Regression: the pooling convs once saw a channels-last input, for which torch 2.13's CPU
+    # bf16 depthwise Conv3d weight gradient is wrong (errors the size of the gradient itself).
+    from tests.numerics import assert_close
+
+    torch.manual_seed(0)
+    no_dropout = dict(TINY, depths=(1, 1, 1, 1), drop_path_rate=0.0, head_dropout=0.0)
+    model = mvit_fast.build_model("s", **no_dropout)
+    oracle = mvit_fast.build_model("s", **no_dropout).double()
+    oracle.load_state_dict(model.state_dict())
+    clip = torch.randn(4, 3, 4, 32, 32)
+    runs = []
+    for _ in range(2):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(clip).float().logsumexp(-1).sum()
+        loss.backward()
+        runs.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    oracle(clip.double()).logsumexp(-1).sum().backward()
+    for name, p in oracle.named_parameters():
+        assert torch.equal(runs[0][name], runs[1][name]), f"{name}: bf16 gradient changes run to run"
+        if ".pool_" in name:  # relative to the tensor's scale: bf16 rounds every activation
+            scale = p.grad.abs().max()
+            assert_close(runs[0][name] / scale, p.grad / scale, dtype=torch.bfloat16, kind="grad", name=name)

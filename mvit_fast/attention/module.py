@@ -33,7 +33,9 @@ def attention_pool(
         return x, list(thw)
     batch, heads, _, dim = x.shape
     cls_tok, x = (x[:, :, :1], x[:, :, 1:]) if has_cls else (None, x)
-    x = x.reshape(batch * heads, *thw, dim).permute(0, 4, 1, 2, 3)
+    # Contiguous, as in SlowFast: torch 2.13's CPU bf16 depthwise Conv3d returns a wrong
+    # weight gradient for a channels-last input (off by its own magnitude, run to run).
+    x = x.reshape(batch * heads, *thw, dim).permute(0, 4, 1, 2, 3).contiguous()
     x = pool(x)
     thw = list(x.shape[2:])
     x = x.reshape(batch, heads, dim, -1).transpose(2, 3)
