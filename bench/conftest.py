@@ -67,6 +67,31 @@ class AttentionShape:
         return f"{blocks}-h{self.heads}-{self.nq}x{self.nk}"
 
 
+WARMUP_CALLS = 2  # compile, autotune, allocator warm-up: never timed
+
+
+def _time_op(benchmark, fn: Callable[[], object], leaves, grad_outs, mode: str,
+             device: torch.device) -> None:
+    """Time `fn` ("fwd": under no_grad) or `fn` plus its backward ("fwd+bwd"), each call
+    ending in a device sync, after WARMUP_CALLS untimed calls; CUDA peak memory is reset
+    first, so `record` reports the timed calls' peak."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                fn()
+        else:  # autograd.grad, not backward(): no .grad accumulation inside the timing
+            torch.autograd.grad(fn(), leaves, grad_outs)
+        sync()
+
+    for _ in range(WARMUP_CALLS):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    benchmark(step)
+
+
 def attention_shapes(cfg: MViTConfig) -> list[AttentionShape]:
     """Distinct (heads, head_dim, q_grid, kv_grid, table lengths) of `cfg`'s blocks, in block order."""
     groups: dict[tuple, list[int]] = {}
@@ -200,3 +225,10 @@ def record(record_run, dtype, batch) -> Callable[..., None]:
                    kv_grid=shape.kv_grid, nq=shape.nq, nk=shape.nk, blocks=shape.blocks)
 
     return _record
+
+
+@pytest.fixture
+def time_op() -> Callable[..., None]:
+    """`time_op(benchmark, fn, leaves, grad_outs, mode, device)`: warm up, then time `fn`
+    ("fwd") or `fn` plus its backward ("fwd+bwd") with a device sync in every call."""
+    return _time_op

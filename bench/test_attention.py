@@ -15,8 +15,6 @@ import torch
 
 from mvit_fast.attention import BACKENDS, pooled_attention
 
-WARMUP_CALLS = 2
-
 
 def _skip_reason(backend: str, mode: str, device: torch.device) -> str | None:
     """Why `backend` cannot be timed here, or None; checked before any work is done."""
@@ -46,7 +44,8 @@ def _inputs(shape, batch: int, dtype: torch.dtype, device: torch.device, require
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("backend", ["eager", "sdpa", "flex", "sdpa_aug", "triton"])
-def test_pooled_attention(benchmark, record, attention_shape, backend, mode, device, dtype, batch):
+def test_pooled_attention(benchmark, record, time_op, attention_shape, backend, mode, device, dtype,
+                          batch):
     suite, shape = attention_shape
     reason = _skip_reason(backend, mode, device)
     if reason:
@@ -55,24 +54,11 @@ def test_pooled_attention(benchmark, record, attention_shape, backend, mode, dev
     leaves = _inputs(shape, batch, dtype, device, requires_grad=mode == "fwd+bwd")
     q, k, v, rel_t, rel_h, rel_w = leaves
     grad_out = torch.randn_like(q)
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     def fwd():
         return pooled_attention(q, k, v, shape.q_grid, shape.kv_grid, rel_t, rel_h, rel_w,
                                 has_cls=True, residual_pooling=True, backend=backend)
 
-    def step():
-        if mode == "fwd":
-            with torch.no_grad():
-                fwd()
-        else:  # autograd.grad, not backward(): no .grad accumulation inside the timing
-            torch.autograd.grad(fwd(), leaves, grad_out)
-        sync()
-
-    for _ in range(WARMUP_CALLS):
-        step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     benchmark.group = f"{suite} {shape.id} {mode}"
-    benchmark(step)
+    time_op(benchmark, fwd, leaves, grad_out, mode, device)
     record(benchmark, backend=backend, mode=mode, suite=suite, shape=shape)

@@ -31,7 +31,6 @@ import torch.nn as nn
 from mvit_fast.attention import attention_pool
 from mvit_fast.config import MViTConfig, block_specs, get_config
 
-WARMUP_CALLS = 2
 CUDA = torch.cuda.is_available()
 # suite name -> (config, needs CUDA): bench/conftest.py's suites (a conftest is not importable
 # by module name under plain `pytest`, so they are restated here).
@@ -143,7 +142,7 @@ def _modules(shape: PoolShape, dtype: torch.dtype, device: torch.device):
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("provider", ["eager", "compile", "triton"])
 @pytest.mark.parametrize("pool_shape", _params())
-def test_pool_qkv(benchmark, run_info, pool_shape, provider, mode, device, dtype, batch):
+def test_pool_qkv(benchmark, run_info, time_op, pool_shape, provider, mode, device, dtype, batch):
     suite, shape = pool_shape
     reason = _skip_reason(provider, device)
     if reason:
@@ -173,22 +172,8 @@ def test_pool_qkv(benchmark, run_info, pool_shape, provider, mode, device, dtype
         fn = eager
     outs = fn()
     grad_outs = [torch.randn_like(o) for o in outs]
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-
-    def step():
-        if mode == "fwd":
-            with torch.no_grad():
-                fn()
-        else:  # autograd.grad, not backward(): no .grad accumulation inside the timing
-            torch.autograd.grad(fn(), leaves, grad_outs)
-        sync()
-
-    for _ in range(WARMUP_CALLS):
-        step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     benchmark.group = f"pool {suite} {shape.id} {mode}"
-    benchmark(step)
+    time_op(benchmark, fn, leaves, grad_outs, mode, device)
 
     info = benchmark.extra_info
     info.update(run_info)
