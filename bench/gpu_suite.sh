@@ -4,14 +4,10 @@
 #   OUT=/some/dir bash bench/gpu_suite.sh        # on the device machine $OUT is preset
 #
 # Machine: H100/H200, torch 2.11 + triton 3.6 preinstalled, Python 3.12, NO network.
-# The package installs offline (--no-deps --no-build-isolation). What is missing there
-# travels as wheels in ./.whl (git-ignored; pass `.whl` in the device tool's `carry`,
-# 64 MiB in all), made on the development machine with
-#   pip wheel --no-deps -w .whl fvcore iopath yacs portalocker tabulate termcolor pytest \
-#       pluggy iniconfig packaging pytest-benchmark py-cpuinfo hypothesis attrs sortedcontainers
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --platform manylinux2014_x86_64 -d .whl pyyaml pillow   # if the image lacks them
-# (matplotlib is optional here: without it the report step writes tables, no plots).
+# The package installs offline (--no-deps --no-build-isolation). What the image lacks
+# (fvcore and three of its dependencies) travels as wheels in ./.whl: make them with
+# `bash bench/fetch_wheels.sh` on the development machine and name `.whl` in the device
+# tool's `carry`.
 #
 # Steps, in priority order; each has a timeout (SIGINT, then KILL 15 s later) and all of
 # them share one deadline, DEADLINE seconds after the start (default 570: the device tool
@@ -43,14 +39,20 @@
 # is not carried. MViTv2-L (bench/test_model.py -k L40x312, batch 1) is left out: its
 # compilation alone would take much of the budget.
 #
+# At the end everything under $OUT is packed into gpu_suite.tar.gz (gpu_suite-<first step>
+# with STEPS), the device tool returning at most 8 files. The device tool's copy of the
+# repo has no .git: pass the commit, e.g.
+#   MVIT_FAST_COMMIT=$(git rev-parse HEAD) bash bench/gpu_suite.sh    # (the sha typed in)
 # Commit the results (development machine; the device tool copies $OUT to its files_at):
 #   run=bench/results/$(date +%F)-<gpu, e.g. h100>-$(git rev-parse --short HEAD)
-#   mkdir -p "$run" && cp <files_at>/*.json <files_at>/*.md <files_at>/*.png "$run"/  # every call's
+#   mkdir -p "$run" && for a in <files_at>/gpu_suite*.tar.gz; do tar xzf "$a" -C "$run"; done
 #   python -m mvit_fast.report throughput   # reads the newest GPU run under bench/results/
 #   git add "$run"   # then list it in README.md "Performance"
 # MVIT_FAST_COMMIT names the commit when the copy has no .git (the device tool's copy).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+# The image's interpreter is `python3` (a bare `python` may be missing or another one).
+export PY=${PY:-python3}
 OUT=${OUT:?set OUT to a results folder}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -66,7 +68,7 @@ STEPS=${STEPS:-}
 RUN_INFO="$OUT/run_info${STEPS:+-${STEPS%% *}}.json"  # calls with STEPS go in one folder too
 
 run_info() {  # $RUN_INFO: what ran where; exit codes as name=rc arguments once known
-  python - "$@" > "$RUN_INFO" <<'PY'
+  "$PY" - "$@" > "$RUN_INFO" <<'PY'
 import json, os, platform, subprocess, sys
 import torch
 try:
@@ -114,15 +116,15 @@ step() {  # step NAME BUDGET_S CMD...: CMD under min(BUDGET_S, time to the deadl
 bench() {  # bench NAME BUDGET_S FILE PYTEST_ARGS...: one pytest-benchmark run into bench_NAME.json
   local name=$1 budget=$2 file=$3
   shift 3
-  step "$name" "$budget" python -m pytest "$file" --benchmark-only -p no:cacheprovider \
+  step "$name" "$budget" "$PY" -m pytest "$file" --benchmark-only -p no:cacheprovider \
     --benchmark-columns=min,median,mean,stddev,rounds --benchmark-json="$OUT/bench_$name.json" "$@"
 }
 
 run_info
 # (timeout runs programs, not shell functions: the install is a `bash -c` script)
-step pip 90 bash -c 'if [ -d .whl ]; then python -m pip install --no-index --no-deps .whl/*.whl || exit; fi
-  python -m pip install --no-index --no-deps --no-build-isolation -e .'
-step tests 120 python -m pytest tests -m cuda -p no:cacheprovider --junitxml="$OUT/tests.xml"
+step pip 90 bash -c 'if [ -d .whl ]; then "$PY" -m pip install --no-index --no-deps .whl/*.whl || exit; fi
+  "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .'
+step tests 120 "$PY" -m pytest tests -m cuda -p no:cacheprovider --junitxml="$OUT/tests.xml"
 
 # Attention and pooling ops: a few rounds of 0.1 s each (the tests warm up themselves).
 OP_ROUNDS=(--benchmark-max-time=0.1 --benchmark-min-rounds=3)
@@ -143,7 +145,7 @@ bench model_compiled_B32x224 250 bench/test_model.py -k "B32x224 and compile- an
 
 # Stamp every result file with its command and the run's info, then tabulate (and plot,
 # where matplotlib is installed).
-python - "$OUT" "$RUN_INFO" <<'PY'
+"$PY" - "$OUT" "$RUN_INFO" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 info = json.loads(pathlib.Path(sys.argv[2]).read_text())
@@ -159,12 +161,18 @@ for path in sorted(out.glob("bench_*.json")):
     print(f"{path.name}: {len(data['benchmarks'])} cases")
 PY
 PLOTS=(--plot-dir "$OUT")
-python -c "import matplotlib" 2>/dev/null || PLOTS=(--no-plots)
+"$PY" -c "import matplotlib" 2>/dev/null || PLOTS=(--no-plots)
 if compgen -G "$OUT/bench_*.json" > /dev/null; then
-  step report 30 sh -c 'python -m mvit_fast.report throughput "$@" > "$0/throughput.md"; rc=$?; cat "$0/throughput.md"; exit $rc' \
+  step report 30 sh -c '"$PY" -m mvit_fast.report throughput "$@" > "$0/throughput.md"; rc=$?; cat "$0/throughput.md"; exit $rc' \
     "$OUT" "$OUT"/bench_*.json "${PLOTS[@]}"
 fi
 
 run_info "${EXIT_CODES[@]}"
+# The device tool brings back at most 8 files from $OUT: everything goes into one archive,
+# with the run info and the table left beside it to read without unpacking.
+ARCHIVE=gpu_suite${STEPS:+-${STEPS%% *}}.tar.gz
+tar czf "/tmp/$ARCHIVE" -C "$OUT" . && find "$OUT" -mindepth 1 \
+  ! -name "$(basename "$RUN_INFO")" ! -name throughput.md ! -name 'gpu_suite*.tar.gz' -delete \
+  && mv "/tmp/$ARCHIVE" "$OUT/"
 echo "exit codes: ${EXIT_CODES[*]} (124: timed out, 125: not started); $((SECONDS - START))s"
 for code in "${EXIT_CODES[@]}"; do [ "${code#*=}" = 0 ] || exit 1; done
