@@ -39,10 +39,11 @@
 # is not carried. MViTv2-L (bench/test_model.py -k L40x312, batch 1) is left out: its
 # compilation alone would take much of the budget.
 #
-# At the end everything under $OUT is packed into gpu_suite.tar.gz (gpu_suite-<first step>
-# with STEPS), the device tool returning at most 8 files. The device tool's copy of the
-# repo has no .git: pass the commit, e.g.
-#   MVIT_FAST_COMMIT=$(git rev-parse HEAD) bash bench/gpu_suite.sh    # (the sha typed in)
+# The device tool brings back at most 8 files from $OUT, and its copy of the repo has no
+# .git; there, run it as
+#   PACK=1 MVIT_FAST_COMMIT=<sha of HEAD> bash bench/gpu_suite.sh
+# PACK=1 packs everything under $OUT into gpu_suite.tar.gz (gpu_suite-<first step> with
+# STEPS), leaving the run info and throughput.md beside it.
 # Commit the results (development machine; the device tool copies $OUT to its files_at):
 #   run=bench/results/$(date +%F)-<gpu, e.g. h100>-$(git rev-parse --short HEAD)
 #   mkdir -p "$run" && for a in <files_at>/gpu_suite*.tar.gz; do tar xzf "$a" -C "$run"; done
@@ -168,11 +169,11 @@ if compgen -G "$OUT/bench_*.json" > /dev/null; then
 fi
 
 run_info "${EXIT_CODES[@]}"
-# The device tool brings back at most 8 files from $OUT: everything goes into one archive,
-# with the run info and the table left beside it to read without unpacking.
-ARCHIVE=gpu_suite${STEPS:+-${STEPS%% *}}.tar.gz
-tar czf "/tmp/$ARCHIVE" -C "$OUT" . && find "$OUT" -mindepth 1 \
-  ! -name "$(basename "$RUN_INFO")" ! -name throughput.md ! -name 'gpu_suite*.tar.gz' -delete \
-  && mv "/tmp/$ARCHIVE" "$OUT/"
+if [ "${PACK:-0}" = 1 ]; then  # for the device tool, which brings back at most 8 files
+  ARCHIVE=gpu_suite${STEPS:+-${STEPS%% *}}.tar.gz
+  tar czf "/tmp/$ARCHIVE" -C "$OUT" . && find "$OUT" -mindepth 1 \
+    ! -name "$(basename "$RUN_INFO")" ! -name throughput.md ! -name 'gpu_suite*.tar.gz' -delete \
+    && mv "/tmp/$ARCHIVE" "$OUT/"
+fi
 echo "exit codes: ${EXIT_CODES[*]} (124: timed out, 125: not started); $((SECONDS - START))s"
 for code in "${EXIT_CODES[@]}"; do [ "${code#*=}" = 0 ] || exit 1; done
