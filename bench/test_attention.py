@@ -6,14 +6,27 @@
 Each case makes its inputs once, runs the op twice untimed (compilation, autotuning,
 allocator warm-up), then times calls that end in a device sync. Backends missing from
 `BACKENDS` or unable to run on this device are skipped with the reason.
+
+The Triton kernels have two head-dim layouts, padded and split (see
+`mvit_fast.kernels.pooled_attention.head_dim_split`). "triton" lets the autotuner time
+both per shape and records the configs it chose (extra_info "triton_configs", and
+"head_dim_layout" per pass); "triton_pad" and "triton_split" pin one layout each
+(MVIT_FAST_TRITON_SPLIT_D), each autotuned over its full tile space, to time them side
+by side:
+
+    pytest bench --benchmark-only -k "S16x224 and triton"
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from mvit_fast.kernels.pooled_attention import head_dim_split, launch_configs
 
 from mvit_fast.attention import BACKENDS, pooled_attention
+
+# Triton variants: benchmark name -> MVIT_FAST_TRITON_SPLIT_D (None: the autotuner chooses).
+TRITON_LAYOUTS = {"triton": None, "triton_pad": "0", "triton_split": "1"}
 
 
 def _skip_reason(backend: str, mode: str, device: torch.device) -> str | None:
@@ -43,13 +56,19 @@ def _inputs(shape, batch: int, dtype: torch.dtype, device: torch.device, require
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex", "sdpa_aug", "triton"])
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex", "sdpa_aug", *TRITON_LAYOUTS])
 def test_pooled_attention(benchmark, record, time_op, attention_shape, backend, mode, device, dtype,
-                          batch):
+                          batch, monkeypatch):
     suite, shape = attention_shape
-    reason = _skip_reason(backend, mode, device)
+    layout = TRITON_LAYOUTS.get(backend)
+    op_backend = "triton" if backend in TRITON_LAYOUTS else backend
+    reason = _skip_reason(op_backend, mode, device)
     if reason:
         pytest.skip(reason)
+    if layout is not None and head_dim_split(shape.head_dim) is None:
+        pytest.skip(f"head_dim {shape.head_dim} has one layout only (it does not split): see 'triton'")
+    if layout is not None:
+        monkeypatch.setenv("MVIT_FAST_TRITON_SPLIT_D", layout)
     torch.manual_seed(0)
     leaves = _inputs(shape, batch, dtype, device, requires_grad=mode == "fwd+bwd")
     q, k, v, rel_t, rel_h, rel_w = leaves
@@ -57,8 +76,16 @@ def test_pooled_attention(benchmark, record, time_op, attention_shape, backend, 
 
     def fwd():
         return pooled_attention(q, k, v, shape.q_grid, shape.kv_grid, rel_t, rel_h, rel_w,
-                                has_cls=True, residual_pooling=True, backend=backend)
+                                has_cls=True, residual_pooling=True, backend=op_backend)
 
     benchmark.group = f"{suite} {shape.id} {mode}"
     time_op(benchmark, fwd, leaves, grad_out, mode, device)
     record(benchmark, backend=backend, mode=mode, suite=suite, shape=shape)
+    if op_backend == "triton":
+        # The configs the timed calls ran (the autotuner's best_config per pass).
+        passes = ("fwd",) if mode == "fwd" else ("fwd", "dq", "dkdv")
+        configs = {name: cfg for name, cfg in launch_configs().items() if name in passes}
+        benchmark.extra_info["triton_configs"] = configs
+        benchmark.extra_info["head_dim_layout"] = {
+            name: None if cfg is None else ("split" if cfg.get("SPLIT_D") else "pad")
+            for name, cfg in configs.items()}

@@ -2,7 +2,13 @@
 
 Support contract (what differs from Triton's fused-attention tutorial 06):
 - Non-causal, Nq != Nk, any lengths (odd, 1), masks compiled in only where needed.
-- head_dim up to 256, padded to the next power of two (MViT uses 96, 72, 144).
+- head_dim up to 256 (MViT uses 96, 72, 144), in one of two layouts: padded to the next
+  power of two with masks, or split (SPLIT_D) into its largest power of two plus the rest
+  padded to a power of two >= 16 (96 = 64 + 32, 72 = 64 + 16, 144 = 128 + 16), every dot
+  over d then two dots. SPLIT_D is an autotune parameter, so the GPU times both per shape
+  (where the split is narrower: `head_dim_split`); MVIT_FAST_TRITON_SPLIT_D=0/1 pins one
+  layout, as does SPLIT_D=0/1 in a pinned MVIT_FAST_TRITON_CONFIG. `launch_configs`
+  reports what ran.
 - The decomposed rel-pos bias (DESIGN.md section 3, step 4) is added inside the tile
   from per-query tables: never an Nq x Nk tensor, forward or backward.
 - An optional cls token (query 0 and key 0 get no bias; row 0 gets no residual) and
@@ -36,6 +42,7 @@ Passes (launchers at the bottom; `wrap` lets the caller route launches through
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -44,7 +51,8 @@ import triton.language as tl
 
 from ._launch import is_interpreted, pinned_config
 
-__all__ = ["INTERPRETED", "MAX_GRID_AXIS", "MAX_HEAD_DIM", "attention_backward", "attention_forward"]
+__all__ = ["INTERPRETED", "MAX_GRID_AXIS", "MAX_HEAD_DIM", "attention_backward", "attention_forward",
+           "head_dim_split", "launch_configs"]
 
 MAX_HEAD_DIM = 256
 # The one-hot bias dot keeps a (BLOCK_M x next_pow2(K_axis)) table tile in registers.
@@ -111,13 +119,24 @@ def _key_coords(offs_n, Nk, Kh, Kw, HAS_CLS: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k_t, offs_n, Nk, Kh, Kw, qk_scale,
+def _dot_d(a, a_hi, b, b_hi, PRECISION: tl.constexpr, SPLIT_D: tl.constexpr):
+    """a @ b contracted over the head dim: one dot over the padded dim, or with SPLIT_D the
+    sum of the two halves' dots (a_lo b_lo + a_hi b_hi), accumulated in fp32."""
+    acc = tl.dot(a, b, input_precision=PRECISION)
+    if SPLIT_D:
+        acc = tl.dot(a_hi, b_hi, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _scores(q, q_hi, k_t, k_t_hi, offs_n, Nk, Kh, Kw, qk_scale,
             rt_hi, rt_lo, rh_hi, rh_lo, rw_hi, rw_lo,
             HAS_CLS: tl.constexpr, HAS_REL_T: tl.constexpr, HAS_REL_H: tl.constexpr,
             HAS_REL_W: tl.constexpr, PAD_T: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
-            IS_FP32: tl.constexpr, PRECISION: tl.constexpr, EVEN_N: tl.constexpr):
+            IS_FP32: tl.constexpr, PRECISION: tl.constexpr, EVEN_N: tl.constexpr,
+            SPLIT_D: tl.constexpr):
     """Scores in base-2 units: ((q * scale) k^T + bias) * log2(e), -inf on padded keys."""
-    s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+    s = _dot_d(q, q_hi, k_t, k_t_hi, PRECISION, SPLIT_D) * qk_scale
     if HAS_REL_T or HAS_REL_H or HAS_REL_W:
         t_j, h_j, w_j, key_ok = _key_coords(offs_n, Nk, Kh, Kw, HAS_CLS)
         if HAS_REL_T:
@@ -176,6 +195,63 @@ def _store_2d(ptrs, x, rows, cols, n_rows, n_cols, EVEN_ROWS: tl.constexpr, EVEN
         tl.store(ptrs, x, mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :])
 
 
+# Head-dim tiles. A (rows, d) operand is held as one tile over the padded head dim
+# [0, BLOCK_D), or with SPLIT_D as two tiles: the exact low part [0, BLOCK_D_LO) and the
+# rest [BLOCK_D_LO, BLOCK_D_LO + BLOCK_D_HI), masked past d. Every dot over d becomes two
+# dots summed (`_dot_d`), every dot producing d columns two dots. Inside a kernel,
+# BLOCK_D0 / EVEN_D0 name the first tile of whichever layout runs.
+
+
+@triton.jit
+def _load_cols(ptr, stride_r, stride_d, rows, n_rows, cols, D,
+               EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr, TRANS: tl.constexpr):
+    """The (rows, cols) tile of a (row, head-dim) tensor; with TRANS its transpose (cols, rows)."""
+    # One return statement: the compiler checks every return's type, in untaken branches too.
+    if TRANS:
+        x = _load_2d(ptr + rows[None, :] * stride_r + cols[:, None] * stride_d,
+                     cols, rows, D, n_rows, EVEN_COLS, EVEN_ROWS)
+    else:
+        x = _load_2d(ptr + rows[:, None] * stride_r + cols[None, :] * stride_d,
+                     rows, cols, n_rows, D, EVEN_ROWS, EVEN_COLS)
+    return x
+
+
+@triton.jit
+def _load_d(ptr, stride_r, stride_d, rows, n_rows, D, EVEN_ROWS: tl.constexpr, TRANS: tl.constexpr,
+            BLOCK_D0: tl.constexpr, EVEN_D0: tl.constexpr, SPLIT_D: tl.constexpr,
+            BLOCK_D_HI: tl.constexpr, EVEN_D_HI: tl.constexpr):
+    """(x, x_hi): the head-dim tiles of `rows` (transposed with TRANS); x_hi is x (unused)
+    without SPLIT_D."""
+    x = _load_cols(ptr, stride_r, stride_d, rows, n_rows, tl.arange(0, BLOCK_D0), D,
+                   EVEN_ROWS, EVEN_D0, TRANS)
+    x_hi = x
+    if SPLIT_D:
+        tl.static_assert(BLOCK_D_HI >= 16, "SPLIT_D needs a head dim that splits (head_dim_split)")
+        x_hi = _load_cols(ptr, stride_r, stride_d, rows, n_rows, BLOCK_D0 + tl.arange(0, BLOCK_D_HI), D,
+                          EVEN_ROWS, EVEN_D_HI, TRANS)
+    return x, x_hi
+
+
+@triton.jit
+def _store_cols(ptr, stride_r, stride_d, x, rows, n_rows, D, COL0: tl.constexpr, BLOCK: tl.constexpr,
+                EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+    """Store the (rows, BLOCK) tile x at head-dim columns COL0 + [0, BLOCK), masked past D."""
+    cols = COL0 + tl.arange(0, BLOCK)
+    _store_2d(ptr + rows[:, None] * stride_r + cols[None, :] * stride_d, x.to(ptr.dtype.element_ty),
+              rows, cols, n_rows, D, EVEN_ROWS, EVEN_COLS)
+
+
+@triton.jit
+def _add_residual(acc, x, offs_m, RESIDUAL: tl.constexpr, HAS_CLS: tl.constexpr):
+    """acc + x on the non-cls rows with residual pooling (forward: x = q; dq pass: x = dO)."""
+    if RESIDUAL:
+        if HAS_CLS:
+            acc += tl.where((offs_m >= 1)[:, None], x.to(tl.float32), 0.0)
+        else:
+            acc += x.to(tl.float32)
+    return acc
+
+
 # ---------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------
@@ -197,6 +273,7 @@ def _attn_fwd(
     IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_D_HI: tl.constexpr, EVEN_D_HI: tl.constexpr,
 ):
     """Forward of one (BLOCK_M query rows, batch*head) program: one pass over all keys.
 
@@ -204,7 +281,8 @@ def _attn_fwd(
     b_ij = rel_t[i, t_j] + rel_h[i, h_j] + rel_w[i, w_j] (0 on the cls row/column);
     online softmax m_i = max_j s_ij, l_i = sum_j 2^(s_ij - m_i), acc_i = sum_j 2^(s_ij - m_i) v_j;
     out_i = acc_i / l_i (+ q_i if RESIDUAL and i is not cls); LSE_i = m_i + log2 l_i (fp32,
-    base 2, kept for the backward).
+    base 2, kept for the backward). With SPLIT_D, q . k is the sum of the two head-dim
+    halves' dots and acc is two accumulators (acc, acc_hi), one per half of v.
 
     Memory traffic per program: q, out, the table rows (BLOCK_M x (d + d + Kt+Kh+Kw)) once,
     all of K and V (2 Nk d); in total 2 Nq d + 2 Nk d * ceil(Nq / BLOCK_M) + Nq (Kt+Kh+Kw + 1)
@@ -221,47 +299,52 @@ def _attn_fwd(
     Out += off_b * stride_ob + off_hd * stride_oh
     LSE += pid_bh.to(tl.int64) * Nq
 
+    BLOCK_D0: tl.constexpr = BLOCK_D_LO if SPLIT_D else BLOCK_D  # first head-dim tile
+    EVEN_D0: tl.constexpr = True if SPLIT_D else EVEN_D
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_2d(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                 offs_m, offs_d, Nq, D, EVEN_M, EVEN_D)
+    q, q_hi = _load_d(Q, stride_qm, stride_qd, offs_m, Nq, D, EVEN_M, False,
+                      BLOCK_D0, EVEN_D0, SPLIT_D, BLOCK_D_HI, EVEN_D_HI)
     rt_hi, rt_lo, rh_hi, rh_lo, rw_hi, rw_lo = _load_tables(
         R, stride_rm, stride_rk, offs_m, Nq, Kt, Kh, Kw, off_h, off_w, Q.dtype.element_ty, BLOCK_M,
         HAS_CLS, HAS_REL_T, HAS_REL_H, HAS_REL_W, PAD_T, PAD_H, PAD_W, IS_FP32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
+    if SPLIT_D:
+        acc_hi = tl.zeros([BLOCK_M, BLOCK_D_HI], dtype=tl.float32)
     for start_n in range(0, Nk, BLOCK_N):
         offs_n = start_n + offs_n0
-        k_t = _load_2d(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                       offs_d, offs_n, D, Nk, EVEN_D, EVEN_N)
-        s = _scores(q, k_t, offs_n, Nk, Kh, Kw, qk_scale, rt_hi, rt_lo, rh_hi, rh_lo, rw_hi, rw_lo,
+        k_t, k_t_hi = _load_d(K, stride_kn, stride_kd, offs_n, Nk, D, EVEN_N, True,
+                              BLOCK_D0, EVEN_D0, SPLIT_D, BLOCK_D_HI, EVEN_D_HI)
+        s = _scores(q, q_hi, k_t, k_t_hi, offs_n, Nk, Kh, Kw, qk_scale,
+                    rt_hi, rt_lo, rh_hi, rh_lo, rw_hi, rw_lo,
                     HAS_CLS, HAS_REL_T, HAS_REL_H, HAS_REL_W, PAD_T, PAD_H, PAD_W,
-                    IS_FP32, PRECISION, EVEN_N)
+                    IS_FP32, PRECISION, EVEN_N, SPLIT_D)
         # Online softmax: rescale what was accumulated under the old running max.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_2d(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                     offs_n, offs_d, Nk, D, EVEN_N, EVEN_D)
+        v, v_hi = _load_d(V, stride_vn, stride_vd, offs_n, Nk, D, EVEN_N, False,
+                          BLOCK_D0, EVEN_D0, SPLIT_D, BLOCK_D_HI, EVEN_D_HI)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        if SPLIT_D:
+            acc_hi = tl.dot(p.to(v.dtype), v_hi, acc_hi * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
 
-    acc = acc / l_i[:, None]
-    if RESIDUAL:  # residual pooling: the unscaled q, cls row excluded
-        if HAS_CLS:
-            acc += tl.where((offs_m >= 1)[:, None], q.to(tl.float32), 0.0)
-        else:
-            acc += q.to(tl.float32)
+    # Residual pooling: the unscaled q, cls row excluded.
+    acc = _add_residual(acc / l_i[:, None], q, offs_m, RESIDUAL, HAS_CLS)
     if EVEN_M:
         tl.store(LSE + offs_m, m_i + tl.math.log2(l_i))
     else:
         tl.store(LSE + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < Nq)
-    _store_2d(Out + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-              acc.to(Out.dtype.element_ty), offs_m, offs_d, Nq, D, EVEN_M, EVEN_D)
+    _store_cols(Out, stride_om, stride_od, acc, offs_m, Nq, D, 0, BLOCK_D0, EVEN_M, EVEN_D0)
+    if SPLIT_D:
+        acc_hi = _add_residual(acc_hi / l_i[:, None], q_hi, offs_m, RESIDUAL, HAS_CLS)
+        _store_cols(Out, stride_om, stride_od, acc_hi, offs_m, Nq, D, BLOCK_D0, BLOCK_D_HI,
+                    EVEN_M, EVEN_D_HI)
 
 
 # ---------------------------------------------------------------------------------------
@@ -287,6 +370,7 @@ def _attn_bwd_dq(
     IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_D_HI: tl.constexpr, EVEN_D_HI: tl.constexpr,
 ):
     """dq, delta and the table gradients of one (BLOCK_M query rows, batch*head) program.
 
@@ -301,7 +385,9 @@ def _attn_bwd_dq(
     Instead the loop accumulates sum_j P dP k, sum_j P k and delta in fp32 and forms
     dq = scale * (sum_j P dP k - delta * sum_j P k) at the end (one extra P @ K dot per
     tile); the same split gives dRel from two one-hot reductions (of P dP and of P). delta
-    is stored for `_attn_bwd_dkdv`, which must run after this kernel.
+    is stored for `_attn_bwd_dkdv`, which must run after this kernel. With SPLIT_D, s and
+    dP sum two head-dim dots each, and the two fp32 accumulators (sum P dP k, sum P k) are
+    four: one pair per head-dim half of k.
 
     Traffic: q, dO, the table rows, dq, dRel, delta once; K and V once per query block (L2).
     No atomics, no Nq x Nk tensor.
@@ -320,13 +406,14 @@ def _attn_bwd_dq(
     LSE += pid_bh.to(tl.int64) * Nq
     DELTA += pid_bh.to(tl.int64) * Nq
 
+    BLOCK_D0: tl.constexpr = BLOCK_D_LO if SPLIT_D else BLOCK_D  # first head-dim tile
+    EVEN_D0: tl.constexpr = True if SPLIT_D else EVEN_D
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_2d(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                 offs_m, offs_d, Nq, D, EVEN_M, EVEN_D)
-    do = _load_2d(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                  offs_m, offs_d, Nq, D, EVEN_M, EVEN_D)
+    q, q_hi = _load_d(Q, stride_qm, stride_qd, offs_m, Nq, D, EVEN_M, False,
+                      BLOCK_D0, EVEN_D0, SPLIT_D, BLOCK_D_HI, EVEN_D_HI)
+    do, do_hi = _load_d(DO, stride_dom, stride_dod, offs_m, Nq, D, EVEN_M, False,
+                        BLOCK_D0, EVEN_D0, SPLIT_D, BLOCK_D_HI, EVEN_D_HI)
     if EVEN_M:
         lse = tl.load(LSE + offs_m)
     else:
@@ -337,8 +424,11 @@ def _attn_bwd_dq(
         HAS_CLS, HAS_REL_T, HAS_REL_H, HAS_REL_W, PAD_T, PAD_H, PAD_W, IS_FP32)
 
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)
-    pdp_k = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # sum_j P dP k_j
-    p_k = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # sum_j P k_j
+    pdp_k = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)  # sum_j P dP k_j
+    p_k = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)  # sum_j P k_j
+    if SPLIT_D:
+        pdp_k_hi = tl.zeros([BLOCK_M, BLOCK_D_HI], dtype=tl.float32)
+        p_k_hi = tl.zeros([BLOCK_M, BLOCK_D_HI], dtype=tl.float32)
     # Per axis: sum over keys sharing a coordinate of P dP (a) and of P (p).
     drt_a = tl.zeros([BLOCK_M, PAD_T], dtype=tl.float32)
     drt_p = tl.zeros([BLOCK_M, PAD_T], dtype=tl.float32)
@@ -348,19 +438,24 @@ def _attn_bwd_dq(
     drw_p = tl.zeros([BLOCK_M, PAD_W], dtype=tl.float32)
     for start_n in range(0, Nk, BLOCK_N):
         offs_n = start_n + offs_n0
-        k_t = _load_2d(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                       offs_d, offs_n, D, Nk, EVEN_D, EVEN_N)
-        v_t = _load_2d(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
-                       offs_d, offs_n, D, Nk, EVEN_D, EVEN_N)
-        s = _scores(q, k_t, offs_n, Nk, Kh, Kw, qk_scale, rt_hi, rt_lo, rh_hi, rh_lo, rw_hi, rw_lo,
+        k_t, k_t_hi = _load_d(K, stride_kn, stride_kd, offs_n, Nk, D, EVEN_N, True,
+                              BLOCK_D0, EVEN_D0, SPLIT_D, BLOCK_D_HI, EVEN_D_HI)
+        v_t, v_t_hi = _load_d(V, stride_vn, stride_vd, offs_n, Nk, D, EVEN_N, True,
+                              BLOCK_D0, EVEN_D0, SPLIT_D, BLOCK_D_HI, EVEN_D_HI)
+        s = _scores(q, q_hi, k_t, k_t_hi, offs_n, Nk, Kh, Kw, qk_scale,
+                    rt_hi, rt_lo, rh_hi, rh_lo, rw_hi, rw_lo,
                     HAS_CLS, HAS_REL_T, HAS_REL_H, HAS_REL_W, PAD_T, PAD_H, PAD_W,
-                    IS_FP32, PRECISION, EVEN_N)
+                    IS_FP32, PRECISION, EVEN_N, SPLIT_D)
         p = tl.math.exp2(s - lse[:, None])  # padded keys: s = -inf, p = 0
-        pdp = p * tl.dot(do, v_t, input_precision=PRECISION)
+        pdp = p * _dot_d(do, do_hi, v_t, v_t_hi, PRECISION, SPLIT_D)
         delta += tl.sum(pdp, 1)
         k = tl.trans(k_t)
         pdp_k = tl.dot(pdp.to(DTYPE), k, pdp_k, input_precision=PRECISION)
         p_k = tl.dot(p.to(DTYPE), k, p_k, input_precision=PRECISION)
+        if SPLIT_D:
+            k_hi = tl.trans(k_t_hi)
+            pdp_k_hi = tl.dot(pdp.to(DTYPE), k_hi, pdp_k_hi, input_precision=PRECISION)
+            p_k_hi = tl.dot(p.to(DTYPE), k_hi, p_k_hi, input_precision=PRECISION)
         if HAS_REL_T or HAS_REL_H or HAS_REL_W:
             pdp_hi, pdp_lo = _split(pdp, DTYPE, IS_FP32)
             p_hi, p_lo = _split(p, DTYPE, IS_FP32)
@@ -375,14 +470,13 @@ def _attn_bwd_dq(
                 drw_a = _onehot_reduce(drw_a, pdp_hi, pdp_lo, w_j, key_ok, PAD_W, IS_FP32)
                 drw_p = _onehot_reduce(drw_p, p_hi, p_lo, w_j, key_ok, PAD_W, IS_FP32)
 
-    dq = (pdp_k - delta[:, None] * p_k) * scale
-    if RESIDUAL:
-        if HAS_CLS:
-            dq += tl.where((offs_m >= 1)[:, None], do.to(tl.float32), 0.0)
-        else:
-            dq += do.to(tl.float32)
-    _store_2d(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-              dq.to(DQ.dtype.element_ty), offs_m, offs_d, Nq, D, EVEN_M, EVEN_D)
+    dq = _add_residual((pdp_k - delta[:, None] * p_k) * scale, do, offs_m, RESIDUAL, HAS_CLS)
+    _store_cols(DQ, stride_dqm, stride_dqd, dq, offs_m, Nq, D, 0, BLOCK_D0, EVEN_M, EVEN_D0)
+    if SPLIT_D:
+        dq_hi = _add_residual((pdp_k_hi - delta[:, None] * p_k_hi) * scale, do_hi, offs_m,
+                              RESIDUAL, HAS_CLS)
+        _store_cols(DQ, stride_dqm, stride_dqd, dq_hi, offs_m, Nq, D, BLOCK_D0, BLOCK_D_HI,
+                    EVEN_M, EVEN_D_HI)
     if EVEN_M:
         tl.store(DELTA + offs_m, delta)
     else:
@@ -423,6 +517,7 @@ def _attn_bwd_dkdv(
     IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_D_HI: tl.constexpr, EVEN_D_HI: tl.constexpr,
 ):
     """dk, dv of one (BLOCK_N keys, batch*head) program: one pass over all query rows.
 
@@ -432,7 +527,8 @@ def _attn_bwd_dkdv(
 
     Traffic: K, V, dK, dV once; q, dO, LSE, delta and the table rows once per key block (L2).
     Tiles stay in the (query, key) orientation and the dots take tl.trans(p) / tl.trans(ds);
-    tutorial 06 instead computes k q^T directly (a GPU tuning item).
+    tutorial 06 instead computes k q^T directly (a GPU tuning item). With SPLIT_D, s and dP
+    sum two head-dim dots each, and dk, dv are two accumulators each (one per half).
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -448,23 +544,27 @@ def _attn_bwd_dkdv(
     LSE += pid_bh.to(tl.int64) * Nq
     DELTA += pid_bh.to(tl.int64) * Nq
 
+    BLOCK_D0: tl.constexpr = BLOCK_D_LO if SPLIT_D else BLOCK_D  # first head-dim tile
+    EVEN_D0: tl.constexpr = True if SPLIT_D else EVEN_D
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    k_t = _load_2d(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                   offs_d, offs_n, D, Nk, EVEN_D, EVEN_N)
-    v_t = _load_2d(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
-                   offs_d, offs_n, D, Nk, EVEN_D, EVEN_N)
+    k_t, k_t_hi = _load_d(K, stride_kn, stride_kd, offs_n, Nk, D, EVEN_N, True,
+                          BLOCK_D0, EVEN_D0, SPLIT_D, BLOCK_D_HI, EVEN_D_HI)
+    v_t, v_t_hi = _load_d(V, stride_vn, stride_vd, offs_n, Nk, D, EVEN_N, True,
+                          BLOCK_D0, EVEN_D0, SPLIT_D, BLOCK_D_HI, EVEN_D_HI)
     DTYPE = Q.dtype.element_ty
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
+    if SPLIT_D:
+        dk_hi = tl.zeros([BLOCK_N, BLOCK_D_HI], dtype=tl.float32)
+        dv_hi = tl.zeros([BLOCK_N, BLOCK_D_HI], dtype=tl.float32)
     for start_m in range(0, Nq, BLOCK_M):
         offs_m = start_m + offs_m0
-        q = _load_2d(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                     offs_m, offs_d, Nq, D, EVEN_M, EVEN_D)
-        do = _load_2d(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                      offs_m, offs_d, Nq, D, EVEN_M, EVEN_D)
+        q, q_hi = _load_d(Q, stride_qm, stride_qd, offs_m, Nq, D, EVEN_M, False,
+                          BLOCK_D0, EVEN_D0, SPLIT_D, BLOCK_D_HI, EVEN_D_HI)
+        do, do_hi = _load_d(DO, stride_dom, stride_dod, offs_m, Nq, D, EVEN_M, False,
+                            BLOCK_D0, EVEN_D0, SPLIT_D, BLOCK_D_HI, EVEN_D_HI)
         if EVEN_M:
             lse = tl.load(LSE + offs_m)
             delta = tl.load(DELTA + offs_m)
@@ -474,20 +574,28 @@ def _attn_bwd_dkdv(
         rt_hi, rt_lo, rh_hi, rh_lo, rw_hi, rw_lo = _load_tables(
             R, stride_rm, stride_rk, offs_m, Nq, Kt, Kh, Kw, off_h, off_w, DTYPE, BLOCK_M,
             HAS_CLS, HAS_REL_T, HAS_REL_H, HAS_REL_W, PAD_T, PAD_H, PAD_W, IS_FP32)
-        s = _scores(q, k_t, offs_n, Nk, Kh, Kw, qk_scale, rt_hi, rt_lo, rh_hi, rh_lo, rw_hi, rw_lo,
+        s = _scores(q, q_hi, k_t, k_t_hi, offs_n, Nk, Kh, Kw, qk_scale,
+                    rt_hi, rt_lo, rh_hi, rh_lo, rw_hi, rw_lo,
                     HAS_CLS, HAS_REL_T, HAS_REL_H, HAS_REL_W, PAD_T, PAD_H, PAD_W,
-                    IS_FP32, PRECISION, EVEN_N)
+                    IS_FP32, PRECISION, EVEN_N, SPLIT_D)
         p = tl.math.exp2(s - lse[:, None])
-        dv = tl.dot(tl.trans(p.to(DTYPE)), do, dv, input_precision=PRECISION)
-        dp = tl.dot(do, v_t, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk = tl.dot(tl.trans(ds.to(DTYPE)), q, dk, input_precision=PRECISION)
+        p_t = tl.trans(p.to(DTYPE))
+        dv = tl.dot(p_t, do, dv, input_precision=PRECISION)
+        if SPLIT_D:
+            dv_hi = tl.dot(p_t, do_hi, dv_hi, input_precision=PRECISION)
+        dp = _dot_d(do, do_hi, v_t, v_t_hi, PRECISION, SPLIT_D)
+        ds_t = tl.trans((p * (dp - delta[:, None])).to(DTYPE))
+        dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+        if SPLIT_D:
+            dk_hi = tl.dot(ds_t, q_hi, dk_hi, input_precision=PRECISION)
 
-    dk = dk * scale
-    _store_2d(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-              dk.to(DK.dtype.element_ty), offs_n, offs_d, Nk, D, EVEN_N, EVEN_D)
-    _store_2d(DV + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-              dv.to(DV.dtype.element_ty), offs_n, offs_d, Nk, D, EVEN_N, EVEN_D)
+    _store_cols(DK, stride_dkn, stride_dkd, dk * scale, offs_n, Nk, D, 0, BLOCK_D0, EVEN_N, EVEN_D0)
+    _store_cols(DV, stride_dvn, stride_dvd, dv, offs_n, Nk, D, 0, BLOCK_D0, EVEN_N, EVEN_D0)
+    if SPLIT_D:
+        _store_cols(DK, stride_dkn, stride_dkd, dk_hi * scale, offs_n, Nk, D, BLOCK_D0, BLOCK_D_HI,
+                    EVEN_N, EVEN_D_HI)
+        _store_cols(DV, stride_dvn, stride_dvd, dv_hi, offs_n, Nk, D, BLOCK_D0, BLOCK_D_HI,
+                    EVEN_N, EVEN_D_HI)
 
 
 # ---------------------------------------------------------------------------------------
@@ -495,6 +603,9 @@ def _attn_bwd_dkdv(
 # ---------------------------------------------------------------------------------------
 
 _CONFIG_ENV = "MVIT_FAST_TRITON_CONFIG"  # e.g. "BLOCK_M=64,BLOCK_N=32,num_warps=4,num_stages=2"
+# Which head-dim layouts the autotuner times (a pinned config's SPLIT_D=0/1 wins over it).
+_SPLIT_ENV = "MVIT_FAST_TRITON_SPLIT_D"
+_SPLIT_CHOICES = {"auto": (False, True), "0": (False,), "1": (True,)}
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
 # Every config's blocks divide this, so N % _MAX_BLOCK == 0 makes EVEN_M/EVEN_N safe
 # for whichever config the autotuner picks (triton.heuristics would know the block,
@@ -514,19 +625,34 @@ def _keep(block_m: int, block_n: int, num_warps: int, num_stages: int, pass_name
     return True
 
 
-def _configs(pass_name: str) -> list[triton.Config]:
+def _keep_split(block_m: int, block_n: int, num_stages: int, stages: Sequence[int]) -> bool:
+    """Split configs timed next to the padded ones: tiles of at least 64 x 64 at the deepest
+    pipeline, where the idle MMA columns of a padded head dim cost the most. The backward's
+    32-row tiles are left out: compiled for sm_90 (triton 3.9), the dq pass at 32 x 128
+    collapses to 32 registers and 20-30 KB of spills per thread (split d = 72, 96)."""
+    return block_m >= 64 and block_m * block_n >= 64 * 64 and num_stages == max(stages)
+
+
+def _configs(pass_name: str, layouts: Sequence[bool] = (False,)) -> list[triton.Config]:
     """Autotune search space of one pass (CUDA only), filtered by `_keep`.
 
     Kept small on purpose: every config is compiled for every constexpr variant
     (head dim, table axes), and a lent GPU session has minutes, not hours. MViT's
     query counts are long (393 to 25089 per head), so the forward uses 64/128-row tiles.
+
+    `layouts` lists the SPLIT_D values to time (see `head_dim_split`). With both, the split
+    configs are only the `_keep_split` ones (fwd 20 + 9 configs, bwd 18 + 4, instead of
+    doubling the compile time); with one layout pinned (MVIT_FAST_TRITON_SPLIT_D) that layout
+    gets the whole tile space, so a pinned pad-vs-split comparison is fair.
     """
     blocks_m = (64, 128) if pass_name == "fwd" else (32, 64)
     stages = (2, 3) if pass_name == "fwd" else (1, 2)
+    thin_split = len(layouts) > 1
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm in blocks_m for bn in (32, 64, 128) for w in (4, 8) for s in stages
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_D": split}, num_warps=w, num_stages=s)
+        for split in layouts for bm in blocks_m for bn in (32, 64, 128) for w in (4, 8) for s in stages
         if _keep(bm, bn, w, s, pass_name)
+        and not (split and thin_split and not _keep_split(bm, bn, s, stages))
     ]
 
 
@@ -539,35 +665,86 @@ def _pinned_config() -> dict[str, int] | None:
                          _INTERPRETER_CONFIG if INTERPRETED else None)
 
 
+def _layouts(split_ok: bool) -> tuple[bool, ...]:
+    """The SPLIT_D values a launch may use: both (the autotuner times them), or the one that
+    MVIT_FAST_TRITON_SPLIT_D pins; only the padded one where the head dim does not split."""
+    choice = os.environ.get(_SPLIT_ENV, "auto")
+    if choice not in _SPLIT_CHOICES:
+        raise ValueError(f"{_SPLIT_ENV}={choice!r}: expected one of {sorted(_SPLIT_CHOICES)} "
+                         "(auto: time both head-dim layouts, 0: pad, 1: split)")
+    return _SPLIT_CHOICES[choice] if split_ok else (False,)
+
+
 _TUNE_KEY = ["NQ_BUCKET", "NK_BUCKET", "D", "HAS_REL_T", "HAS_REL_H", "HAS_REL_W", "PAD_T", "PAD_H",
              "PAD_W"]
+_KERNELS = {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv}
+# pass -> the pinned config (a dict) or the autotuner it last launched, for `launch_configs`.
+_LAST_LAUNCH: dict[str, object] = {}
 
 
 @functools.cache
-def _tuned(pass_name: str):
-    kernel = {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv}[pass_name]
-    return triton.autotune(configs=_configs(pass_name), key=_TUNE_KEY)(kernel)
+def _tuned(pass_name: str, layouts: tuple[bool, ...]):
+    return triton.autotune(configs=_configs(pass_name, layouts), key=_TUNE_KEY)(_KERNELS[pass_name])
 
 
 def _launch(wrap: Callable, pass_name: str, grid_axis: str, n_rows: int, heads: int,
             *args, **kwargs) -> None:
     """Launch one pass: a pinned config (interpreter, env var) or the autotuner (CUDA)."""
     cfg = _pinned_config()
-    kernel = {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv}[pass_name]
+    split_ok = kwargs.pop("_SPLIT_OK")
+    layouts = _layouts(split_ok)
     if cfg is not None:
+        # A SPLIT_D in the pinned config wins over MVIT_FAST_TRITON_SPLIT_D; a head dim that
+        # does not split runs padded whatever is asked.
+        cfg["SPLIT_D"] = split_ok and bool(cfg.get("SPLIT_D", layouts == (True,)))
         grid = (triton.cdiv(n_rows, cfg[grid_axis]), heads)
         kwargs["EVEN_M"] = kwargs.pop("_NQ") % cfg["BLOCK_M"] == 0
         kwargs["EVEN_N"] = kwargs.pop("_NK") % cfg["BLOCK_N"] == 0
-        wrap(kernel)[grid](*args, **kwargs, **cfg)
+        _LAST_LAUNCH[pass_name] = dict(cfg)
+        wrap(_KERNELS[pass_name])[grid](*args, **kwargs, **cfg)
         return
     kwargs["EVEN_M"] = kwargs.pop("_NQ") % _MAX_BLOCK == 0
     kwargs["EVEN_N"] = kwargs.pop("_NK") % _MAX_BLOCK == 0
     grid = lambda meta: (triton.cdiv(n_rows, meta[grid_axis]), heads)
-    wrap(_tuned(pass_name))[grid](*args, **kwargs)
+    tuner = _tuned(pass_name, layouts)
+    _LAST_LAUNCH[pass_name] = tuner
+    wrap(tuner)[grid](*args, **kwargs)
+
+
+def launch_configs() -> dict[str, dict | None]:
+    """The config each pass ("fwd", "dq", "dkdv") last launched with: BLOCK_M, BLOCK_N, SPLIT_D,
+    num_warps, num_stages. For tests and benchmark reports.
+
+    Autotuned passes report the autotuner's `best_config`, the config of its last call. That
+    holds for eager launches only: under torch.compile, Inductor autotunes its own copy of the
+    configs and the autotuner here is not called (its report stays stale or None).
+    """
+    report = {}
+    for name, launch in _LAST_LAUNCH.items():
+        if isinstance(launch, dict):
+            report[name] = dict(launch)
+            continue
+        best = getattr(launch, "best_config", None)
+        report[name] = None if best is None else {
+            **best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+    return report
 
 
 def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # tl.dot needs every dimension >= 16
+
+
+def head_dim_split(d: int) -> tuple[int, int] | None:
+    """(BLOCK_D_LO, BLOCK_D_HI) of the split head-dim layout, or None where it does not pay.
+
+    d = lo + rest with lo the largest power of two <= d and the rest padded to a power of
+    two >= 16: 96 = 64 + 32, 72 = 64 + (8 -> 16), 144 = 128 + 16. None where that is no
+    narrower than padding d to a power of two: d a power of two and every d outside
+    33-48, 65-96 and 129-192 (e.g. 24 = 16 + (8 -> 16) is 32 columns either way).
+    """
+    lo = 1 << (d.bit_length() - 1)
+    hi = _pad(d - lo)
+    return (lo, hi) if lo < d and lo >= 16 and lo + hi < _pad(d) else None
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel: torch.Tensor,
@@ -609,10 +786,16 @@ def _common(q, k, rel, k_grid, rel_axes, has_cls, scale):
     off_h = kt if has_t else 0
     off_w = off_h + (kh if has_h else 0)
     d = q.shape[3]
-    # head_dim is padded to a power of two with masks (96 -> 128, 72 -> 128: 25-44% idle
-    # MMA columns on q k^T and P v). Splitting it into 64 + 32 (two dots) avoids the padding
-    # at the cost of more instructions: a GPU measurement to make at the MViT shapes.
+    # Two head-dim layouts. Padded: one tile of BLOCK_D = next power of two columns, masked
+    # past d (96 -> 128, 72 -> 128: 25-44% of the MMA columns of q k^T, P v, dS k, dS^T q,
+    # P^T dO compute zeros). Split (SPLIT_D): an exact tile of BLOCK_D_LO columns plus a
+    # padded one of BLOCK_D_HI (96 = 64 + 32, no idle column; 72 = 64 + 16): fewer MMA
+    # columns and accumulator registers, but two dots per product and more live tiles.
+    # Which is faster depends on the shape and tile config, so SPLIT_D is a config
+    # parameter the autotuner times (`_configs`); BLOCK_D_LO/HI are fixed by d.
     block_d = _pad(d)
+    split = head_dim_split(d)
+    block_d_lo, block_d_hi = split or (block_d, 0)
     is_fp32 = q.dtype == torch.float32
     return dict(
         H=q.shape[1], Nq=q.shape[2], Nk=k.shape[2], D=d, Kt=kt, Kh=kh, Kw=kw,
@@ -622,6 +805,8 @@ def _common(q, k, rel, k_grid, rel_axes, has_cls, scale):
         PAD_T=_pad(kt), PAD_H=_pad(kh), PAD_W=_pad(kw),
         IS_FP32=is_fp32, PRECISION="ieee" if is_fp32 else "tf32",
         EVEN_D=d == block_d, BLOCK_D=block_d, _NQ=q.shape[2], _NK=k.shape[2],
+        BLOCK_D_LO=block_d_lo, BLOCK_D_HI=block_d_hi, EVEN_D_HI=block_d_lo + block_d_hi == d,
+        _SPLIT_OK=split is not None,
     )
 
 

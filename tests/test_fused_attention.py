@@ -4,6 +4,10 @@ On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set by conf
 on CPU tensors in float32 and float16 (the interpreter's bf16 tl.dot is broken in
 triton 3.9); shapes stay at tens of tokens. The `cuda` tests repeat the cases in
 bf16/fp16 on the GPU, run the real MViTv2-S block shapes and torch.compile.
+
+Head dims that split (72, 96, 144: `head_dim_split`) run in both kernel layouts, the
+padded one ("pad") and the split one ("split"), each pinned through
+MVIT_FAST_TRITON_SPLIT_D; the layout that actually ran is checked (`launch_configs`).
 """
 
 from __future__ import annotations
@@ -14,12 +18,16 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mvit_fast.kernels.pooled_attention import head_dim_split, launch_configs
 
 import mvit_fast
 from mvit_fast.attention import pooled_attention
 from tests.numerics import assert_close
 
 GRAD_NAMES = ("q", "k", "v", "rel_pos_t", "rel_pos_h", "rel_pos_w")
+CONFIG_ENV = "MVIT_FAST_TRITON_CONFIG"
+SPLIT_ENV = "MVIT_FAST_TRITON_SPLIT_D"
+LAYOUTS = {"pad": "0", "split": "1"}  # head-dim layout -> MVIT_FAST_TRITON_SPLIT_D
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,7 @@ class Case:
 
 
 # A covering set, not the full product: every flag on and off somewhere, integer and
-# non-integer grid ratios, Nk = 1 (+cls), Nq = 1, head dims 16/72/96, interpolated tables,
+# non-integer grid ratios, Nk = 1 (+cls), Nq = 1, head dims 16/72/96/144, interpolated tables,
 # block-aligned lengths (EVEN_M/EVEN_N paths) and strided inputs.
 CASES = [
     Case((2, 5, 5), (2, 3, 3)),  # non-integer ratio 5/3
@@ -62,7 +70,14 @@ CASES = [
     Case((1, 1, 1), (1, 2, 3), has_cls=False, batch=1, heads=3),  # Nq = 1
     Case((2, 5, 5), (2, 3, 3), table_lens=(5, 7, 4)),  # tables interpolated to (3, 9, 9)
     Case((2, 3, 3), (1, 3, 3), non_contiguous=True),
+    Case((1, 2, 3), (1, 2, 2), head_dim=144, batch=1, heads=1),  # 128 + 16 when split
 ]
+
+
+def with_layouts(cases: list[Case]) -> list:
+    """(case, layout) params: "pad" for every case, "split" too where the head dim splits."""
+    return [pytest.param(case, layout, id=f"{case}-{layout}") for case in cases
+            for layout in (("pad", "split") if head_dim_split(case.head_dim) else ("pad",))]
 
 
 def _make_inputs(case: Case, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
@@ -106,15 +121,26 @@ def _run(inputs, case: Case, backend: str, grad_out: torch.Tensor, compile: bool
 
 
 def check_against_oracle(case: Case, dtype: torch.dtype, device: str = "cpu", seed: int = 0,
-                         compile: bool = False) -> None:
-    """Triton in `dtype` (optionally under torch.compile) vs eager in float64, same inputs."""
+                         compile: bool = False, layout: str | None = None) -> None:
+    """Triton in `dtype` (optionally under torch.compile) vs eager in float64, same inputs.
+
+    layout: "pad" or "split" pins the kernels' head-dim layout (MVIT_FAST_TRITON_SPLIT_D) and
+    checks that every pass ran in it; None leaves the choice to the pinned config/autotuner.
+    """
     inputs = _make_inputs(case, dtype, device, seed)
     oracle_inputs = [t.double() if t is not None else None for t in inputs]
     nq = inputs[0].shape[2]
     gen = torch.Generator().manual_seed(seed + 1)
     # dO is rounded to dtype once and fed to both, like the inputs: only the kernel's error counts.
     grad_out = torch.randn(case.batch, case.heads, nq, case.head_dim, generator=gen).to(device, dtype)
-    out, grads = _run(inputs, case, "triton", grad_out, compile)
+    with pytest.MonkeyPatch.context() as env:
+        if layout is not None:
+            env.setenv(SPLIT_ENV, LAYOUTS[layout])
+        out, grads = _run(inputs, case, "triton", grad_out, compile)
+    if layout is not None and not compile:  # compiled launches are autotuned by Inductor
+        split = layout == "split" and head_dim_split(case.head_dim) is not None
+        ran = {name: cfg and cfg["SPLIT_D"] for name, cfg in launch_configs().items()}
+        assert ran == {"fwd": split, "dq": split, "dkdv": split}, f"asked for {layout}, ran {ran}"
     ref, ref_grads = _run(oracle_inputs, case, "eager", grad_out)
     assert out.dtype == dtype and out.is_contiguous()
     assert_close(out, ref, dtype=dtype, kind="fwd", name=f"out [{case}]")
@@ -130,26 +156,58 @@ def check_against_oracle(case: Case, dtype: torch.dtype, device: str = "cpu", se
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_fp32_matches_oracle(case: Case) -> None:
-    check_against_oracle(case, torch.float32)
+@pytest.mark.parametrize(("case", "layout"), with_layouts(CASES))
+def test_fp32_matches_oracle(case: Case, layout: str) -> None:
+    check_against_oracle(case, torch.float32, layout=layout)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5], CASES[6], CASES[8], CASES[9]], ids=str)
-def test_fp16_matches_oracle(case: Case) -> None:
-    check_against_oracle(case, torch.float16)
+@pytest.mark.parametrize(("case", "layout"),
+                         with_layouts([CASES[0], CASES[3], CASES[5], CASES[6], CASES[8], CASES[9]]))
+def test_fp16_matches_oracle(case: Case, layout: str) -> None:
+    check_against_oracle(case, torch.float16, layout=layout)
 
 
 def test_pinned_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """MVIT_FAST_TRITON_CONFIG pins the blocks: 32 x 16 tiles, EVEN_M/EVEN_N on for 32 x 16."""
-    monkeypatch.setenv("MVIT_FAST_TRITON_CONFIG", "BLOCK_M=32,BLOCK_N=16,num_warps=4,num_stages=1")
+    monkeypatch.setenv(CONFIG_ENV, "BLOCK_M=32,BLOCK_N=16,num_warps=4,num_stages=1")
     check_against_oracle(CASES[6], torch.float32)  # Nq = 32, Nk = 16: no masks
     check_against_oracle(CASES[0], torch.float32)
 
 
+@pytest.mark.parametrize("head_dim", [96, 72])
+def test_pinned_config_selects_the_layout(monkeypatch: pytest.MonkeyPatch, head_dim: int) -> None:
+    """SPLIT_D in the pinned config picks the layout and wins over MVIT_FAST_TRITON_SPLIT_D.
+
+    32 x 16 tokens in 32 x 16 tiles: no row masks; d = 96 = 64 + 32 then loads with no mask
+    at all, d = 72 = 64 + 16 masks only the hi tile's columns.
+    """
+    case = replace(CASES[6], head_dim=head_dim)
+    monkeypatch.setenv(CONFIG_ENV, "BLOCK_M=32,BLOCK_N=16,num_warps=4,num_stages=1,SPLIT_D=1")
+    check_against_oracle(case, torch.float32)
+    assert all(cfg["SPLIT_D"] for cfg in launch_configs().values())
+    monkeypatch.setenv(CONFIG_ENV, "BLOCK_M=32,BLOCK_N=16,num_warps=4,num_stages=1,SPLIT_D=0")
+    monkeypatch.setenv(SPLIT_ENV, "1")
+    check_against_oracle(case, torch.float32)
+    assert not any(cfg["SPLIT_D"] for cfg in launch_configs().values())
+
+
+def test_split_is_a_no_op_where_the_head_dim_does_not_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A power-of-two head dim (or one no narrower split) runs padded whatever is pinned."""
+    assert head_dim_split(96) == (64, 32) and head_dim_split(72) == (64, 16)
+    assert head_dim_split(144) == (128, 16) and head_dim_split(40) == (32, 16)
+    assert head_dim_split(64) is None and head_dim_split(24) is None and head_dim_split(200) is None
+    monkeypatch.setenv(CONFIG_ENV, "BLOCK_M=16,BLOCK_N=16,num_warps=1,num_stages=1,SPLIT_D=1")
+    check_against_oracle(Case((1, 2, 3), (1, 2, 2), head_dim=64, batch=1, heads=1), torch.float32)
+    assert not any(cfg["SPLIT_D"] for cfg in launch_configs().values())
+
+
 def test_pinned_config_rejects_garbage(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MVIT_FAST_TRITON_CONFIG", "BLOCK_M=32")
+    monkeypatch.setenv(CONFIG_ENV, "BLOCK_M=32")
     with pytest.raises(ValueError, match="BLOCK_N"):
+        check_against_oracle(CASES[0], torch.float32)
+    monkeypatch.delenv(CONFIG_ENV)
+    monkeypatch.setenv(SPLIT_ENV, "yes")
+    with pytest.raises(ValueError, match=SPLIT_ENV):
         check_against_oracle(CASES[0], torch.float32)
 
 
@@ -157,15 +215,16 @@ def test_pinned_config_rejects_garbage(monkeypatch: pytest.MonkeyPatch) -> None:
 @given(
     q_thw=st.tuples(st.integers(1, 2), st.integers(1, 5), st.integers(1, 5)),
     k_thw=st.tuples(st.integers(1, 2), st.integers(1, 4), st.integers(1, 4)),
-    head_dim=st.sampled_from([8, 16, 24]),
+    head_dim=st.sampled_from([8, 16, 24, 40]),
     has_cls=st.booleans(),
     residual=st.booleans(),
     axes=st.tuples(st.booleans(), st.booleans(), st.booleans()),
     heads=st.integers(1, 2),
 )
 def test_random_shapes_fp32(q_thw, k_thw, head_dim, has_cls, residual, axes, heads) -> None:
+    """Split layout asked for: d = 40 runs as 32 + (8 -> 16), the other dims padded (no split)."""
     case = Case(q_thw, k_thw, head_dim, has_cls, residual, axes, batch=1, heads=heads)
-    check_against_oracle(case, torch.float32)
+    check_against_oracle(case, torch.float32, layout="split")
 
 
 def test_registered_ops_and_fake_shapes() -> None:
@@ -215,9 +274,9 @@ def test_autocast_runs_the_kernel_in_the_autocast_dtype() -> None:
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_cuda_matches_oracle(case: Case, dtype: torch.dtype) -> None:
-    check_against_oracle(case, dtype, device="cuda")
+@pytest.mark.parametrize(("case", "layout"), with_layouts(CASES))
+def test_cuda_matches_oracle(case: Case, layout: str, dtype: torch.dtype) -> None:
+    check_against_oracle(case, dtype, device="cuda", layout=layout)
 
 
 def _mvit_s_block_cases() -> list[Case]:
@@ -233,10 +292,11 @@ def _mvit_s_block_cases() -> list[Case]:
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", _mvit_s_block_cases(), ids=str)
-def test_cuda_mvit_s_blocks(case: Case, dtype: torch.dtype) -> None:
-    """The real MViTv2-S block shapes at batch 2; the float64 oracle runs on the GPU."""
-    check_against_oracle(case, dtype, device="cuda")
+@pytest.mark.parametrize(("case", "layout"), with_layouts(_mvit_s_block_cases()))
+def test_cuda_mvit_s_blocks(case: Case, layout: str, dtype: torch.dtype) -> None:
+    """The real MViTv2-S block shapes (d = 96) at batch 2 in both head-dim layouts, each
+    autotuned over its own configs; the float64 oracle runs on the GPU."""
+    check_against_oracle(case, dtype, device="cuda", layout=layout)
 
 
 @pytest.mark.cuda
