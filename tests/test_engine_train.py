@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -90,45 +91,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_match_one_process_with_accumulation(tiny, tmp_path):
-    # no per-rank randomness, so 2 ranks x 2 videos == 1 rank x (2 micro-batches of 2 videos)
-    quiet = dict(tiny, mixup=False, drop_path_rate=0.0, head_dropout=0.0, epochs=1, warmup_epochs=0.0)
-    single = main(**quiet, batch_per_device=2, run_dir=str(tmp_path / "one"))
-    flags = []
-    for key, value in quiet.items():
+def torchrun_train(overrides: dict, run_dir: Path, *flags: str, nproc: int = 2) -> dict:
+    """`main(**overrides)` as `torchrun --nproc-per-node nproc train.py` on CPU (gloo), plus `flags`;
+    returns its results.json."""
+    args = []
+    for key, value in overrides.items():
         if key in ("device", "progress"):
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + flag[2:])
+            args.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, tuple):
-            flags += [flag, *map(str, value)]
+            args += [flag, *map(str, value)]
         else:
-            flags += [flag, str(value)]
+            args += [flag, str(value)]
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc-per-node",
-        "2",
+        str(nproc),
         "--master-addr",
         "127.0.0.1",
         "--master-port",
         str(_free_port()),
         str(REPO / "train.py"),
+        *args,
         *flags,
         "--device",
         "cpu",
         "--no-progress",
         "--run-dir",
-        str(tmp_path / "two"),
+        str(run_dir),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    import json
+    return json.loads((Path(run_dir) / "results.json").read_text())
 
-    double = json.loads((tmp_path / "two" / "results.json").read_text())
+
+def test_two_gloo_processes_match_one_process_with_accumulation(tiny, tmp_path):
+    # no per-rank randomness, so 2 ranks x 2 videos == 1 rank x (2 micro-batches of 2 videos)
+    quiet = dict(tiny, mixup=False, drop_path_rate=0.0, head_dropout=0.0, epochs=1, warmup_epochs=0.0)
+    single = main(**quiet, batch_per_device=2, run_dir=str(tmp_path / "one"))
+    double = torchrun_train(quiet, tmp_path / "two")
     a, b = _weights(single), _weights(double)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)

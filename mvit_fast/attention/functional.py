@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
+from . import autotune
 from .peers import flex_rel_pos_attention, sdpa_attention, sdpa_aug_attention
 from .reference import eager_attention
 
@@ -27,11 +28,9 @@ if triton_attention is not None:
     BACKENDS["triton"] = triton_attention
 
 
-def _resolve_backend(backend: str, q: Tensor) -> str:
+def _resolve_backend(backend: str, args: tuple) -> str:
     if backend == "auto":
-        # Until GPU measurements rank the backends per shape (bench/), "auto" takes the
-        # ones that are correct everywhere: PyTorch SDPA on CUDA, the reference elsewhere.
-        return "sdpa" if q.is_cuda else "eager"
+        return autotune.choose(BACKENDS, args)
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}: expected 'auto' or one of "
                          f"{sorted(BACKENDS)}")
@@ -95,14 +94,17 @@ def pooled_attention(
         has_cls: token 0 is a cls token: it gets no bias and no residual.
         residual_pooling: add the (unscaled) pooled q to the output, cls row excluded.
         scale: score scale; None means d**-0.5. The bias uses the unscaled q.
-        backend: "auto" or one of `BACKENDS` ("eager" is the materialized reference).
+        backend: one of `BACKENDS` ("eager" is the materialized reference), or "auto": the
+            fastest backend measured on the first call with this device, dtype and shape
+            (forward, or forward + backward when gradients are needed), remembered on disk;
+            see `mvit_fast.attention.autotune`.
 
     Returns:
         (B, heads, Nq, d) in q's dtype.
     """
     tables = (rel_pos_t, rel_pos_h, rel_pos_w)
     _check_inputs(q, k, v, q_thw, k_thw, tables, has_cls)
-    impl = BACKENDS[_resolve_backend(backend, q)]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return impl(q, k, v, tuple(int(x) for x in q_thw), tuple(int(x) for x in k_thw),
-                *tables, has_cls, residual_pooling, scale)
+    args = (q, k, v, tuple(int(x) for x in q_thw), tuple(int(x) for x in k_thw), *tables, has_cls,
+            residual_pooling, scale)
+    return BACKENDS[_resolve_backend(backend, args)](*args)

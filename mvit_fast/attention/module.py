@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from . import autotune
 from .functional import pooled_attention
 
 try:
@@ -44,6 +45,21 @@ def attention_pool(
     if norm is not None:
         x = norm(x)
     return x, thw
+
+
+def _pool_qkv_eager(q: Tensor, k: Tensor, v: Tensor, thw: Sequence[int], has_cls: bool,
+                    pools: Sequence[nn.Module | None], norms: Sequence[nn.Module | None]):
+    """`attention_pool` of q, k and v (B, heads, N, d): (q, k, v, q_thw, kv_thw)."""
+    q, q_thw = attention_pool(q, pools[0], thw, has_cls, norms[0])
+    k, kv_thw = attention_pool(k, pools[1], thw, has_cls, norms[1])
+    v, _ = attention_pool(v, pools[2], thw, has_cls, norms[2])
+    return q, k, v, q_thw, kv_thw
+
+
+def _pool_projection_eager(qkv: Tensor, thw: Sequence[int], has_cls: bool,
+                           pools: Sequence[nn.Module | None], norms: Sequence[nn.Module | None]):
+    """`_pool_qkv_eager` from the qkv projection's (B, N, 3, heads, d) layout, as `fused_pool_qkv`."""
+    return _pool_qkv_eager(*qkv.permute(2, 0, 3, 1, 4).unbind(0), thw, has_cls, pools, norms)
 
 
 class MultiScaleAttention(nn.Module):
@@ -170,20 +186,17 @@ class MultiScaleAttention(nn.Module):
         cls = self.has_cls_embed
         pools = (self.pool_q, self.pool_k, self.pool_v)
         norms = tuple(getattr(self, name, None) for name in ("norm_q", "norm_k", "norm_v"))
-        if (self.backend == "triton" and not self.separate_qkv and fused_pool_qkv is not None
-                and can_fuse_pool(pools, norms, x)):
-            # One kernel per q/k/v: conv + LayerNorm straight from the projection's layout.
-            qkv = self.qkv(x).reshape(batch, n, 3, heads, -1)
-            q, k, v, q_shape, k_shape = fused_pool_qkv(qkv, thw_shape, cls, pools, norms)
+        if self.separate_qkv:
+            q, k, v = (proj(x).reshape(batch, n, heads, -1).transpose(1, 2)
+                       for proj in (self.q, self.k, self.v))
+            q, k, v, q_shape, k_shape = _pool_qkv_eager(q, k, v, thw_shape, cls, pools, norms)
         else:
-            if self.separate_qkv:
-                q, k, v = (proj(x).reshape(batch, n, heads, -1).transpose(1, 2)
-                           for proj in (self.q, self.k, self.v))
+            qkv = self.qkv(x).reshape(batch, n, 3, heads, -1)
+            if self._fused_pool(qkv, thw_shape, pools, norms):
+                # One kernel per q/k/v: conv + LayerNorm straight from the projection's layout.
+                q, k, v, q_shape, k_shape = fused_pool_qkv(qkv, thw_shape, cls, pools, norms)
             else:
-                q, k, v = self.qkv(x).reshape(batch, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-            q, q_shape = attention_pool(q, self.pool_q, thw_shape, cls, norms[0])
-            k, k_shape = attention_pool(k, self.pool_k, thw_shape, cls, norms[1])
-            v, _ = attention_pool(v, self.pool_v, thw_shape, cls, norms[2])
+                q, k, v, q_shape, k_shape = _pool_projection_eager(qkv, thw_shape, cls, pools, norms)
         x = pooled_attention(
             q, k, v, q_shape, k_shape,
             self.rel_pos_t if self.rel_pos_temporal else None,
@@ -195,6 +208,24 @@ class MultiScaleAttention(nn.Module):
         if self.drop_rate > 0.0:
             x = self.proj_drop(x)
         return x, q_shape
+
+    def _fused_pool(self, qkv: Tensor, thw: Sequence[int], pools: tuple, norms: tuple) -> bool:
+        """Pool with the fused Triton kernel: always under "triton" where it applies; under "auto"
+        on CUDA where it measured faster than the plain ops (`autotune.choose_pool`)."""
+        if self.backend not in ("triton", "auto") or fused_pool_qkv is None:
+            return False
+        if not can_fuse_pool(pools, norms, qkv):
+            return False
+        if self.backend == "triton":
+            return True
+        if not qkv.is_cuda:  # under TRITON_INTERPRET=1 the kernel runs on the CPU, but only for tests
+            return False
+        params = [t for m in (*pools, *norms) for t in m.parameters()]
+        geometry = (f"thw={'x'.join(map(str, thw))}|cls={int(self.has_cls_embed)}|strides="
+                    + ",".join("x".join(map(str, p.stride)) for p in pools))
+        candidates = {"eager": _pool_projection_eager, "triton": fused_pool_qkv}
+        args = (thw, self.has_cls_embed, pools, norms)
+        return autotune.choose_pool(candidates, qkv, args, params, geometry) == "triton"
 
     @classmethod
     def from_module(cls, module: nn.Module, *, backend: str = "auto") -> MultiScaleAttention:

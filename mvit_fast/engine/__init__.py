@@ -1,9 +1,10 @@
 """Training and evaluation engine: `python train.py` (see `run.main`).
 
 recipe.py    the published recipes (`Recipe`, `get_recipe`), lr schedule, optimizer
-trainer.py   the training loop (DDP, accumulation, autocast, exact resume, clean stops)
+trainer.py   the training loop (DDP or FSDP, accumulation, autocast, exact resume, clean stops)
 evaluate.py  multi-view test: softmax summed per video, top-1/top-5, per-class accuracy
 dist.py      torchrun process group helpers
+fsdp.py      --fsdp: FSDP2 sharding, full-state checkpoints, an unsharded copy for evaluation
 run.py       `main(...)` and the command line
 """
 

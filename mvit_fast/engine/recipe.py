@@ -85,6 +85,7 @@ class Recipe:
     # runtime
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "bf16", "fp16", "fp32"
     compile: bool | None = None  # None: on for CUDA, off for CPU
+    fsdp: bool = False  # FSDP2 (sharded weights, grads, optimizer state) instead of DDP over >1 processes
     eval_every: int = 10  # epochs between single-view validations (0: only the final multi-view test)
     eval_batch_size: int = 4  # videos per device per test batch (each gives test_clips * test_crops views)
     num_workers: int | None = None  # None: this process's share of the CPU cores
@@ -215,6 +216,9 @@ def check_recipe(r: Recipe) -> None:
         raise ValueError(f"warmup_epochs must be in [0, epochs={r.epochs}), got {r.warmup_epochs}")
     if r.test_short_side < r.crop_size:
         raise ValueError(f"test_short_side {r.test_short_side} is smaller than crop_size {r.crop_size}")
+    if r.fsdp and r.precision == "fp16":
+        # GradScaler's inf check would see only this rank's gradient shard: ranks could disagree
+        raise ValueError("fsdp supports precision bf16 or fp32, not fp16 (its loss scaling is per rank)")
 
 
 def lr_at(epoch: float, r: Recipe) -> float:

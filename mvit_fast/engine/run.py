@@ -1,7 +1,7 @@
 """`python train.py`: the command line and `main`, which wires config, data, model and loop.
 
     main(size, dataset, lists...) -> get_recipe -> build_model (+ --checkpoint weights)
-        -> train (DDP under torchrun) -> multi-view test -> summary, run_dir/results.json
+        -> train (DDP or --fsdp under torchrun) -> multi-view test -> summary, run_dir/results.json
     main(eval_only=True, checkpoint=PATH) -> multi-view test only
 
 Every `Recipe` field is a flag (`--base-lr`, `--batch-size`, `--no-mixup`, ...); flags left
@@ -286,6 +286,7 @@ def main(
                 validate=validate,
                 progress=progress,
             )
+            model = out.model  # under --fsdp an unsharded copy: the test shards of the ranks differ
             results.update(
                 status=out.status,
                 step=out.position.step,
@@ -380,6 +381,8 @@ _HELP = {
     "precision": "auto: bf16 autocast on CUDA, fp32 on CPU (fp32 master weights either way)",
     "max_steps": "stop after this many optimizer steps, saving a checkpoint, as on SIGTERM",
     "grad_clip": "max global grad L2 norm (0: no clipping)",
+    "fsdp": "under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2) "
+    "instead of DDP's full replicas: for MViTv2-L; checkpoints stay single unsharded files",
 }
 
 

@@ -1,4 +1,4 @@
-"""The training loop: bf16 autocast, DDP, gradient accumulation, exact resume, clean stops.
+"""The training loop: bf16 autocast, DDP or FSDP, gradient accumulation, exact resume, clean stops.
 
 One optimizer step = `accum` micro-batches of `batch_per_device` videos on every rank, so
 the recipe's global batch is reached on any number of devices. The lr is a pure function of
@@ -29,11 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from ..checkpoint import save_checkpoint
 from ..data import MixupCutmix
 from ..data.mixup import smooth_one_hot
 from .dist import Dist, all_reduce_sum, barrier
+from .fsdp import Sharded
 from .recipe import Recipe, build_optimizer, lr_at
 
 
@@ -172,14 +174,20 @@ def save_training_state(
     recipe: Recipe,
     steps_per_epoch: int,
     d: Dist,
+    sharded: Sharded | None = None,
 ) -> None:
-    """Rank 0 writes the checkpoint atomically; every rank waits for it."""
+    """Rank 0 writes the checkpoint atomically; every rank waits for it (and, under FSDP,
+    takes part in gathering the full state)."""
+    if sharded is not None:
+        plain, optimizer_state = sharded.full(rank0_cpu=True), sharded.optimizer_state(optimizer)
+    else:
+        plain, optimizer_state = _unwrap(model), optimizer.state_dict() if d.is_main else {}
     if d.is_main:
         save_checkpoint(
             path,
-            _unwrap(model),
+            plain,
             kind="train",
-            optimizer=optimizer.state_dict(),
+            optimizer=optimizer_state,
             scaler=scaler.state_dict() if scaler is not None else None,
             epoch=pos.epoch,
             step=pos.step,
@@ -188,11 +196,19 @@ def save_training_state(
             steps_per_epoch=steps_per_epoch,
             world_size=d.world_size,
         )
+    if sharded is not None:
+        sharded.release()
     barrier()
 
 
 def load_training_state(
-    path: Path, model: nn.Module, optimizer, scaler, recipe: Recipe, steps_per_epoch: int
+    path: Path,
+    model: nn.Module,
+    optimizer,
+    scaler,
+    recipe: Recipe,
+    steps_per_epoch: int,
+    sharded: Sharded | None = None,
 ) -> Position:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("kind") != "train":
@@ -207,8 +223,11 @@ def load_training_state(
             f"({state['steps_per_epoch']} steps per epoch), this run has batch_size "
             f"{recipe.batch_size} ({steps_per_epoch}): the data order would not continue"
         )
-    _unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if sharded is not None:
+        sharded.load(state["model"], state["optimizer"], optimizer)
+    else:
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
     return Position(state["epoch"], state["step"], state["best_top1"])
@@ -231,6 +250,7 @@ class TrainResult:
     data_s_per_step: float
     compute_s_per_step: float
     wall_s: float
+    model: nn.Module  # the trained model for evaluation: under FSDP an unsharded copy
 
 
 def train(
@@ -262,20 +282,33 @@ def train(
             f"fewer than one optimizer step ({accum} batches); lower --batch-size"
         )
     total_steps = recipe.epochs * steps_per_epoch
+    sharded = None
+    if recipe.fsdp and d.enabled:
+        # before the optimizer, which must hold the sharded parameters; compiled below as a whole
+        sharded = Sharded(model, d)
+    elif recipe.fsdp and d.is_main:
+        print("--fsdp: a single process has nothing to shard; training the model unwrapped", flush=True)
     optimizer = build_optimizer(model, recipe)
     dtype = amp_dtype(recipe, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     pos = Position()
     if resume is not None:
-        pos = load_training_state(resume, model, optimizer, scaler, recipe, steps_per_epoch)
+        pos = load_training_state(resume, model, optimizer, scaler, recipe, steps_per_epoch, sharded)
     ddp = None
-    if d.enabled:
+    if d.enabled and sharded is None:
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     forward = ddp if ddp is not None else model
     compile_model = recipe.compile if recipe.compile is not None else device.type == "cuda"
     if compile_model:
+        if device.type == "cuda" and recipe.attention_backend == "auto":
+            from ..attention import autotune  # compiling cannot measure: choose eagerly, on a batch's shape
+
+            clip = torch.randn(per_device * recipe.repeats, 3, recipe.num_frames, recipe.crop_size,
+                               recipe.crop_size, device=device)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                autotune.tune(model, clip, train=True)
         forward = torch.compile(forward)
     mixup = MixupCutmix(
         recipe.num_classes,
@@ -332,6 +365,8 @@ def train(
                     else:
                         target = smooth_one_hot(labels, recipe.num_classes, recipe.label_smoothing)
                     last = micro == accum - 1
+                    if sharded is not None:  # as DDP's no_sync: reduce-scatter once, after the last
+                        model.set_requires_gradient_sync(last)
                     with ddp.no_sync() if ddp is not None and not last else nullcontext(), autocast:
                         loss = soft_cross_entropy(forward(clips), target)
                     scaled = loss / accum
@@ -340,6 +375,8 @@ def train(
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                if isinstance(grad_norm, DTensor):  # FSDP: the global norm, replicated on every rank
+                    grad_norm = grad_norm.full_tensor()
                 wants_stop = stop.signum is not None or (
                     recipe.max_steps is not None and pos.step + 1 >= recipe.max_steps
                 )
@@ -425,7 +462,9 @@ def train(
             if status == "stopped":
                 pos.epoch = epoch
                 last_ckpt = checkpoint_dir(run_dir) / f"step_{pos.step:09d}.pt"
-                save_training_state(last_ckpt, model, optimizer, scaler, pos, recipe, steps_per_epoch, d)
+                save_training_state(
+                    last_ckpt, model, optimizer, scaler, pos, recipe, steps_per_epoch, d, sharded
+                )
                 _prune(run_dir, recipe.keep_checkpoints)
                 why = (
                     f"signal {signal.Signals(stop.signum).name}"
@@ -444,7 +483,9 @@ def train(
             if validate is not None and (
                 last_epoch or (recipe.eval_every and pos.epoch % recipe.eval_every == 0)
             ):
-                top1 = validate(model)
+                top1 = validate(sharded.full() if sharded is not None else model)
+                if sharded is not None:
+                    sharded.release()
                 if d.is_main:
                     tqdm.write(f"epoch {pos.epoch}: val top-1 (1 view) {top1:.2f}%")
                     if board is not None:
@@ -453,11 +494,13 @@ def train(
             is_best = top1 is not None and top1 > pos.best_top1
             if is_best:
                 pos.best_top1 = top1
-            save_training_state(last_ckpt, model, optimizer, scaler, pos, recipe, steps_per_epoch, d)
-            if is_best and d.is_main:
-                save_checkpoint(
-                    run_dir / "best.pt", _unwrap(model), epoch=pos.epoch, step=pos.step, val_top1=top1
-                )
+            save_training_state(last_ckpt, model, optimizer, scaler, pos, recipe, steps_per_epoch, d, sharded)
+            if is_best:
+                plain = sharded.full(rank0_cpu=True) if sharded is not None else _unwrap(model)
+                if d.is_main:
+                    save_checkpoint(run_dir / "best.pt", plain, epoch=pos.epoch, step=pos.step, val_top1=top1)
+                if sharded is not None:
+                    sharded.release()
             _prune(run_dir, recipe.keep_checkpoints)
     bar.close()
     if board is not None:
@@ -475,4 +518,5 @@ def train(
         data_s_per_step=timed["data"] / n,
         compute_s_per_step=timed["compute"] / n,
         wall_s=time.perf_counter() - start,
+        model=sharded.full() if sharded is not None else model,
     )
