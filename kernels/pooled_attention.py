@@ -35,8 +35,9 @@ in fp32, no PAD limit on the grid size); it costs L1 bandwidth instead of MMA sl
 Passes (launchers at the bottom; `wrap` lets the caller route launches through
 `torch.library.wrap_triton`):
 - `attention_forward`: `_attn_fwd`, one program per (query block, batch*head).
-- `attention_backward`: `_attn_bwd_dq` (dq, the table gradients and the exact softmax
-  delta, per query block), then `_attn_bwd_dkdv` (dk, dv, per key block).
+- `attention_backward`: `_attn_bwd_dq` (dq, the table gradients and the softmax delta
+  dO . (out - residual), made exact in the key loop, per query block), then
+  `_attn_bwd_dkdv` (dk, dv, per key block).
 """
 
 from __future__ import annotations
@@ -98,15 +99,18 @@ def _bias_dot(acc, rel_hi, rel_lo, coord, key_ok, PAD: tl.constexpr, IS_FP32: tl
 
 
 @triton.jit
-def _onehot_reduce(acc, ds_hi, ds_lo, coord, key_ok, PAD: tl.constexpr, IS_FP32: tl.constexpr):
-    """acc[i, c] += sum over keys j with coord_j == c of dS[i, j]: dS @ onehot^T."""
+def _onehot_reduce(acc, ds_hi, ds_lo, coord, key_ok, PAD: tl.constexpr, IS_FP32: tl.constexpr,
+                   HI_ONLY: tl.constexpr):
+    """acc[i, c] += sum over keys j with coord_j == c of dS[i, j]: dS @ onehot^T. HI_ONLY
+    drops the lo dot (dS rounded once to the input dtype, for a term needed to ~3 digits)."""
     onehot_t = (coord[:, None] == tl.arange(0, PAD)[None, :]) & key_ok[:, None]
     onehot_t = onehot_t.to(ds_hi.dtype)
     if IS_FP32:
         acc = tl.dot(ds_hi, onehot_t, acc, input_precision="ieee")
     else:
         acc = tl.dot(ds_hi, onehot_t, acc)
-        acc = tl.dot(ds_lo, onehot_t, acc)
+        if not HI_ONLY:
+            acc = tl.dot(ds_lo, onehot_t, acc)
     return acc
 
 
@@ -243,7 +247,8 @@ def _store_cols(ptr, stride_r, stride_d, x, rows, n_rows, D, COL0: tl.constexpr,
 
 @triton.jit
 def _add_residual(acc, x, offs_m, RESIDUAL: tl.constexpr, HAS_CLS: tl.constexpr):
-    """acc + x on the non-cls rows with residual pooling (forward: x = q; dq pass: x = dO)."""
+    """acc + x on the non-cls rows with residual pooling (forward: x = q; dq pass: x = dO,
+    and x = -q to take the residual back out of the forward's output)."""
     if RESIDUAL:
         if HAS_CLS:
             acc += tl.where((offs_m >= 1)[:, None], x.to(tl.float32), 0.0)
@@ -354,11 +359,12 @@ def _attn_fwd(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, R, DO, LSE, DELTA, DQ, DR,
+    Q, K, V, R, Out, DO, LSE, DELTA, DQ, DR,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_rb, stride_rh, stride_rm, stride_rk,
+    stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_drb, stride_drh, stride_drm, stride_drk,
@@ -376,21 +382,31 @@ def _attn_bwd_dq(
 
     Math: P_ij = 2^(s_ij - LSE_i) recomputed from q, k and the tables; dP_ij = dO_i . v_j;
     dS_ij = P_ij (dP_ij - delta_i) is the gradient of the logit scale * q_i . k_j + b_ij, with
-    delta_i = sum_j P_ij dP_ij (= dO_i . O_attn_i). Then
+    delta_i = sum_j P_ij dP_ij = dO_i . attn_i, attn_i = sum_j P_ij v_j the attention output
+    before the residual. Then
         dq_i = scale * sum_j dS_ij k_j  (+ dO_i with the residual, non-cls rows),
         dRel_t[i, t] = sum_{j: t_j = t} dS_ij  (likewise h, w).
-    delta is NOT taken from the stored output as in FlashAttention: out is rounded to the
-    input dtype (and holds the residual q), and in bf16 that rounding alone put the table
-    gradients (no 1/sqrt(d) factor, summed over queries) 1.3-2.5x over the test tolerance.
-    Instead the loop accumulates sum_j P dP k, sum_j P k and delta in fp32 and forms
-    dq = scale * (sum_j P dP k - delta * sum_j P k) at the end (one extra P @ K dot per
-    tile); the same split gives dRel from two one-hot reductions (of P dP and of P). delta
-    is stored for `_attn_bwd_dkdv`, which must run after this kernel. With SPLIT_D, s and
-    dP sum two head-dim dots each, and the two fp32 accumulators (sum P dP k, sum P k) are
-    four: one pair per head-dim half of k.
 
-    Traffic: q, dO, the table rows, dq, dRel, delta once; K and V once per query block (L2).
-    No atomics, no Nq x Nk tensor.
+    delta in two parts. Before the key loop, delta0_i = dO_i . (out_i - q_i) (q on residual
+    rows only) from the forward's output, as in FlashAttention's preprocess, so the loop
+    carries one (BLOCK_M x d) accumulator, dq, fed with dS0_ij = P_ij (dP_ij - delta0_i).
+    But out is rounded to the input dtype at the scale of attn + q (q is often the larger
+    term): in bf16 at d = 96, delta0 is off by up to ~0.1, an error shared by every key of
+    the row and not damped by scale in the table gradients, which it would put up to 8x
+    over the bf16 test tolerance. So the loop also sums the row sum c_i = sum_j dS0_ij
+    = delta_i - delta0_i (fp32) and the probability mass per key coordinate
+    P^t_i = sum_{j: t_j = t} P_ij, and the epilogue forms
+        delta_i = delta0_i + c_i  (stored for `_attn_bwd_dkdv`, whose dk is thus exact),
+        dRel_t[i, t] = sum_{j: t_j = t} dS0_ij - c_i P^t_i  (exact; likewise h, w).
+    Only the direct dq keeps delta0's error, scale * c_i * sum_j P_ij k_j, as FlashAttention's
+    does (numbers in `attention_backward`). dS0 enters the one-hot reduction as hi + lo parts
+    (~16 bits; rounded once to bf16 it would cost up to 0.96 of the tolerance); P^t only
+    multiplies the small c_i, so one dot in the input dtype does (HI_ONLY; < 0.001 of the
+    tolerance). With SPLIT_D, s, dP and delta0 sum two head-dim parts and dq is two
+    accumulators, one per part of k.
+
+    Traffic: q, dO, out, the table rows, dq, dRel, delta once; K and V once per query block
+    (L2). No atomics, no Nq x Nk tensor.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -400,6 +416,7 @@ def _attn_bwd_dq(
     K += off_b * stride_kb + off_hd * stride_kh
     V += off_b * stride_vb + off_hd * stride_vh
     R += off_b * stride_rb + off_hd * stride_rh
+    Out += off_b * stride_ob + off_hd * stride_oh
     DO += off_b * stride_dob + off_hd * stride_doh
     DQ += off_b * stride_dqb + off_hd * stride_dqh
     DR += off_b * stride_drb + off_hd * stride_drh
@@ -414,6 +431,14 @@ def _attn_bwd_dq(
                       BLOCK_D0, EVEN_D0, SPLIT_D, BLOCK_D_HI, EVEN_D_HI)
     do, do_hi = _load_d(DO, stride_dom, stride_dod, offs_m, Nq, D, EVEN_M, False,
                         BLOCK_D0, EVEN_D0, SPLIT_D, BLOCK_D_HI, EVEN_D_HI)
+    # delta0 = dO . (out - q): the out tiles are dead once reduced, before the key loop.
+    o, o_hi = _load_d(Out, stride_om, stride_od, offs_m, Nq, D, EVEN_M, False,
+                      BLOCK_D0, EVEN_D0, SPLIT_D, BLOCK_D_HI, EVEN_D_HI)
+    attn = _add_residual(o.to(tl.float32), -q.to(tl.float32), offs_m, RESIDUAL, HAS_CLS)
+    delta0 = tl.sum(do.to(tl.float32) * attn, 1)
+    if SPLIT_D:
+        attn_hi = _add_residual(o_hi.to(tl.float32), -q_hi.to(tl.float32), offs_m, RESIDUAL, HAS_CLS)
+        delta0 += tl.sum(do_hi.to(tl.float32) * attn_hi, 1)
     if EVEN_M:
         lse = tl.load(LSE + offs_m)
     else:
@@ -423,18 +448,16 @@ def _attn_bwd_dq(
         R, stride_rm, stride_rk, offs_m, Nq, Kt, Kh, Kw, off_h, off_w, DTYPE, BLOCK_M,
         HAS_CLS, HAS_REL_T, HAS_REL_H, HAS_REL_W, PAD_T, PAD_H, PAD_W, IS_FP32)
 
-    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
-    pdp_k = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)  # sum_j P dP k_j
-    p_k = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)  # sum_j P k_j
+    c = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_j dS0_ij = delta_i - delta0_i
+    dq = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
     if SPLIT_D:
-        pdp_k_hi = tl.zeros([BLOCK_M, BLOCK_D_HI], dtype=tl.float32)
-        p_k_hi = tl.zeros([BLOCK_M, BLOCK_D_HI], dtype=tl.float32)
-    # Per axis: sum over keys sharing a coordinate of P dP (a) and of P (p).
-    drt_a = tl.zeros([BLOCK_M, PAD_T], dtype=tl.float32)
+        dq_hi = tl.zeros([BLOCK_M, BLOCK_D_HI], dtype=tl.float32)
+    # Per axis: sums over the keys sharing a coordinate of dS0 (ds) and of P (p).
+    drt_ds = tl.zeros([BLOCK_M, PAD_T], dtype=tl.float32)
     drt_p = tl.zeros([BLOCK_M, PAD_T], dtype=tl.float32)
-    drh_a = tl.zeros([BLOCK_M, PAD_H], dtype=tl.float32)
+    drh_ds = tl.zeros([BLOCK_M, PAD_H], dtype=tl.float32)
     drh_p = tl.zeros([BLOCK_M, PAD_H], dtype=tl.float32)
-    drw_a = tl.zeros([BLOCK_M, PAD_W], dtype=tl.float32)
+    drw_ds = tl.zeros([BLOCK_M, PAD_W], dtype=tl.float32)
     drw_p = tl.zeros([BLOCK_M, PAD_W], dtype=tl.float32)
     for start_n in range(0, Nk, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -447,56 +470,51 @@ def _attn_bwd_dq(
                     HAS_CLS, HAS_REL_T, HAS_REL_H, HAS_REL_W, PAD_T, PAD_H, PAD_W,
                     IS_FP32, PRECISION, EVEN_N, SPLIT_D)
         p = tl.math.exp2(s - lse[:, None])  # padded keys: s = -inf, p = 0
-        pdp = p * _dot_d(do, do_hi, v_t, v_t_hi, PRECISION, SPLIT_D)
-        delta += tl.sum(pdp, 1)
-        k = tl.trans(k_t)
-        pdp_k = tl.dot(pdp.to(DTYPE), k, pdp_k, input_precision=PRECISION)
-        p_k = tl.dot(p.to(DTYPE), k, p_k, input_precision=PRECISION)
+        ds = p * (_dot_d(do, do_hi, v_t, v_t_hi, PRECISION, SPLIT_D) - delta0[:, None])
+        c += tl.sum(ds, 1)
+        dq = tl.dot(ds.to(DTYPE), tl.trans(k_t), dq, input_precision=PRECISION)
         if SPLIT_D:
-            k_hi = tl.trans(k_t_hi)
-            pdp_k_hi = tl.dot(pdp.to(DTYPE), k_hi, pdp_k_hi, input_precision=PRECISION)
-            p_k_hi = tl.dot(p.to(DTYPE), k_hi, p_k_hi, input_precision=PRECISION)
+            dq_hi = tl.dot(ds.to(DTYPE), tl.trans(k_t_hi), dq_hi, input_precision=PRECISION)
         if HAS_REL_T or HAS_REL_H or HAS_REL_W:
-            pdp_hi, pdp_lo = _split(pdp, DTYPE, IS_FP32)
-            p_hi, p_lo = _split(p, DTYPE, IS_FP32)
+            ds_hi, ds_lo = _split(ds, DTYPE, IS_FP32)
+            p_lp = p.to(DTYPE)
             t_j, h_j, w_j, key_ok = _key_coords(offs_n, Nk, Kh, Kw, HAS_CLS)
             if HAS_REL_T:
-                drt_a = _onehot_reduce(drt_a, pdp_hi, pdp_lo, t_j, key_ok, PAD_T, IS_FP32)
-                drt_p = _onehot_reduce(drt_p, p_hi, p_lo, t_j, key_ok, PAD_T, IS_FP32)
+                drt_ds = _onehot_reduce(drt_ds, ds_hi, ds_lo, t_j, key_ok, PAD_T, IS_FP32, False)
+                drt_p = _onehot_reduce(drt_p, p_lp, p_lp, t_j, key_ok, PAD_T, IS_FP32, True)
             if HAS_REL_H:
-                drh_a = _onehot_reduce(drh_a, pdp_hi, pdp_lo, h_j, key_ok, PAD_H, IS_FP32)
-                drh_p = _onehot_reduce(drh_p, p_hi, p_lo, h_j, key_ok, PAD_H, IS_FP32)
+                drh_ds = _onehot_reduce(drh_ds, ds_hi, ds_lo, h_j, key_ok, PAD_H, IS_FP32, False)
+                drh_p = _onehot_reduce(drh_p, p_lp, p_lp, h_j, key_ok, PAD_H, IS_FP32, True)
             if HAS_REL_W:
-                drw_a = _onehot_reduce(drw_a, pdp_hi, pdp_lo, w_j, key_ok, PAD_W, IS_FP32)
-                drw_p = _onehot_reduce(drw_p, p_hi, p_lo, w_j, key_ok, PAD_W, IS_FP32)
+                drw_ds = _onehot_reduce(drw_ds, ds_hi, ds_lo, w_j, key_ok, PAD_W, IS_FP32, False)
+                drw_p = _onehot_reduce(drw_p, p_lp, p_lp, w_j, key_ok, PAD_W, IS_FP32, True)
 
-    dq = _add_residual((pdp_k - delta[:, None] * p_k) * scale, do, offs_m, RESIDUAL, HAS_CLS)
+    dq = _add_residual(dq * scale, do, offs_m, RESIDUAL, HAS_CLS)
     _store_cols(DQ, stride_dqm, stride_dqd, dq, offs_m, Nq, D, 0, BLOCK_D0, EVEN_M, EVEN_D0)
     if SPLIT_D:
-        dq_hi = _add_residual((pdp_k_hi - delta[:, None] * p_k_hi) * scale, do_hi, offs_m,
-                              RESIDUAL, HAS_CLS)
+        dq_hi = _add_residual(dq_hi * scale, do_hi, offs_m, RESIDUAL, HAS_CLS)
         _store_cols(DQ, stride_dqm, stride_dqd, dq_hi, offs_m, Nq, D, BLOCK_D0, BLOCK_D_HI,
                     EVEN_M, EVEN_D_HI)
     if EVEN_M:
-        tl.store(DELTA + offs_m, delta)
+        tl.store(DELTA + offs_m, delta0 + c)
     else:
-        tl.store(DELTA + offs_m, delta, mask=offs_m < Nq)
+        tl.store(DELTA + offs_m, delta0 + c, mask=offs_m < Nq)
 
-    # Table gradients of the non-cls rows: dRel = sum P dP - delta * sum P per coordinate.
+    # Table gradients of the non-cls rows: dRel = sum dS0 - c * sum P per coordinate.
     rows = offs_m - HAS_CLS
     row_ok = (offs_m >= HAS_CLS) & (offs_m < Nq)
     if HAS_REL_T:
         cols = tl.arange(0, PAD_T)
         tl.store(DR + rows[:, None] * stride_drm + cols[None, :] * stride_drk,
-                 drt_a - delta[:, None] * drt_p, mask=row_ok[:, None] & (cols < Kt)[None, :])
+                 drt_ds - c[:, None] * drt_p, mask=row_ok[:, None] & (cols < Kt)[None, :])
     if HAS_REL_H:
         cols = tl.arange(0, PAD_H)
         tl.store(DR + rows[:, None] * stride_drm + (off_h + cols)[None, :] * stride_drk,
-                 drh_a - delta[:, None] * drh_p, mask=row_ok[:, None] & (cols < Kh)[None, :])
+                 drh_ds - c[:, None] * drh_p, mask=row_ok[:, None] & (cols < Kh)[None, :])
     if HAS_REL_W:
         cols = tl.arange(0, PAD_W)
         tl.store(DR + rows[:, None] * stride_drm + (off_w + cols)[None, :] * stride_drk,
-                 drw_a - delta[:, None] * drw_p, mask=row_ok[:, None] & (cols < Kw)[None, :])
+                 drw_ds - c[:, None] * drw_p, mask=row_ok[:, None] & (cols < Kw)[None, :])
 
 
 @triton.jit
@@ -622,15 +640,26 @@ def _keep(block_m: int, block_n: int, num_warps: int, num_stages: int, pass_name
         return False
     if pass_name != "fwd" and block_m * block_n > 64 * 128:  # bwd keeps ~3 fp32 tiles live
         return False
+    if pass_name == "dq" and (block_n > 64 or (block_m > 64 and num_warps < 8)):
+        # Spill bytes per thread of the dq pass compiled for sm_90 (triton 3.9, d = 96 bf16,
+        # a contiguous launch's specialization, 1-2 stages, split | pad layout): 128 x 32 w8
+        # 0-36 | 72-128, 64 x 32 w4 32-72 | 128-160, 64 x 64 w4/w8 224-276 | 244-372,
+        # 128 x 64 w8 148-236 | 312-340. Left out: 64 x 128 1.0-2.0 KB, 128-row tiles on
+        # 4 warps 1.4-3.6 KB, and (in `_configs`) the 32-row tiles: 32 x 32 200-340 B,
+        # 32 x 64 0.8-1.0 KB, 32 x 128 2.6-4 KB or, on 8 warps, a collapse to 32 registers
+        # and ~20 KB of spills.
+        return False
     return True
 
 
-def _keep_split(block_m: int, block_n: int, num_stages: int, stages: Sequence[int]) -> bool:
-    """Split configs timed next to the padded ones: tiles of at least 64 x 64 at the deepest
-    pipeline, where the idle MMA columns of a padded head dim cost the most. The backward's
-    32-row tiles are left out: compiled for sm_90 (triton 3.9), the dq pass at 32 x 128
-    collapses to 32 registers and 20-30 KB of spills per thread (split d = 72, 96)."""
-    return block_m >= 64 and block_m * block_n >= 64 * 64 and num_stages == max(stages)
+def _keep_split(block_m: int, block_n: int, num_stages: int, stages: Sequence[int], pass_name: str) -> bool:
+    """Split configs timed next to the padded ones: tiles of at least 64 x 64, where the idle
+    MMA columns of a padded head dim cost the most, at the deepest pipeline; the dq pass at
+    every depth (its one spill-free config on sm_90 is 128 x 32, 8 warps, split, 1 stage:
+    `_keep`). The backward's 32-row tiles are left out: compiled for sm_90 (triton 3.9),
+    the dq pass at 32 x 128 collapses to 32 registers and ~20 KB of spills per thread."""
+    deepest = num_stages == max(stages) or pass_name == "dq"
+    return block_m >= 64 and block_m * block_n >= 64 * 64 and deepest
 
 
 def _configs(pass_name: str, layouts: Sequence[bool] = (False,)) -> list[triton.Config]:
@@ -638,21 +667,24 @@ def _configs(pass_name: str, layouts: Sequence[bool] = (False,)) -> list[triton.
 
     Kept small on purpose: every config is compiled for every constexpr variant
     (head dim, table axes), and a lent GPU session has minutes, not hours. MViT's
-    query counts are long (393 to 25089 per head), so the forward uses 64/128-row tiles.
+    query counts are long (393 to 25089 per head), so the forward and the dq pass (both
+    tiled over queries) use 64/128-row tiles; the dkdv pass tiles keys (BLOCK_N) and
+    loops over 32/64-row query blocks. num_stages counts: with the alignment a contiguous
+    launch specializes on, the key (query) loop's loads become cp.async pipelines.
 
     `layouts` lists the SPLIT_D values to time (see `head_dim_split`). With both, the split
-    configs are only the `_keep_split` ones (fwd 20 + 9 configs, bwd 18 + 4, instead of
-    doubling the compile time); with one layout pinned (MVIT_FAST_TRITON_SPLIT_D) that layout
-    gets the whole tile space, so a pinned pad-vs-split comparison is fair.
+    configs are only the `_keep_split` ones (fwd 20 + 9 configs, dq 10 + 8, dkdv 18 + 4,
+    instead of doubling the compile time); with one layout pinned (MVIT_FAST_TRITON_SPLIT_D)
+    that layout gets the whole tile space, so a pinned pad-vs-split comparison is fair.
     """
-    blocks_m = (64, 128) if pass_name == "fwd" else (32, 64)
+    blocks_m = (32, 64) if pass_name == "dkdv" else (64, 128)
     stages = (2, 3) if pass_name == "fwd" else (1, 2)
     thin_split = len(layouts) > 1
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_D": split}, num_warps=w, num_stages=s)
         for split in layouts for bm in blocks_m for bn in (32, 64, 128) for w in (4, 8) for s in stages
         if _keep(bm, bn, w, s, pass_name)
-        and not (split and thin_split and not _keep_split(bm, bn, s, stages))
+        and not (split and thin_split and not _keep_split(bm, bn, s, stages, pass_name))
     ]
 
 
@@ -847,7 +879,7 @@ def attention_forward(
 
 def attention_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel: torch.Tensor,
-    lse: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor,
     k_grid: Sequence[int], rel_axes: Sequence[bool], has_cls: bool, residual: bool, scale: float,
     *, wrap: Callable = _identity,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -856,12 +888,24 @@ def attention_backward(
     dq holds only the direct path (scores and residual); the gradient that reaches q
     through the tables is drel's, carried by autograd of the table einsum. Arguments as
     in `attention_forward`, plus dout (the gradient of out, any strides) and the forward's
-    LSE. The forward's output is not needed: the dq pass computes the softmax delta itself.
+    out and LSE, exactly as it returned them.
+
+    The softmax delta_i = dO_i . attn_i starts from the forward's out (attn = out - q on
+    residual rows) and is made exact inside the dq pass (`_attn_bwd_dq`): the table
+    gradients and dk see the exact delta, dq the one from the rounded out, as in
+    FlashAttention. The dq error this leaves, against the float64 oracle in units of the
+    test tolerance (`tests/numerics.py`), on the test cases and the MViTv2-S block shapes:
+    bf16 <= 0.15, fp16 <= 0.08. Delta taken from out alone would put the table gradients of
+    the MViTv2-S blocks 2.3-8x over in bf16 (up to 3.8x in fp16); even from attn rounded once
+    (FlashAttention's O), 1.2-2.3x. Saving out costs one (Nq x d) tensor in the input dtype
+    per call, linear in Nq.
     """
     _check(q, k, v, rel, k_grid, rel_axes, has_cls)
-    if dout.shape != q.shape or lse.shape != q.shape[:3]:
-        raise ValueError(f"dout {tuple(dout.shape)} and lse {tuple(lse.shape)} do not match "
-                         f"q {tuple(q.shape)}")
+    if dout.shape != q.shape or out.shape != q.shape or lse.shape != q.shape[:3]:
+        raise ValueError(f"dout {tuple(dout.shape)}, out {tuple(out.shape)} and lse "
+                         f"{tuple(lse.shape)} do not match q {tuple(q.shape)}")
+    if out.dtype != q.dtype:
+        raise TypeError(f"out must be in q's dtype {q.dtype}, got {out.dtype}")
     batch, heads, nq, d = q.shape
     nk = k.shape[2]
     dq = torch.empty((batch, heads, nq, d), device=q.device, dtype=q.dtype)
@@ -874,9 +918,9 @@ def attention_backward(
     rel_arg = rel if rel.numel() else delta  # never read when no table is present
     drel_arg = drel if drel.numel() else delta  # never written when no table is present
     _launch(wrap, "dq", "BLOCK_M", nq, batch * heads,
-            q, k, v, rel_arg, dout, lse, delta, dq, drel_arg,
-            *q.stride(), *k.stride(), *v.stride(), *_strides4(rel), *dout.stride(), *dq.stride(),
-            *_strides4(drel), scale=scale, RESIDUAL=bool(residual), **common)
+            q, k, v, rel_arg, out, dout, lse, delta, dq, drel_arg,
+            *q.stride(), *k.stride(), *v.stride(), *_strides4(rel), *out.stride(), *dout.stride(),
+            *dq.stride(), *_strides4(drel), scale=scale, RESIDUAL=bool(residual), **common)
     # dkdv reads the delta that dq wrote: same stream, launch order is the dependency.
     _launch(wrap, "dkdv", "BLOCK_N", nk, batch * heads,
             q, k, v, rel_arg, dout, lse, delta, dk, dv,

@@ -18,11 +18,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mvit_fast.kernels.pooled_attention import head_dim_split, launch_configs
+from mvit_fast.kernels.pooled_attention import (
+    attention_backward,
+    attention_forward,
+    head_dim_split,
+    launch_configs,
+)
 
 import mvit_fast
 from mvit_fast.attention import pooled_attention
-from tests.numerics import assert_close
+from mvit_fast.attention.reference import decomposed_rel_pos, rel_pos_bias
+from tests.numerics import assert_close, tolerance
 
 GRAD_NAMES = ("q", "k", "v", "rel_pos_t", "rel_pos_h", "rel_pos_w")
 CONFIG_ENV = "MVIT_FAST_TRITON_CONFIG"
@@ -227,17 +233,53 @@ def test_random_shapes_fp32(q_thw, k_thw, head_dim, has_cls, residual, axes, hea
     check_against_oracle(case, torch.float32, layout="split")
 
 
+def _rel_tables(case: Case, q: torch.Tensor, tables) -> torch.Tensor:
+    """The kernels' per-query tables of `case`'s present axes, concatenated."""
+    rels = decomposed_rel_pos(q, case.q_thw, case.k_thw, *tables, case.has_cls)
+    return torch.cat([t for t in rels if t is not None], dim=-1)
+
+
 def test_registered_ops_and_fake_shapes() -> None:
     """The ops exist under mvit_fast:: and their fake shapes match the real outputs."""
     case = CASES[0]
     q, k, v, *tables = _make_inputs(case, torch.float32)
-    from mvit_fast.attention.reference import decomposed_rel_pos
-
-    rel = torch.cat([t for t in decomposed_rel_pos(q, case.q_thw, case.k_thw, *tables) if t is not None],
-                    dim=-1)
-    args = (q, k, v, rel, list(case.k_thw), [True, True, True], True, True, 0.25)
-    torch.library.opcheck(torch.ops.mvit_fast.pooled_attention_fwd.default, args,
+    rel = _rel_tables(case, q, tables)
+    flags = (list(case.k_thw), [True, True, True], True, True, 0.25)
+    torch.library.opcheck(torch.ops.mvit_fast.pooled_attention_fwd.default, (q, k, v, rel, *flags),
                           test_utils=("test_schema", "test_faketensor"))
+    out, lse = torch.ops.mvit_fast.pooled_attention_fwd(q, k, v, rel, *flags)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.mvit_fast.pooled_attention_bwd.default,
+                          (dout, q, k, v, rel, out, lse, *flags),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5]], ids=str)
+def test_backward_corrects_the_delta_of_a_rounded_output(case: Case) -> None:
+    """The dq pass starts the softmax delta from the forward's out, dO . (out - q), and makes
+    it exact in its key loop. So an error in out (its bf16 rounding on a GPU, which would put
+    the table gradients up to 8x over the bf16 tolerance were delta taken from out alone)
+    leaves drel, dk and dv unchanged; dq alone moves, by -scale * e_i * sum_j P_ij k_j with
+    e_i = dO_i . (error in out_i): FlashAttention's dq error, predicted here exactly."""
+    q, k, v, *tables = _make_inputs(case, torch.float32)
+    rel = _rel_tables(case, q, tables)
+    scale = case.head_dim ** -0.5
+    flags = (list(case.k_thw), list(case.axes), case.has_cls, case.residual, scale)
+    out, lse = attention_forward(q, k, v, rel, *flags)
+    gen = torch.Generator().manual_seed(1)
+    dout = torch.randn(out.shape, generator=gen)
+    err = 1e-2 * torch.randn(out.shape, generator=gen)  # ~8 bf16 rounding units of |out| ~ 1
+    dq, dk, dv, drel = attention_backward(dout, q, k, v, rel, out, lse, *flags)
+    dq_e, dk_e, dv_e, drel_e = attention_backward(dout, q, k, v, rel, out + err, lse, *flags)
+    assert torch.equal(dv_e, dv)
+    assert_close(dk_e, dk, dtype=torch.float32, kind="grad", name="dk")
+    assert_close(drel_e, drel, dtype=torch.float32, kind="grad", name="drel")
+    bias = rel_pos_bias(decomposed_rel_pos(q, case.q_thw, case.k_thw, *tables, case.has_cls),
+                        case.k_thw, case.has_cls)
+    p = torch.softmax((q * scale) @ k.transpose(-2, -1) + (0 if bias is None else bias), dim=-1)
+    shift = -scale * (dout * err).sum(-1, keepdim=True) * (p @ k)
+    assert (dq_e - dq).abs().max() > 10 * tolerance(torch.float32, "grad")
+    assert_close(dq_e - dq, shift, dtype=torch.float32, kind="grad", name="dq shift")
 
 
 def test_rejects_unsupported_inputs() -> None:

@@ -56,10 +56,12 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, rel: Tensor, k_grid: list[int], rel_ax
 
 
 @_op("mvit_fast::pooled_attention_bwd")
-def _bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, rel: Tensor, lse: Tensor,
+def _bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, rel: Tensor, out: Tensor, lse: Tensor,
          k_grid: list[int], rel_axes: list[bool], has_cls: bool, residual: bool,
          scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return attention_backward(dout, q, k, v, rel, lse, k_grid, rel_axes, has_cls, residual,
+    """Gradients (dq, dk, dv, drel) from dout and the forward's saved inputs, out and LSE
+    (out gives the softmax delta, as in FlashAttention: `attention_backward`)."""
+    return attention_backward(dout, q, k, v, rel, out, lse, k_grid, rel_axes, has_cls, residual,
                               scale, wrap=_wrap)
 
 
@@ -71,7 +73,7 @@ def _fwd_fake(q, k, v, rel, k_grid, rel_axes, has_cls, residual, scale):
 
 
 @_bwd.register_fake
-def _bwd_fake(dout, q, k, v, rel, lse, k_grid, rel_axes, has_cls, residual, scale):
+def _bwd_fake(dout, q, k, v, rel, out, lse, k_grid, rel_axes, has_cls, residual, scale):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format),
@@ -80,14 +82,15 @@ def _bwd_fake(dout, q, k, v, rel, lse, k_grid, rel_axes, has_cls, residual, scal
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, rel, k_grid, rel_axes, has_cls, residual, scale = inputs
-    _, lse = output
-    ctx.save_for_backward(q, k, v, rel, lse)
+    out, lse = output
+    # out (one Nq x d tensor in q's dtype) is saved for the backward's softmax delta.
+    ctx.save_for_backward(q, k, v, rel, out, lse)
     ctx.args = (k_grid, rel_axes, has_cls, residual, scale)
 
 
 def _backward(ctx, dout: Tensor, _dlse: Tensor | None):
-    q, k, v, rel, lse = ctx.saved_tensors
-    dq, dk, dv, drel = _bwd(dout, q, k, v, rel, lse, *ctx.args)
+    q, k, v, rel, out, lse = ctx.saved_tensors
+    dq, dk, dv, drel = _bwd(dout, q, k, v, rel, out, lse, *ctx.args)
     return dq, dk, dv, drel.to(rel.dtype), None, None, None, None, None
 
 
