@@ -1,8 +1,8 @@
 """A built-in synthetic video dataset whose classes differ only in motion.
 
-Each clip shows a randomly textured, randomly coloured disc on a random smooth
-background. The class is how the disc moves: left, right, up, down (wrapping around the
-frame edges), or rotating clockwise / counter-clockwise in place. Start position,
+Each clip shows a disc shaded from a light to a dark colour across its diameter on a
+random smooth background. The class is how the disc moves: left, right, up, down
+(wrapping around the frame edges), or rotating clockwise / counter-clockwise in place. Start position,
 rotation, speed and appearance are random and the motion wraps around, so every frame
 taken alone has the same distribution in every class: only motion carries the label.
 
@@ -27,7 +27,7 @@ import numpy as np
 from .lists import VideoRecord, write_list
 
 # Part of the cache folder's name: bump it whenever `render_clip` changes its output.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 CLASSES = ("move_left", "move_right", "move_up", "move_down", "rotate_cw", "rotate_ccw")
 _DIRECTIONS = {"move_left": (-1, 0), "move_right": (1, 0), "move_up": (0, -1), "move_down": (0, 1)}
 
@@ -52,17 +52,19 @@ def render_clip(motion: str, num_frames: int, size: int, rng: np.random.Generato
     grid = np.arange(size) / size
     background = np.stack([_smooth_field(rng, grid[:, None], grid[None, :]) for _ in range(3)], -1)
     background = 255 * (0.2 + 0.6 * background)
-    colors = rng.uniform(0, 255, size=(2, 3))
-    radius = rng.uniform(0.18, 0.28) * size
+    # Two colours of clearly different brightness (one light, one dark, in random order):
+    # a low-contrast disc would hide its rotation, and only then, making those clips unlearnable.
+    light, dark = rng.uniform(150, 255, size=3), rng.uniform(0, 100, size=3)
+    colors = np.stack((light, dark) if rng.random() < 0.5 else (dark, light))
+    radius = rng.uniform(0.2, 0.3) * size
     center = rng.uniform(0, size, size=2)  # (x, y), uniform: position says nothing about the class
     angle0 = rng.uniform(0, 2 * np.pi)
-    lobes, phases = rng.integers(1, 3, size=3), rng.uniform(0, 2 * np.pi, size=3)  # 1 or 2 lobes
     speed = rng.uniform(0.8, 1.6)  # pixels per frame
-    # Radians per frame. A k-lobed texture looks the same after 2*pi/k, so a sampled step
-    # (spin * rate) past pi/k reads as the opposite direction. With k <= 2 at rate 4 the
-    # step times k stays below pi (0.18 * 4 * 2 = 1.44), so cw and ccw never alias, while
-    # the rim still moves several pixels per sampled frame.
-    spin = rng.uniform(0.1, 0.18)
+    # Radians per frame. The texture is one angular period (light on one side, dark on the
+    # other), so it looks the same only after 2*pi: a sampled step (spin * rate) below pi
+    # keeps cw and ccw apart. At rate 4 the step is 0.6-1.2 rad, the rim moving 3-11 pixels
+    # per sampled frame at the quickstart's 32x32, about as far as the translations go.
+    spin = rng.uniform(0.15, 0.3)
     step = np.array(_DIRECTIONS.get(motion, (0, 0)), dtype=float) * speed
     turn = {"rotate_cw": spin, "rotate_ccw": -spin}.get(motion, 0.0)  # y points down: +angle turns clockwise
 
@@ -73,8 +75,7 @@ def render_clip(motion: str, num_frames: int, size: int, rng: np.random.Generato
         dx = (xs - cx + size / 2) % size - size / 2  # wrap around the frame edges
         dy = (ys - cy + size / 2) % size - size / 2
         r, theta = np.hypot(dx, dy), np.arctan2(dy, dx) - angle0 - t * turn
-        pattern = sum(np.cos(k * theta + p) for k, p in zip(lobes, phases)) / len(lobes)
-        pattern = (pattern * np.cos(np.pi * r / radius) + 1) / 2  # texture varies with radius too
+        pattern = (np.cos(theta) + 1) / 2
         alpha = np.clip(radius - r, 0, 1)[..., None]  # 1-pixel soft edge
         disc = pattern[..., None] * colors[0] + (1 - pattern[..., None]) * colors[1]
         frames[t] = np.clip(alpha * disc + (1 - alpha) * background, 0, 255).astype(np.uint8)
