@@ -662,13 +662,40 @@ def _keep_split(block_m: int, block_n: int, num_stages: int, stages: Sequence[in
     return block_m >= 64 and block_m * block_n >= 64 * 64 and deepest
 
 
-def _configs(pass_name: str, layouts: Sequence[bool] = (False,)) -> list[triton.Config]:
-    """Autotune search space of one pass (CUDA only), filtered by `_keep`.
+# The default search space: a few configs per pass, (BLOCK_M, BLOCK_N, num_warps, num_stages)
+# per layout (SPLIT_D False / True), picked from the sm_90 register counts in `_keep`. The
+# first tile of each list fits every supported head dim and dtype in shared memory (sm_90,
+# pad layout, fp32 at d = 256: fwd 152 KB, dq 217 KB, dkdv 139 KB of the 227 KB), so the
+# autotuner always has one that launches. Compiling the whole space of `_full_configs` takes
+# minutes per head dim, dtype and table set; MVIT_FAST_TRITON_TUNE=full opts into it.
+_COMPACT = {
+    "fwd": {False: [(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)],
+            True: [(64, 64, 4, 3), (128, 64, 8, 3)]},
+    "dq": {False: [(64, 32, 4, 1), (64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 1), (128, 64, 8, 2)],
+           True: [(128, 32, 8, 1), (128, 64, 8, 1)]},
+    "dkdv": {False: [(32, 32, 4, 1), (32, 64, 4, 2), (64, 64, 4, 1), (64, 64, 8, 2), (64, 128, 8, 2)],
+             True: [(64, 64, 8, 2), (64, 128, 8, 2)]},
+}
+_TUNE_ENV = "MVIT_FAST_TRITON_TUNE"
 
-    Kept small on purpose: every config is compiled for every constexpr variant
-    (head dim, table axes), and a lent GPU session has minutes, not hours. MViT's
-    query counts are long (393 to 25089 per head), so the forward and the dq pass (both
-    tiled over queries) use 64/128-row tiles; the dkdv pass tiles keys (BLOCK_N) and
+
+def _configs(pass_name: str, layouts: Sequence[bool] = (False,),
+             space: str = "compact") -> list[triton.Config]:
+    """Autotune search space of one pass (CUDA only): `_COMPACT`, or with space="full" the
+    whole tile space of `_full_configs`."""
+    if space == "full":
+        return _full_configs(pass_name, layouts)
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_D": split}, num_warps=w, num_stages=s)
+        for split in layouts for bm, bn, w, s in _COMPACT[pass_name][split]
+    ]
+
+
+def _full_configs(pass_name: str, layouts: Sequence[bool] = (False,)) -> list[triton.Config]:
+    """The whole autotune search space of one pass, filtered by `_keep`.
+
+    MViT's query counts are long (393 to 25089 per head), so the forward and the dq pass
+    (both tiled over queries) use 64/128-row tiles; the dkdv pass tiles keys (BLOCK_N) and
     loops over 32/64-row query blocks. num_stages counts: with the alignment a contiguous
     launch specializes on, the key (query) loop's loads become cp.async pipelines.
 
@@ -714,9 +741,17 @@ _KERNELS = {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv}
 _LAST_LAUNCH: dict[str, object] = {}
 
 
+def _tune_space() -> str:
+    space = os.environ.get(_TUNE_ENV, "compact")
+    if space not in ("compact", "full"):
+        raise ValueError(f"{_TUNE_ENV}={space!r}: expected 'compact' (a few configs per pass, the "
+                         "default) or 'full' (the whole tile space: minutes of compiling per shape)")
+    return space
+
+
 @functools.cache
-def _tuned(pass_name: str, layouts: tuple[bool, ...]):
-    return triton.autotune(configs=_configs(pass_name, layouts), key=_TUNE_KEY)(_KERNELS[pass_name])
+def _tuned(pass_name: str, layouts: tuple[bool, ...], space: str):
+    return triton.autotune(configs=_configs(pass_name, layouts, space), key=_TUNE_KEY)(_KERNELS[pass_name])
 
 
 def _launch(wrap: Callable, pass_name: str, grid_axis: str, n_rows: int, heads: int,
@@ -738,7 +773,7 @@ def _launch(wrap: Callable, pass_name: str, grid_axis: str, n_rows: int, heads: 
     kwargs["EVEN_M"] = kwargs.pop("_NQ") % _MAX_BLOCK == 0
     kwargs["EVEN_N"] = kwargs.pop("_NK") % _MAX_BLOCK == 0
     grid = lambda meta: (triton.cdiv(n_rows, meta[grid_axis]), heads)
-    tuner = _tuned(pass_name, layouts)
+    tuner = _tuned(pass_name, layouts, _tune_space())
     _LAST_LAUNCH[pass_name] = tuner
     wrap(tuner)[grid](*args, **kwargs)
 

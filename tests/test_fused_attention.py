@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import mvit_fast.kernels.pooled_attention as pooled_attention_kernels
 import pytest
 import torch
 from hypothesis import given, settings
@@ -215,6 +216,21 @@ def test_pinned_config_rejects_garbage(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SPLIT_ENV, "yes")
     with pytest.raises(ValueError, match=SPLIT_ENV):
         check_against_oracle(CASES[0], torch.float32)
+
+
+@pytest.mark.parametrize("pass_name", ["fwd", "dq", "dkdv"])
+def test_compact_autotune_space_is_part_of_the_full_one(pass_name: str, monkeypatch) -> None:
+    """The default (compact) configs are tiles the full search space keeps, both layouts; the
+    full space is an opt-in, and a wrong value of its variable is an error."""
+    key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["SPLIT_D"], c.num_warps, c.num_stages)
+    compact = {key(c) for c in pooled_attention_kernels._configs(pass_name, (False, True))}
+    full = {key(c) for c in pooled_attention_kernels._configs(pass_name, (False, True), "full")}
+    assert compact < full and len(compact) <= 8
+    assert {c[2] for c in compact} == {False, True}
+    assert pooled_attention_kernels._tune_space() == "compact"
+    monkeypatch.setenv("MVIT_FAST_TRITON_TUNE", "everything")
+    with pytest.raises(ValueError, match="MVIT_FAST_TRITON_TUNE"):
+        pooled_attention_kernels._tune_space()
 
 
 @settings(max_examples=10, deadline=None, derandomize=True)
