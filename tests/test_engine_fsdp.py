@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mvit_fast import build_model
 from mvit_fast.checkpoint import load_checkpoint
 from mvit_fast.engine import get_recipe, main, parse_args
 from tests import test_engine_train
-from tests.test_engine_train import _losses, _weights, torchrun_train
+from tests.test_engine_train import _losses, _weights, tiny_model, torchrun_train
 
 tiny = test_engine_train.tiny  # the tiny dataset and model fixture, shared
 
@@ -79,16 +78,7 @@ def test_fsdp_checkpoint_is_the_unsharded_format_and_resumes_exactly(runs, quiet
     for i, s in opt["state"].items():
         assert {k: v.shape for k, v in s.items()} == {k: v.shape for k, v in plain_opt["state"][i].items()}
 
-    model = build_model(
-        "s",
-        "k400",
-        depths=(1, 1, 1, 1),
-        embed_dim=16,
-        num_frames=4,
-        crop_size=32,
-        num_classes=6,
-        kv_stride_adaptive=(1, 1, 1),
-    )
+    model = tiny_model()
     report = load_checkpoint(model, saved)
     assert not (report.missing or report.unexpected) and len(report.loaded) == len(shapes)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["model"].items())

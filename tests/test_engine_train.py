@@ -55,6 +55,12 @@ def tiny(tmp_path_factory):
     )
 
 
+def tiny_model():
+    """The architecture the `tiny` runs train (their checkpoints load into it)."""
+    return build_model("s", "k400", depths=(1, 1, 1, 1), embed_dim=16, num_frames=4, crop_size=32,
+                       num_classes=6, kv_stride_adaptive=(1, 1, 1))
+
+
 def _weights(results: dict) -> dict[str, torch.Tensor]:
     return torch.load(results["checkpoint"], map_location="cpu", weights_only=True)["model"]
 
@@ -200,16 +206,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny, tmp_path, monkeypatc
 
 
 def test_eval_loads_foreign_checkpoints_and_dumps_predictions(tiny, tmp_path):
-    model = build_model(
-        "s",
-        "k400",
-        depths=(1, 1, 1, 1),
-        embed_dim=16,
-        num_frames=4,
-        crop_size=32,
-        num_classes=6,
-        kv_stride_adaptive=(1, 1, 1),
-    )
+    model = tiny_model()
     slowfast = tmp_path / "slowfast.pyth"
     torch.save({"model_state": export_state_dict(model.state_dict(), "slowfast")}, slowfast)
     mmaction = tmp_path / "mmaction2.pth"
