@@ -245,6 +245,27 @@ def _store_cols(ptr, stride_r, stride_d, x, rows, n_rows, D, COL0: tl.constexpr,
               rows, cols, n_rows, D, EVEN_ROWS, EVEN_COLS)
 
 
+# Row alignment. Triton hints an int argument only when it is divisible by 16, so at d = 72
+# (MViTv2-L) nothing proved a (rows, d) tile 16-byte aligned: row stride 72, head stride
+# Nq * 72 and D = 72 are multiples of 8 only, and tl.multiple_of is dropped on kernel
+# arguments. Every q/k/v/out/dO/dq/dk/dv access was scalar. With ROW_ALIGN = 8 (checked by
+# the launcher, `_row_align`) the batch/head offsets, row strides and D are rebuilt as
+# x // 8 * 8, which the alignment analysis sees as multiples of 8 (the mask `cols < D` then
+# constant in groups of 8). sm_90 bf16 (fp16 alike), fwd 128x64 w8 s2 / dq 128x32 w8 s1 /
+# dkdv 64x64 w8 s2, before -> after:
+#   padded: ld.global.v4 0 -> 8 / 28 / 8 (scalar b16 loads 128 / 224 / 128 -> 0); 16-byte
+#     cp.async 0 -> 16 / 0 / 16 (K/V pipelined); spills 308 / 720 / 84 -> 0 / 68 / 40 bytes.
+#   split: ld.global.v4 0 -> 5 / 17 / 4 (+2 v2); 16-byte cp.async 0 -> 8 / 0 / 8; dq spill 132 -> 0.
+# The padded counts are d = 96's. ROW_ALIGN = 1 leaves the code as it was (d = 96 and 144 compile
+# to identical PTX).
+@triton.jit
+def _aligned(x, ALIGN: tl.constexpr):
+    """x (an offset, row stride or D; a multiple of ALIGN) in a form the compiler sees is one."""
+    if ALIGN > 1:
+        x = x // ALIGN * ALIGN
+    return x
+
+
 @triton.jit
 def _add_residual(acc, x, offs_m, RESIDUAL: tl.constexpr, HAS_CLS: tl.constexpr):
     """acc + x on the non-cls rows with residual pooling (forward: x = q; dq pass: x = dO,
@@ -279,6 +300,7 @@ def _attn_fwd(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_D_HI: tl.constexpr, EVEN_D_HI: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
     """Forward of one (BLOCK_M query rows, batch*head) program: one pass over all keys.
 
@@ -297,11 +319,16 @@ def _attn_fwd(
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_hd = (pid_bh % H).to(tl.int64)
-    Q += off_b * stride_qb + off_hd * stride_qh
-    K += off_b * stride_kb + off_hd * stride_kh
-    V += off_b * stride_vb + off_hd * stride_vh
+    Q += _aligned(off_b * stride_qb + off_hd * stride_qh, ROW_ALIGN)
+    K += _aligned(off_b * stride_kb + off_hd * stride_kh, ROW_ALIGN)
+    V += _aligned(off_b * stride_vb + off_hd * stride_vh, ROW_ALIGN)
     R += off_b * stride_rb + off_hd * stride_rh
-    Out += off_b * stride_ob + off_hd * stride_oh
+    Out += _aligned(off_b * stride_ob + off_hd * stride_oh, ROW_ALIGN)
+    D = _aligned(D, ROW_ALIGN)
+    stride_qm = _aligned(stride_qm, ROW_ALIGN)
+    stride_kn = _aligned(stride_kn, ROW_ALIGN)
+    stride_vn = _aligned(stride_vn, ROW_ALIGN)
+    stride_om = _aligned(stride_om, ROW_ALIGN)
     LSE += pid_bh.to(tl.int64) * Nq
 
     BLOCK_D0: tl.constexpr = BLOCK_D_LO if SPLIT_D else BLOCK_D  # first head-dim tile
@@ -377,6 +404,7 @@ def _attn_bwd_dq(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_D_HI: tl.constexpr, EVEN_D_HI: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
     """dq, delta and the table gradients of one (BLOCK_M query rows, batch*head) program.
 
@@ -412,14 +440,21 @@ def _attn_bwd_dq(
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_hd = (pid_bh % H).to(tl.int64)
-    Q += off_b * stride_qb + off_hd * stride_qh
-    K += off_b * stride_kb + off_hd * stride_kh
-    V += off_b * stride_vb + off_hd * stride_vh
+    Q += _aligned(off_b * stride_qb + off_hd * stride_qh, ROW_ALIGN)
+    K += _aligned(off_b * stride_kb + off_hd * stride_kh, ROW_ALIGN)
+    V += _aligned(off_b * stride_vb + off_hd * stride_vh, ROW_ALIGN)
     R += off_b * stride_rb + off_hd * stride_rh
-    Out += off_b * stride_ob + off_hd * stride_oh
-    DO += off_b * stride_dob + off_hd * stride_doh
-    DQ += off_b * stride_dqb + off_hd * stride_dqh
+    Out += _aligned(off_b * stride_ob + off_hd * stride_oh, ROW_ALIGN)
+    DO += _aligned(off_b * stride_dob + off_hd * stride_doh, ROW_ALIGN)
+    DQ += _aligned(off_b * stride_dqb + off_hd * stride_dqh, ROW_ALIGN)
     DR += off_b * stride_drb + off_hd * stride_drh
+    D = _aligned(D, ROW_ALIGN)
+    stride_qm = _aligned(stride_qm, ROW_ALIGN)
+    stride_kn = _aligned(stride_kn, ROW_ALIGN)
+    stride_vn = _aligned(stride_vn, ROW_ALIGN)
+    stride_om = _aligned(stride_om, ROW_ALIGN)
+    stride_dom = _aligned(stride_dom, ROW_ALIGN)
+    stride_dqm = _aligned(stride_dqm, ROW_ALIGN)
     LSE += pid_bh.to(tl.int64) * Nq
     DELTA += pid_bh.to(tl.int64) * Nq
 
@@ -536,6 +571,7 @@ def _attn_bwd_dkdv(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_D_HI: tl.constexpr, EVEN_D_HI: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
     """dk, dv of one (BLOCK_N keys, batch*head) program: one pass over all query rows.
 
@@ -552,13 +588,20 @@ def _attn_bwd_dkdv(
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_hd = (pid_bh % H).to(tl.int64)
-    Q += off_b * stride_qb + off_hd * stride_qh
-    K += off_b * stride_kb + off_hd * stride_kh
-    V += off_b * stride_vb + off_hd * stride_vh
+    Q += _aligned(off_b * stride_qb + off_hd * stride_qh, ROW_ALIGN)
+    K += _aligned(off_b * stride_kb + off_hd * stride_kh, ROW_ALIGN)
+    V += _aligned(off_b * stride_vb + off_hd * stride_vh, ROW_ALIGN)
     R += off_b * stride_rb + off_hd * stride_rh
-    DO += off_b * stride_dob + off_hd * stride_doh
-    DK += off_b * stride_dkb + off_hd * stride_dkh
-    DV += off_b * stride_dvb + off_hd * stride_dvh
+    DO += _aligned(off_b * stride_dob + off_hd * stride_doh, ROW_ALIGN)
+    DK += _aligned(off_b * stride_dkb + off_hd * stride_dkh, ROW_ALIGN)
+    DV += _aligned(off_b * stride_dvb + off_hd * stride_dvh, ROW_ALIGN)
+    D = _aligned(D, ROW_ALIGN)
+    stride_qm = _aligned(stride_qm, ROW_ALIGN)
+    stride_kn = _aligned(stride_kn, ROW_ALIGN)
+    stride_vn = _aligned(stride_vn, ROW_ALIGN)
+    stride_dom = _aligned(stride_dom, ROW_ALIGN)
+    stride_dkn = _aligned(stride_dkn, ROW_ALIGN)
+    stride_dvn = _aligned(stride_dvn, ROW_ALIGN)
     LSE += pid_bh.to(tl.int64) * Nq
     DELTA += pid_bh.to(tl.int64) * Nq
 
@@ -734,8 +777,10 @@ def _layouts(split_ok: bool) -> tuple[bool, ...]:
     return _SPLIT_CHOICES[choice] if split_ok else (False,)
 
 
+# ROW_ALIGN is keyed: unaligned variants load scalar, unpipelined, and may spill, so their best
+# tile can differ; a shape seen both ways is tuned twice.
 _TUNE_KEY = ["NQ_BUCKET", "NK_BUCKET", "D", "HAS_REL_T", "HAS_REL_H", "HAS_REL_W", "PAD_T", "PAD_H",
-             "PAD_W"]
+             "PAD_W", "ROW_ALIGN"]
 _KERNELS = {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv}
 # pass -> the pinned config (a dict) or the autotuner it last launched, for `launch_configs`.
 _LAST_LAUNCH: dict[str, object] = {}
@@ -908,7 +953,8 @@ def attention_forward(
     _launch(wrap, "fwd", "BLOCK_M", nq, batch * heads,
             q, k, v, rel_arg, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *_strides4(rel), *out.stride(),
-            **_common(q, k, rel, k_grid, rel_axes, has_cls, scale), RESIDUAL=bool(residual))
+            **_common(q, k, rel, k_grid, rel_axes, has_cls, scale), RESIDUAL=bool(residual),
+            ROW_ALIGN=_row_align(q, k, v, out))
     return out, lse
 
 
@@ -955,13 +1001,25 @@ def attention_backward(
     _launch(wrap, "dq", "BLOCK_M", nq, batch * heads,
             q, k, v, rel_arg, out, dout, lse, delta, dq, drel_arg,
             *q.stride(), *k.stride(), *v.stride(), *_strides4(rel), *out.stride(), *dout.stride(),
-            *dq.stride(), *_strides4(drel), scale=scale, RESIDUAL=bool(residual), **common)
+            *dq.stride(), *_strides4(drel), scale=scale, RESIDUAL=bool(residual), **common,
+            ROW_ALIGN=_row_align(q, k, v, out, dout, dq))
     # dkdv reads the delta that dq wrote: same stream, launch order is the dependency.
     _launch(wrap, "dkdv", "BLOCK_N", nk, batch * heads,
             q, k, v, rel_arg, dout, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *_strides4(rel), *dout.stride(), *dk.stride(),
-            *dv.stride(), scale=scale, **common)
+            *dv.stride(), scale=scale, **common, ROW_ALIGN=_row_align(q, k, v, dout, dk, dv))
     return dq, dk, dv, drel
+
+
+def _row_align(*xs: torch.Tensor) -> int:
+    """ROW_ALIGN (see `_aligned`): 8 where every (B, heads, rows, d) tensor a pass reads or writes
+    along d has unit d stride, and d and the batch, head and row strides are multiples of 8 but
+    not all of 16 (those Triton's own argument specialization proves aligned: d = 96 keeps its
+    code); else 1."""
+    ints = [xs[0].shape[3], *(s for x in xs for s in x.stride()[:3])]
+    if any(x.stride(3) != 1 for x in xs) or any(n % 8 for n in ints):
+        return 1
+    return 1 if all(n % 16 == 0 for n in ints) else 8
 
 
 def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:

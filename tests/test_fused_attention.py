@@ -49,6 +49,7 @@ class Case:
     batch: int = 2
     heads: int = 2
     non_contiguous: bool = False
+    row_pad: int = 0  # q, k, v: the first head_dim columns of (..., head_dim + row_pad) rows
 
     @property
     def interpolated(self) -> bool:
@@ -60,7 +61,8 @@ class Case:
         return (f"q{self.q_thw}-k{self.k_thw}-d{self.head_dim}-cls{int(self.has_cls)}-"
                 f"res{int(self.residual)}-rel_{axes}-B{self.batch}H{self.heads}"
                 f"{'-interp' if self.interpolated else ''}"
-                f"{'-strided' if self.non_contiguous else ''}").replace(" ", "")
+                f"{'-strided' if self.non_contiguous else ''}"
+                f"{f'-rowpad{self.row_pad}' if self.row_pad else ''}").replace(" ", "")
 
 
 # A covering set, not the full product: every flag on and off somewhere, integer and
@@ -104,12 +106,15 @@ def _make_inputs(case: Case, dtype: torch.dtype, device: str = "cpu", seed: int 
         k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 2].transpose(1, 2)
     else:
         q, k, v = (torch.randn(b, h, n, d, generator=gen) for n in (nq, nk, nk))
+    if case.row_pad:
+        q, k, v = (torch.cat([x, torch.randn(*x.shape[:3], case.row_pad, generator=gen)], dim=3)[..., :d]
+                   for x in (q, k, v))
     tables = []
     for on, length, qs, ks in zip(case.axes, case.table_lens, case.q_thw, case.k_thw):
         length = length or 2 * max(qs, ks) - 1
         tables.append(0.2 * torch.randn(length, d, generator=gen) if on else None)
     out = [t.to(device=device, dtype=dtype) if t is not None else None for t in (q, k, v, *tables)]
-    assert case.non_contiguous == (not out[0].is_contiguous())
+    assert (case.non_contiguous or case.row_pad > 0) == (not out[0].is_contiguous())
     return out
 
 
@@ -172,6 +177,28 @@ def test_fp32_matches_oracle(case: Case, layout: str) -> None:
                          with_layouts([CASES[0], CASES[3], CASES[5], CASES[6], CASES[8], CASES[9]]))
 def test_fp16_matches_oracle(case: Case, layout: str) -> None:
     check_against_oracle(case, torch.float16, layout=layout)
+
+
+@pytest.mark.parametrize(("case", "row_align"), [
+    (CASES[4], 8),  # contiguous d = 72: strides 72, 33 * 72, multiples of 8, not all of 16
+    (replace(CASES[4], non_contiguous=True), 8),  # packed qkv slices: row stride 3 * heads * 72
+    (replace(CASES[4], row_pad=3), 1),  # row stride 75
+    (CASES[5], 1),  # contiguous d = 96: Triton's own specialization proves the alignment
+], ids=str)
+def test_row_align(case: Case, row_align: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher claims 8-element row alignment (ROW_ALIGN) exactly where it holds. The
+    interpreter runs the kernels' `x // 8 * 8` rebuild of offsets, strides and D, so a false
+    claim would also show up as a mismatch against the oracle."""
+    seen = {}
+    launch = pooled_attention_kernels._launch
+
+    def spy(wrap, pass_name, *args, **kwargs):
+        seen[pass_name] = kwargs["ROW_ALIGN"]
+        return launch(wrap, pass_name, *args, **kwargs)
+
+    monkeypatch.setattr(pooled_attention_kernels, "_launch", spy)
+    check_against_oracle(case, torch.float32, layout="pad")
+    assert seen == {"fwd": row_align, "dq": row_align, "dkdv": row_align}
 
 
 def test_pinned_config(monkeypatch: pytest.MonkeyPatch) -> None:
