@@ -106,13 +106,14 @@ def eval_loader(records, recipe: Recipe, d: Dist, *, num_clips: int, num_crops: 
         batch_size=recipe.eval_batch_size,
         sampling=sampling,
         augment=augment,
-        backend=recipe.loader,
-        num_workers=recipe.num_workers,
-        seed=recipe.seed,
-        rank=d.rank,
-        world_size=d.world_size,
-        device=d.device,
+        **_loader_placement(recipe, d),
     )
+
+
+def _loader_placement(recipe: Recipe, d: Dist) -> dict:
+    """`build_loader` arguments shared by the train and test loaders: backend, workers, seed, shard."""
+    return dict(backend=recipe.loader, num_workers=recipe.num_workers, seed=recipe.seed, rank=d.rank,
+                world_size=d.world_size, device=d.device)
 
 
 def build(recipe: Recipe, checkpoint: str | None, d: Dist, *, reinit_head: bool) -> MViT:
@@ -262,12 +263,7 @@ def main(
                 batch_size=resolved["batch_per_device"],
                 sampling=sampling,
                 augment=augment,
-                backend=recipe.loader,
-                num_workers=recipe.num_workers,
-                seed=recipe.seed,
-                rank=d.rank,
-                world_size=d.world_size,
-                device=d.device,
+                **_loader_placement(recipe, d),
             )
             val_loader = eval_loader(val_records, recipe, d, num_clips=1, num_crops=1)
 
