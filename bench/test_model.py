@@ -5,11 +5,14 @@
     MVIT_BENCH_BATCHES=4,8,16 pytest bench/test_model.py --benchmark-only -k S16x224  # batch sweep
 
 Variants (what each one stands for):
-    eager-fp32            backend "eager", float32: what SlowFast and mmaction2 run
-    eager-bf16            backend "eager" under bf16 autocast
-    compile-sdpa-bf16     torch.compile + bf16 autocast, attention through PyTorch SDPA
-    compile-triton-bf16   torch.compile + bf16 autocast, our Triton attention (and the fused
-                          pooling kernel wherever backend "triton" uses it)
+    eager-fp32                      backend "eager", float32: what SlowFast and mmaction2 run
+    eager-bf16                      backend "eager" under bf16 autocast
+    compile-sdpa-bf16               torch.compile + bf16 autocast, attention through PyTorch SDPA
+    compile-triton-bf16             torch.compile + bf16 autocast, our Triton attention (and the
+                                    fused pooling kernel wherever backend "triton" uses it)
+    compile-triton-plainpool-bf16   as compile-triton-bf16, but q/k/v pooled by the plain conv +
+                                    LayerNorm ops (pool_backend "eager"): the "before" of the
+                                    fused pooling kernel, so the two rows give what it saves
 
 Modes: `infer` = forward under no_grad in eval mode; `train` = forward, soft-target
 cross-entropy, backward, AdamW step (fused on CUDA, foreach on CPU), zero_grad.
@@ -82,12 +85,14 @@ class ModelSuite:
 
 @dataclass(frozen=True)
 class Variant:
-    """How a model runs: attention backend, autocast dtype (float32 = no autocast), compiled or not."""
+    """How a model runs: attention backend, autocast dtype (float32 = no autocast), compiled or
+    not, and the q/k/v pooling (`build_model`'s pool_backend; "auto" follows the backend)."""
 
     name: str
     backend: str
     dtype: torch.dtype
     compiled: bool
+    pool_backend: str = "auto"
 
 
 MODEL_SUITES = (
@@ -101,8 +106,15 @@ VARIANTS = (
     Variant("eager-bf16", "eager", torch.bfloat16, compiled=False),
     Variant("compile-sdpa-bf16", "sdpa", torch.bfloat16, compiled=True),
     Variant("compile-triton-bf16", "triton", torch.bfloat16, compiled=True),
+    Variant("compile-triton-plainpool-bf16", "triton", torch.bfloat16, compiled=True, pool_backend="eager"),
 )
 MODES = ("train", "infer")
+
+
+def build_variant_model(suite: ModelSuite, variant: Variant) -> MViT:
+    """The model of one case: the suite's config, the variant's attention and pooling backends."""
+    return build_model(suite.size, attention_backend=variant.backend, pool_backend=variant.pool_backend,
+                       **dict(suite.overrides))
 
 
 def _batch_sweep() -> list[int | None]:
@@ -247,7 +259,7 @@ def test_model_step(benchmark, record_run, suite: ModelSuite, variant: Variant, 
     if not CUDA:  # AdamW's second moment of tiny gradients goes subnormal: x86 then slows down
         torch.set_flush_denormal(True)  # ~40x (15 s vs 0.3 s per step measured); GPUs do not
     torch.manual_seed(0)
-    model = build_model(suite.size, attention_backend=variant.backend, **dict(suite.overrides)).to(device)
+    model = build_variant_model(suite, variant).to(device)
     model.train(mode == "train")
     optimizer = None
     if mode == "train":
@@ -297,7 +309,7 @@ def test_model_step(benchmark, record_run, suite: ModelSuite, variant: Variant, 
         macs = macs_per_clip(cfg)
         record_run(benchmark, flops=2.0 * macs * batch * (3 if mode == "train" else 1), kind="model",
                    model=f"MViTv2-{suite.size.upper()}", suite=suite.name, variant=variant.name,
-                   backend=variant.backend, compiled=variant.compiled,
+                   backend=variant.backend, pool_backend=variant.pool_backend, compiled=variant.compiled,
                    dtype=str(variant.dtype).removeprefix("torch."), mode=mode, batch=batch,
                    shape=[batch, *cfg.input_shape], macs_per_clip=macs,
                    clips_per_s=batch / median if median else None, first_step_s=first_step_s,

@@ -75,7 +75,7 @@ class MultiScaleBlock(nn.Module):
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0,
                  norm_eps: float = 1e-6, rel_pos_spatial: bool = True,
                  rel_pos_temporal: bool = True, residual_pooling: bool = True,
-                 has_cls: bool = True, backend: str = "auto") -> None:
+                 has_cls: bool = True, backend: str = "auto", pool_backend: str = "auto") -> None:
         super().__init__()
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         self.has_cls = has_cls
@@ -84,7 +84,8 @@ class MultiScaleBlock(nn.Module):
             dim, dim_out, input_size, num_heads=num_heads, qkv_bias=qkv_bias, kernel_q=kernel,
             kernel_kv=kernel, stride_q=stride_q, stride_kv=stride_kv, norm_layer=norm_layer,
             has_cls_embed=has_cls, rel_pos_spatial=rel_pos_spatial,
-            rel_pos_temporal=rel_pos_temporal, residual_pooling=residual_pooling, backend=backend)
+            rel_pos_temporal=rel_pos_temporal, residual_pooling=residual_pooling, backend=backend,
+            pool_backend=pool_backend)
         self.drop_path = DropPath(drop_path)
         self.norm2 = norm_layer(dim_out)
         self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio), dim_out)
@@ -123,10 +124,13 @@ class MViT(nn.Module):
 
     Any T, H, W is accepted; rel-pos tables are interpolated to the grids a clip
     produces, as SlowFast does. `attention_backend` is passed to every block's
-    `pooled_attention`; `checkpoint_activations` recomputes each block in backward.
+    `pooled_attention`; `pool_backend` picks every block's q/k/v pooling ("auto": follows
+    the attention backend, "eager": the plain conv + LayerNorm ops, "triton": the fused
+    kernel; see `MultiScaleAttention`); `checkpoint_activations` recomputes each block in
+    backward.
     """
 
-    def __init__(self, cfg: MViTConfig, *, attention_backend: str = "auto",
+    def __init__(self, cfg: MViTConfig, *, attention_backend: str = "auto", pool_backend: str = "auto",
                  checkpoint_activations: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
@@ -140,7 +144,8 @@ class MViT(nn.Module):
                 stride_q=s.stride_q, stride_kv=s.stride_kv, mlp_ratio=cfg.mlp_ratio,
                 qkv_bias=cfg.qkv_bias, drop_path=s.drop_path, norm_eps=cfg.norm_eps,
                 rel_pos_spatial=cfg.rel_pos_spatial, rel_pos_temporal=cfg.rel_pos_temporal,
-                residual_pooling=cfg.residual_pooling, backend=attention_backend)
+                residual_pooling=cfg.residual_pooling, backend=attention_backend,
+                pool_backend=pool_backend)
             for s in block_specs(cfg))
         dim = self.blocks[-1].norm2.normalized_shape[0]
         self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
@@ -163,10 +168,13 @@ class MViT(nn.Module):
                         nn.init.trunc_normal_(getattr(m, name), std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
-    def set_attention_backend(self, backend: str) -> None:
-        """Switch every block's attention implementation (weights untouched)."""
+    def set_attention_backend(self, backend: str, pool_backend: str | None = None) -> None:
+        """Switch every block's attention implementation and, unless `pool_backend` is None
+        (keep each block's), its q/k/v pooling (weights untouched)."""
         for blk in self.blocks:
             blk.attn.backend = backend
+            if pool_backend is not None:
+                blk.attn.pool_backend = pool_backend
 
     def forward_features(self, clip: Tensor) -> Tensor:
         """The normed cls token, (B, dim)."""
@@ -190,12 +198,13 @@ class MViT(nn.Module):
 
 
 def build_model(size: str = "s", dataset: str = "k400", *, attention_backend: str = "auto",
-                checkpoint_activations: bool = False, **overrides) -> MViT:
+                pool_backend: str = "auto", checkpoint_activations: bool = False, **overrides) -> MViT:
     """MViTv2-S/B/L ("s", "b", "l") for "k400" (400 classes) or "ssv2" (174).
 
-    `overrides` replace fields of the published config (see `MViTConfig`), e.g.
+    `attention_backend`, `pool_backend` and `checkpoint_activations` are `MViT`'s; `overrides`
+    replace fields of the published config (see `MViTConfig`), e.g.
     `num_frames=8, crop_size=160, num_classes=10, drop_path_rate=0.0`.
     """
     cfg = get_config(size, dataset, **overrides)
-    return MViT(cfg, attention_backend=attention_backend,
+    return MViT(cfg, attention_backend=attention_backend, pool_backend=pool_backend,
                 checkpoint_activations=checkpoint_activations)

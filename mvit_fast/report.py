@@ -1,5 +1,6 @@
 """Reports: `python -m mvit_fast.report flops` prints params and fvcore multiply-adds;
-`python -m mvit_fast.report throughput [JSON ...]` tabulates and plots benchmark results.
+`python -m mvit_fast.report throughput [JSON ...]` tabulates and plots benchmark results, and
+where the time of a model step goes when bench/profile_step.py's profiles lie beside them.
 
 fvcore's "FLOPs" are multiply-adds (what the MViTv2 results table calls FLOPs).
 The count runs block by block on a real clip-sized input (fvcore traces with
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -128,7 +130,8 @@ def flops_table(size: str, dataset: str, rows: list[StageCount]) -> str:
 # count) and kind "attention" (bench/test_attention.py: one op call at one block shape).
 
 RESULTS_DIR = "bench/results"
-MODEL_VARIANTS = ("eager-fp32", "eager-bf16", "compile-sdpa-bf16", "compile-triton-bf16")
+MODEL_VARIANTS = ("eager-fp32", "eager-bf16", "compile-sdpa-bf16", "compile-triton-plainpool-bf16",
+                  "compile-triton-bf16")
 ATTENTION_BACKENDS = ("eager", "sdpa", "flex", "sdpa_aug", "triton")
 _SIZE_ORDER = {"s": 0, "b": 1, "l": 2}
 
@@ -234,8 +237,7 @@ def throughput_tables(rows: list[dict]) -> str:
                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for mode in ("train", "infer"):
             best = {v: _best([r for r in in_suite if r["mode"] == mode and r["variant"] == v])
-                    for v in sorted({r["variant"] for r in in_suite},
-                                    key=lambda v: (MODEL_VARIANTS + (v,)).index(v))}
+                    for v in sorted({r["variant"] for r in in_suite}, key=_variant_order)}
             for variant, row in best.items():
                 if row is None:
                     continue
@@ -286,6 +288,182 @@ def attention_io_bytes(row: dict) -> float:
     per_token = row["batch"] * row["heads"] * row["head_dim"] * _DTYPE_BYTES.get(row["dtype"], 4)
     fwd = 2 * row["nq"] + 2 * row["nk"]
     return per_token * (fwd if row["mode"] == "fwd" else fwd + 4 * row["nq"] + 4 * row["nk"])
+
+
+# --- where the time goes: bench/profile_step.py's torch.profiler runs of one model step ---------
+#
+# A profile (`profile_<suite>-<mode>-<variant>.json`, kind "profile") holds one variant's step:
+# its wall time, and the profiled time per step (CUDA kernels; CPU ops on a CPU) by category and
+# for its top kernels. Kernels are told apart by name alone, with `KERNEL_CATEGORIES`.
+
+PROFILE_GLOB = "profile_*.json"
+OUR_ATTENTION = "attention (ours)"
+OUR_POOLING = "pooling (ours)"
+DEPTHWISE_CONV = "depthwise conv3d"
+OTHER = "other"
+# The pooling's share compares these two: the same compiled model, fused or plain pooling.
+FUSED_POOL_VARIANT = "compile-triton-bf16"
+PLAIN_POOL_VARIANT = "compile-triton-plainpool-bf16"
+
+# (category, pattern), in order: a name's category is that of the first pattern found in it
+# (re.search, any case), else "other". Our kernels first (Inductor launches a user kernel as
+# `_attn_fwd_0`). Then SDPA, layer norm and softmax before the generic rules: Inductor names a
+# fused kernel after the ops in it, so `triton_red_fused_native_layer_norm_3` is layer-norm work.
+# Depthwise conv3d (PyTorch's own CUDA kernels: the pooling's plain conv) before the other
+# convolutions, and those before matmul (cuDNN conv kernels are "implicit_gemm"s). Inductor's
+# remaining kernels come before the copies: its `triton_poi_fused_clone_2` may fuse more than a
+# copy. The ATen elementwise kernels (eager) last, after the copies some of them run.
+KERNEL_CATEGORIES: tuple[tuple[str, str], ...] = (
+    (OUR_ATTENTION, r"\b_attn_(fwd|bwd_dq|bwd_dkdv)(_\d+)?\b"),  # kernels/pooled_attention.py
+    (OUR_POOLING, r"\b_pool_norm_(fwd|bwd_dz|bwd_dx)(_\d+)?\b"),  # kernels/pool_norm.py
+    ("attention (SDPA)", r"flash|fmha|sdpa|attention"),
+    ("layer norm", r"layer_?norm|GammaBeta"),
+    ("softmax", r"softmax"),
+    (DEPTHWISE_CONV, r"conv_depthwise3d"),
+    ("convolution", r"conv(olution|\d|_)|implicit_gemm|fprop|dgrad|wgrad|cudnn"),
+    ("matmul", r"gemm|gemv|nvjet|xmma|cutlass|cublas|aten::(matmul|linear)$"
+               r"|(^|[^a-z])(add|b|baddb)?mm([^a-z]|$)"),  # aten::mm, aten::addmm, triton_tem_fused_mm_0
+    ("optimizer", r"multi_tensor_apply|adam|foreach|optimizer"),
+    ("Inductor fused", r"^triton_"),
+    ("copy/layout", r"copy|memcpy|(^|[^a-z])cat([^a-z]|$)|transpose|permute|contiguous|clone"),
+    ("ATen elementwise", r"elementwise|reduce_kernel"),
+)
+CATEGORIES = tuple(category for category, _ in KERNEL_CATEGORIES) + (OTHER,)
+_CATEGORY_PATTERNS = tuple((category, re.compile(pattern, re.IGNORECASE))
+                           for category, pattern in KERNEL_CATEGORIES)
+
+
+def kernel_category(name: str) -> str:
+    """The category of a CUDA kernel or CPU op name: the first `KERNEL_CATEGORIES` rule found in it."""
+    for category, pattern in _CATEGORY_PATTERNS:
+        if pattern.search(name):
+            return category
+    return OTHER
+
+
+def time_breakdown(ops: Iterable[tuple[str, int, float]], steps: int, top: int = 25) -> dict:
+    """Per step: the total time, the time by category and the `top` costliest kernels (or ops).
+
+    `ops` are (name, calls, microseconds) over `steps` steps, e.g. the profiler's key averages;
+    a name listed twice adds up. Returns {"total_ms": ms, "categories": {category: ms}, largest
+    first, "top": [{"name", "category", "calls_per_step", "ms_per_step", "share"}]}, where
+    share is the fraction of the total.
+    """
+    calls: dict[str, int] = {}
+    micros: dict[str, float] = {}
+    for name, count, us in ops:
+        calls[name] = calls.get(name, 0) + count
+        micros[name] = micros.get(name, 0.0) + us
+    ms = {name: us / 1e3 / steps for name, us in micros.items()}
+    total = sum(ms.values())
+    categories: dict[str, float] = {}
+    for name, t in ms.items():
+        category = kernel_category(name)
+        categories[category] = categories.get(category, 0.0) + t
+    ranked = sorted(ms, key=lambda name: (-ms[name], name))[:top]
+    return {"total_ms": total,
+            "categories": dict(sorted(categories.items(), key=lambda item: (-item[1], item[0]))),
+            "top": [{"name": name, "category": kernel_category(name), "calls_per_step": calls[name] / steps,
+                     "ms_per_step": ms[name], "share": ms[name] / total if total else 0.0}
+                    for name in ranked]}
+
+
+def _is_profile(path: Path) -> bool:
+    return path.match(PROFILE_GLOB)
+
+
+def profile_files(paths: Iterable[Path]) -> list[Path]:
+    """The profiles among `paths` and beside their benchmark files (one results folder holds both)."""
+    paths = list(paths)
+    found = {p for p in paths if _is_profile(p)}
+    for folder in {p.parent for p in paths if not _is_profile(p)}:
+        found.update(folder.glob(PROFILE_GLOB))
+    return sorted(found)
+
+
+def load_profiles(paths: Iterable[str | Path]) -> list[dict]:
+    """bench/profile_step.py's profile JSONs, each with `source` (the file) added."""
+    profiles = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if data.get("kind") != "profile":
+            raise ValueError(f"{path}: not a bench/profile_step.py profile (no kind 'profile')")
+        profiles.append(dict(data, source=str(path)))
+    return profiles
+
+
+def _variant_order(variant: str) -> int:
+    return (MODEL_VARIANTS + (variant,)).index(variant)
+
+
+def _profile_cases(profiles: list[dict]) -> dict[tuple[str, str], dict[str, dict]]:
+    """{(suite, mode): {variant: profile}} in report order (a later file of a variant wins)."""
+    cases: dict[tuple[str, str], dict[str, dict]] = {}
+    for p in sorted(profiles, key=lambda p: p["source"]):
+        cases.setdefault((p["suite"], p["mode"]), {})[p["variant"]] = p
+    return {case: dict(sorted(cases[case].items(), key=lambda item: _variant_order(item[0])))
+            for case in sorted(cases, key=lambda c: (_suite_key(c[0]), ("train", "infer").index(c[1])))}
+
+
+def pooling_summary(by_variant: dict[str, dict]) -> str | None:
+    """The pooling's time per step with the plain ops and with the fused kernel, where the two
+    variants were profiled at one batch; None otherwise.
+
+    The fused kernel's time is exact: its own kernels. The plain ops' is not measurable by
+    name (their LayerNorms and copies look like the blocks' others), so it is derived: the
+    step-time difference between the two variants plus the fused kernel's time.
+    """
+    fused, plain = by_variant.get(FUSED_POOL_VARIANT), by_variant.get(PLAIN_POOL_VARIANT)
+    if fused is None or plain is None or fused["batch"] != plain["batch"]:
+        return None
+    fused_ms = fused["categories"].get(OUR_POOLING, 0.0)
+    plain_ms = plain["step_ms"] - fused["step_ms"] + fused_ms
+    conv_ms = plain["categories"].get(DEPTHWISE_CONV, 0.0)
+    return (f"pooling (depthwise conv3d + LayerNorm of q, k, v): {plain_ms:.2f} ms of "
+            f"{plain['step_ms']:.2f} ms per step ({100 * plain_ms / plain['step_ms']:.1f}%) with the "
+            f"plain ops ({PLAIN_POOL_VARIANT}; derived from the step-time difference to "
+            f"{FUSED_POOL_VARIANT} plus the fused kernel's time, since the plain LayerNorms and copies "
+            f"share kernel names with the blocks' others; its depthwise conv3d kernels alone: "
+            f"{conv_ms:.2f} ms) vs {fused_ms:.2f} ms of {fused['step_ms']:.2f} ms "
+            f"({100 * fused_ms / fused['step_ms']:.1f}%) with the fused kernel ({FUSED_POOL_VARIANT}; "
+            f"its own kernels' time).")
+
+
+def time_breakdown_tables(profiles: list[dict]) -> str:
+    """Markdown: per suite and mode, each variant's profiled time per step by category, and the
+    pooling's time with the plain ops and the fused kernel (`pooling_summary`) where both ran."""
+    out = []
+    for (suite, mode), by_variant in _profile_cases(profiles).items():
+        variants = list(by_variant)
+        first = by_variant[variants[0]]
+        largest = max(variants, key=lambda v: by_variant[v]["total_ms"])
+        found = {c for p in by_variant.values() for c in p["categories"]}
+        order = CATEGORIES + tuple(sorted(found - set(CATEGORIES)))
+        categories = sorted(found, key=lambda c: (-by_variant[largest]["categories"].get(c, 0.0),
+                                                  order.index(c)))
+        facts = [", ".join(sorted({str(p[key]) for p in by_variant.values()}))
+                 for key in ("device", "timed", "batch", "steps")]
+        out += [f"### Where the time goes: {first['model']} {suite[1:]} {mode}, batch {facts[2]} "
+                f"({facts[0]}; {facts[1]} per step, torch.profiler over {facts[3]} steps; "
+                f"torch {first['torch']}, commit {str(first['commit'])[:10]})",
+                "",
+                "| category | " + " | ".join(variants) + " |",
+                "|---|" + "---:|" * len(variants)]
+        for category in categories:
+            cells = []
+            for p in by_variant.values():
+                ms = p["categories"].get(category)
+                cells.append("-" if ms is None else f"{ms:.2f} ({100 * ms / p['total_ms']:.1f}%)")
+            out.append(f"| {category} | " + " | ".join(cells) + " |")
+        out += ["| total | " + " | ".join(f"{p['total_ms']:.2f}" for p in by_variant.values()) + " |",
+                "| step (wall) | " + " | ".join(f"{p['step_ms']:.2f}" for p in by_variant.values()) + " |",
+                "",
+                f"ms per step (share of the profiled total), rows by the {largest} column; step (wall) = "
+                "median wall time of an unprofiled step; the top kernels are in each profile JSON."]
+        pooling = pooling_summary(by_variant)
+        out += ["", pooling] if pooling else []
+        out.append("")
+    return "\n".join(out)
 
 
 def _figure(ncols: int, nrows: int = 1, width: float = 5.5, height: float = 4.0):
@@ -377,32 +555,71 @@ def plot_throughput_vs_batch(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
-def write_plots(rows: list[dict], plot_dir: str | Path) -> list[Path]:
-    """The three PNGs (those the rows have data for) under `plot_dir`."""
+def plot_time_breakdown(profiles: list[dict], path: Path) -> Path | None:
+    """Stacked bars: each variant's profiled time per step by category, one panel per suite and mode."""
+    cases = _profile_cases(profiles)
+    if not cases:
+        return None
+    fig, axes = _figure(len(cases), width=6.5, height=5.0)
+    from matplotlib import colormaps  # installed: _figure checked
+
+    found = {c for p in profiles for c in p["categories"]}
+    unknown = sorted(found - set(CATEGORIES))  # from a newer bench/profile_step.py
+    order = [c for c in CATEGORIES if c in found] + unknown
+    colors = {c: colormaps["tab20"](i % 20) for i, c in enumerate(CATEGORIES + tuple(unknown))}
+    for ax, ((suite, mode), by_variant) in zip(axes, cases.items()):
+        variants = list(by_variant)
+        bottom = [0.0] * len(variants)
+        for category in order:
+            heights = [by_variant[v]["categories"].get(category, 0.0) for v in variants]
+            if any(heights):
+                ax.bar(variants, heights, bottom=bottom, label=category, color=colors[category])
+                bottom = [b + h for b, h in zip(bottom, heights)]
+        ax.set_title(f"{suite} {mode}")
+        ax.set_ylabel(f"profiled time per step (ms; {by_variant[variants[0]]['timed']})")
+        ax.tick_params(axis="x", labelrotation=20, labelsize="small")
+        handles, labels = ax.get_legend_handles_labels()
+        ax.legend(handles[::-1], labels[::-1], fontsize="x-small")  # top to bottom, as stacked
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def write_plots(rows: list[dict], plot_dir: str | Path, profiles: Iterable[dict] = ()) -> list[Path]:
+    """The PNGs (those the rows and profiles have data for) under `plot_dir`."""
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
     made = [plot_attention_breakdown(rows, plot_dir / "attention_breakdown.png"),
             plot_attention_roofline(rows, plot_dir / "attention_roofline.png"),
-            plot_throughput_vs_batch(rows, plot_dir / "throughput_vs_batch.png")]
+            plot_throughput_vs_batch(rows, plot_dir / "throughput_vs_batch.png"),
+            plot_time_breakdown(list(profiles), plot_dir / "time_breakdown.png")]
     return [p for p in made if p is not None]
 
 
 def throughput_main(json_files: list[str], *, results_dir: str | Path = RESULTS_DIR,
                     plot_dir: str | Path | None = None, plots: bool = True) -> int:
-    """`report throughput`: print the tables, write the plots; 1 when there is nothing to read."""
+    """`report throughput`: print the tables, write the plots; 1 when there is nothing to read.
+
+    Profiles (bench/profile_step.py) given among `json_files` or lying beside the benchmark
+    files add the "where the time goes" tables and plot.
+    """
     try:
         paths = [Path(p) for p in json_files] or newest_gpu_run(results_dir)
     except FileNotFoundError as e:
         print(e, file=sys.stderr)
         return 1
-    rows = load_benchmarks(paths)
-    if not _model_rows(rows) and not _attention_rows(rows):
-        print(f"no model or attention benchmark rows in {[str(p) for p in paths]}", file=sys.stderr)
+    rows = load_benchmarks(p for p in paths if not _is_profile(p))
+    profiles = load_profiles(profile_files(paths))
+    if not _model_rows(rows) and not _attention_rows(rows) and not profiles:
+        print(f"no model or attention benchmark rows or profiles in {[str(p) for p in paths]}",
+              file=sys.stderr)
         return 1
     print(f"<!-- python -m mvit_fast.report throughput {' '.join(str(p) for p in paths)} -->\n")
-    print(throughput_tables(rows), flush=True)
+    if _model_rows(rows) or _attention_rows(rows):
+        print(throughput_tables(rows), flush=True)
+    if profiles:
+        print(time_breakdown_tables(profiles), flush=True)
     if plots:
-        for path in write_plots(rows, plot_dir or paths[0].parent):
+        for path in write_plots(rows, plot_dir or paths[0].parent, profiles):
             print(f"wrote {path}", file=sys.stderr)  # stdout is the Markdown
     return 0
 
@@ -415,10 +632,11 @@ def main(argv: list[str] | None = None) -> int:
     flops.add_argument("--dataset", choices=sorted(DATASETS), default="k400")
     flops.add_argument("--json", help="also write the per-stage counts to this JSON file")
     throughput = sub.add_parser(
-        "throughput", help="clips/s tables and plots from pytest-benchmark JSON (bench/)")
+        "throughput", help="clips/s tables and plots from pytest-benchmark JSON (bench/), and where "
+                           "the time goes from the bench/profile_step.py profiles beside them")
     throughput.add_argument("json_files", nargs="*", metavar="JSON",
-                            help="pytest-benchmark JSON files; default: the newest GPU run under "
-                                 "--results-dir")
+                            help="pytest-benchmark JSON files (and profile_*.json); default: the "
+                                 "newest GPU run under --results-dir")
     throughput.add_argument("--results-dir", default=RESULTS_DIR,
                             help=f"where committed GPU runs live (default: {RESULTS_DIR})")
     throughput.add_argument("--plot-dir", help="where the PNGs go (default: beside the first JSON)")

@@ -21,6 +21,8 @@ from mvit_fast.engine import (
     per_class_accuracy,
     topk_hits,
 )
+from mvit_fast.engine.dist import Dist
+from mvit_fast.engine.run import build
 from mvit_fast.engine.trainer import accumulation
 
 TINY = dict(depths=(1, 1, 1, 1), embed_dim=16, num_frames=4, crop_size=32, num_classes=6)
@@ -211,6 +213,7 @@ def test_bad_command_lines_are_argparse_errors(capsys):
         (["--optimizer", "lamb"], "optimizer must be"),
         (["--test-crops", "2"], "test_crops must be 1 or 3"),
         (["--warmup-epochs", "300", "--epochs", "200"], "warmup_epochs"),
+        (["--pool-backend", "fused"], "pool_backend must be one of ('auto', 'eager', 'triton')"),
     ]:
         with pytest.raises(SystemExit):
             parse_args(argv)
@@ -218,6 +221,15 @@ def test_bad_command_lines_are_argparse_errors(capsys):
     kwargs = parse_args(["--size", "b", "--no-mixup", "--depths", "1", "1", "1", "1", "--base-lr", "3e-4"])
     assert kwargs["size"] == "b" and kwargs["mixup"] is False and kwargs["depths"] == (1, 1, 1, 1)
     assert kwargs["base_lr"] == 3e-4 and "epochs" not in kwargs  # untouched flags keep the recipe
+
+
+def test_pool_backend_flag_reaches_every_block():
+    kwargs = parse_args(["--pool-backend", "eager"])
+    recipe = get_recipe(kwargs["size"], kwargs["dataset"], pool_backend=kwargs["pool_backend"])
+    one_cpu = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    model = build(recipe, None, one_cpu, reinit_head=False)
+    assert [blk.attn.pool_backend for blk in model.blocks] == ["eager"] * len(model.blocks)
+    assert recipe.to_dict()["pool_backend"] == "eager"  # the resolved config that main prints
 
 
 def test_bad_main_arguments_raise_clear_value_errors(tmp_path):

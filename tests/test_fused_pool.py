@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 
 import mvit_fast
+import mvit_fast.attention.fused_pool as fused_pool_module
 import mvit_fast.attention.module as attention_module
-from mvit_fast.attention import MultiScaleAttention, attention_pool
+from mvit_fast.attention import BACKENDS, MultiScaleAttention, attention_pool
 from mvit_fast.attention.fused_pool import can_fuse_pool, fused_pool_qkv, pool_norm_qkv
 from mvit_fast.model import MultiScaleBlock
 from tests.numerics import assert_close
@@ -202,10 +203,10 @@ def test_rejects_unsupported_inputs() -> None:
         _fused(qkv[:, :, :2], params, case)
 
 
-def _attention_pair(seed: int = 0, **kwargs):
-    """A MultiScaleAttention with backend="triton" and its float64 eager twin, same weights."""
+def _attention_pair(seed: int = 0, *, backend: str = "triton", pool_backend: str = "auto", **kwargs):
+    """A MultiScaleAttention with `backend` and `pool_backend` and its float64 eager twin, same weights."""
     torch.manual_seed(seed)
-    fused = MultiScaleAttention(**kwargs, backend="triton")
+    fused = MultiScaleAttention(**kwargs, backend=backend, pool_backend=pool_backend)
     with torch.no_grad():  # non-trivial norms and rel-pos tables
         for name, p in fused.named_parameters():
             if "norm" in name or "rel_pos" in name:
@@ -239,21 +240,91 @@ def _check_module(fused: nn.Module, eager: nn.Module, x: torch.Tensor, thw, dtyp
         assert_close(g, r, dtype=dtype, kind="grad", name=f"d{name}")
 
 
-def test_module_triton_backend_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One MViTv2 attention (q stride (1,2,2), kv (1,2,2), 2 heads, rel-pos, residual):
-    fused pooling + fused attention in fp32 vs the eager module in float64."""
+# One MViTv2 attention: q stride (1,2,2), kv (1,2,2), 2 heads, rel-pos, residual pooling.
+ATTENTION_THW = (2, 5, 5)
+ATTENTION = dict(
+    dim=16, dim_out=32, input_size=ATTENTION_THW, num_heads=2, qkv_bias=True, kernel_q=(3, 3, 3),
+    kernel_kv=(3, 3, 3), stride_q=(1, 2, 2), stride_kv=(1, 2, 2),
+    norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6), rel_pos_spatial=True,
+    rel_pos_temporal=True, residual_pooling=True)
+
+
+def _attention_input() -> torch.Tensor:
+    return torch.randn(2, 1 + 50, 16, generator=torch.Generator().manual_seed(2))
+
+
+def _record_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The list that "fused pool", "plain pool" and "triton attention" are appended to, in call order,
+    whenever `MultiScaleAttention` runs the fused pooling, the plain pooling or the Triton attention."""
     calls = []
-    spy = lambda *args: calls.append(1) or fused_pool_qkv(*args)
-    monkeypatch.setattr(attention_module, "fused_pool_qkv", spy)
-    thw = (2, 5, 5)
-    fused, eager = _attention_pair(
-        dim=16, dim_out=32, input_size=thw, num_heads=2, qkv_bias=True, kernel_q=(3, 3, 3),
-        kernel_kv=(3, 3, 3), stride_q=(1, 2, 2), stride_kv=(1, 2, 2),
-        norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6), rel_pos_spatial=True,
-        rel_pos_temporal=True, residual_pooling=True)
-    x = torch.randn(2, 1 + 50, 16, generator=torch.Generator().manual_seed(2))
-    _check_module(fused, eager, x, thw, torch.float32)
-    assert calls == [1]  # the fused pooling ran (once per forward)
+
+    def spy(name, fn):
+        return lambda *args: calls.append(name) or fn(*args)
+
+    monkeypatch.setattr(attention_module, "fused_pool_qkv", spy("fused pool", fused_pool_qkv))
+    monkeypatch.setattr(attention_module, "_pool_projection_eager",
+                        spy("plain pool", attention_module._pool_projection_eager))
+    monkeypatch.setitem(BACKENDS, "triton", spy("triton attention", BACKENDS["triton"]))
+    return calls
+
+
+def test_module_triton_backend_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fused pooling + fused attention in fp32 vs the eager module in float64."""
+    calls = _record_calls(monkeypatch)
+    fused, eager = _attention_pair(**ATTENTION)
+    _check_module(fused, eager, _attention_input(), ATTENTION_THW, torch.float32)
+    assert calls == ["fused pool", "triton attention", "plain pool"]  # the float64 oracle: plain ops
+
+
+def test_module_plain_pooling_under_triton_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pool_backend="eager" with backend="triton": the plain ops pool, the Triton kernel attends;
+    the same result as the fused pooling (pool_backend "auto"), and as the float64 eager module."""
+    calls = _record_calls(monkeypatch)
+    fused, eager = _attention_pair(**ATTENTION)
+    plain = MultiScaleAttention.from_module(fused, backend="triton", pool_backend="eager")
+    x = _attention_input()
+    _check_module(plain, eager, x, ATTENTION_THW, torch.float32)
+    assert calls == ["plain pool", "triton attention", "plain pool"]  # the oracle: plain ops too
+    calls.clear()
+    with torch.no_grad():
+        out_plain, out_fused = (module(x, ATTENTION_THW)[0] for module in (plain, fused))
+    assert calls == ["plain pool", "triton attention", "fused pool", "triton attention"]
+    assert_close(out_plain, out_fused, dtype=torch.float32, name="plain vs fused pooling")
+
+
+def test_module_fused_pooling_under_eager_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pool_backend="triton" with backend="eager": the fused kernel pools, the eager op attends."""
+    calls = _record_calls(monkeypatch)
+    fused, eager = _attention_pair(backend="eager", pool_backend="triton", **ATTENTION)
+    _check_module(fused, eager, _attention_input(), ATTENTION_THW, torch.float32)
+    assert calls == ["fused pool", "plain pool"]
+
+
+def test_module_pool_backend_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unknown values, and pool_backend="triton" wherever the fused kernel cannot pool, raise."""
+    x = _attention_input()
+    with pytest.raises(ValueError, match=r"unknown pool_backend 'fused': expected one of \('auto', 'eager', "
+                                         r"'triton'\)"):
+        MultiScaleAttention(**ATTENTION, pool_backend="fused")
+    with pytest.raises(ValueError, match="separate_qkv=True"):
+        MultiScaleAttention(**ATTENTION, separate_qkv=True, pool_backend="triton")
+    module = MultiScaleAttention(**ATTENTION, pool_backend="eager")
+    with pytest.raises(ValueError, match="unknown pool_backend"):  # a later switch is checked too
+        module.pool_backend = "fast"
+    assert module.pool_backend == "eager"
+    avg = MultiScaleAttention(**{**ATTENTION, "mode": "avg"}, pool_backend="triton")
+    with pytest.raises(ValueError, match="cannot pool this module \\(mode='avg'"):
+        avg(x, ATTENTION_THW)
+    conv = MultiScaleAttention(**ATTENTION, pool_backend="triton")
+    with pytest.raises(ValueError, match="torch.float64"):
+        conv.double()(x.double(), ATTENTION_THW)
+    for module_reading_it in (attention_module, fused_pool_module):  # a CPU tensor, no interpreter
+        monkeypatch.setattr(module_reading_it, "INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="on cpu: .*TRITON_INTERPRET=1"):
+        conv.float()(x, ATTENTION_THW)
+    monkeypatch.setattr(attention_module, "fused_pool_qkv", None)  # triton not installed
+    with pytest.raises(RuntimeError, match="needs triton"):
+        MultiScaleAttention(**ATTENTION, pool_backend="triton")
 
 
 def test_module_falls_back_when_not_fusable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -154,6 +154,37 @@ def test_triton_backend_matches_float64_eager_model():
         assert_close(p.grad, q.grad, dtype=torch.float32, kind="grad", name=f"grad of {name}")
 
 
+def test_pool_backend_reaches_every_block(monkeypatch):
+    """build_model's pool_backend reaches every block's attention; set_attention_backend keeps it
+    unless given one."""
+    import mvit_fast.attention.module as attention_module
+    from mvit_fast.attention import BACKENDS
+
+    if "triton" not in BACKENDS:
+        pytest.skip("triton is not installed")
+    fused_calls = []
+    fused_pool_qkv = attention_module.fused_pool_qkv
+    monkeypatch.setattr(attention_module, "fused_pool_qkv",
+                        lambda *args: fused_calls.append(1) or fused_pool_qkv(*args))
+    tiny = dict(TINY, depths=(1, 1, 1, 1))
+    model = mvit_fast.build_model("s", **tiny, attention_backend="eager", pool_backend="triton").eval()
+    clip = torch.randn(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        model(clip)
+    assert len(fused_calls) == len(model.blocks) == 4  # the fused kernel pooled in every block
+    model.set_attention_backend("triton")
+    assert [(b.attn.backend, b.attn.pool_backend) for b in model.blocks] == [("triton", "triton")] * 4
+    model.set_attention_backend("triton", pool_backend="eager")
+    assert [(b.attn.backend, b.attn.pool_backend) for b in model.blocks] == [("triton", "eager")] * 4
+    with torch.no_grad():
+        model(clip)
+    assert len(fused_calls) == 4  # the Triton attention, but the plain pooling ops
+    with pytest.raises(ValueError, match="unknown pool_backend 'fused'"):
+        model.set_attention_backend("eager", pool_backend="fused")
+    with pytest.raises(ValueError, match="unknown pool_backend 'fused'"):
+        mvit_fast.build_model("s", **tiny, pool_backend="fused")
+
+
 def test_bf16_autocast_gradients_are_deterministic_and_close_to_float64():
     # Regression: the pooling convs once saw a channels-last input, for which torch 2.13's CPU
     # bf16 depthwise Conv3d weight gradient is wrong (errors the size of the gradient itself).

@@ -12,11 +12,15 @@ from . import autotune
 from .functional import pooled_attention
 
 try:
+    from ..kernels.pool_norm import INTERPRETED, MAX_HEAD_DIM
     from .fused_pool import can_fuse_pool, fused_pool_qkv
 except ImportError:  # triton is a Linux-only dependency
-    can_fuse_pool = fused_pool_qkv = None
+    INTERPRETED = MAX_HEAD_DIM = can_fuse_pool = fused_pool_qkv = None
 
-__all__ = ["MultiScaleAttention", "attention_pool"]
+__all__ = ["POOL_BACKENDS", "MultiScaleAttention", "attention_pool"]
+
+# How `MultiScaleAttention` pools q, k and v (its `pool_backend`).
+POOL_BACKENDS = ("auto", "eager", "triton")
 
 
 def attention_pool(
@@ -65,9 +69,18 @@ def _pool_projection_eager(qkv: Tensor, thw: Sequence[int], has_cls: bool,
 class MultiScaleAttention(nn.Module):
     """Drop-in for `slowfast.models.attention.MultiScaleAttention` (MViTv1/v2).
 
-    Same constructor arguments and state_dict keys; `backend` picks the
-    `pooled_attention` implementation. Supported pooling modes: "conv", "avg",
-    "max"; `pool_first=True` and mode "conv_unshared" raise NotImplementedError.
+    Same constructor arguments and state_dict keys, plus two keyword-only choices:
+    `backend` picks the `pooled_attention` implementation; `pool_backend` picks how q, k
+    and v are pooled and normed before it:
+
+    - "auto": follows `backend`: the fused Triton conv + LayerNorm kernel (`fused_pool_qkv`)
+      wherever it applies under "triton"; under "auto", on CUDA, whichever of it and the
+      plain ops measured faster (`autotune.choose_pool`); the plain ops otherwise.
+    - "eager": always the plain ops (nn.Conv3d / pooling + nn.LayerNorm, `attention_pool`).
+    - "triton": always the fused kernel; raises where it cannot apply (see `can_fuse_pool`).
+
+    Supported pooling modes: "conv", "avg", "max"; `pool_first=True` and mode
+    "conv_unshared" raise NotImplementedError.
     """
 
     def __init__(
@@ -93,6 +106,7 @@ class MultiScaleAttention(nn.Module):
         separate_qkv: bool = False,
         *,
         backend: str = "auto",
+        pool_backend: str = "auto",
     ) -> None:
         super().__init__()
         if pool_first:
@@ -116,6 +130,7 @@ class MultiScaleAttention(nn.Module):
         self.rel_pos_spatial = rel_pos_spatial
         self.rel_pos_temporal = rel_pos_temporal
         self.backend = backend
+        self.pool_backend = pool_backend
 
         if separate_qkv:
             self.q = nn.Linear(dim, dim_out, bias=qkv_bias)
@@ -173,6 +188,24 @@ class MultiScaleAttention(nn.Module):
             if not rel_pos_zero_init:
                 nn.init.trunc_normal_(self.rel_pos_t, std=0.02)
 
+    @property
+    def pool_backend(self) -> str:
+        """How q, k and v are pooled: "auto", "eager" or "triton" (see the class docstring)."""
+        return self._pool_backend
+
+    @pool_backend.setter
+    def pool_backend(self, value: str) -> None:
+        # A setter, so a later switch (`MViT.set_attention_backend`) is checked like the constructor.
+        if value not in POOL_BACKENDS:
+            raise ValueError(f"unknown pool_backend {value!r}: expected one of {POOL_BACKENDS}")
+        if value == "triton":
+            if fused_pool_qkv is None:
+                raise RuntimeError("pool_backend='triton' needs triton, which is not installed")
+            if self.separate_qkv:
+                raise ValueError("pool_backend='triton' needs the fused qkv projection: the kernel "
+                                 "reads its (B, N, 3, heads, d) output, and separate_qkv=True has none")
+        self._pool_backend = value
+
     def forward(self, x: Tensor, thw_shape: Sequence[int]) -> tuple[Tensor, list[int]]:
         """x (B, cls + T*H*W, dim) on the grid `thw_shape` -> (B, Nq, dim_out), q grid."""
         if x.ndim != 3:
@@ -210,8 +243,14 @@ class MultiScaleAttention(nn.Module):
         return x, q_shape
 
     def _fused_pool(self, qkv: Tensor, thw: Sequence[int], pools: tuple, norms: tuple) -> bool:
-        """Pool with the fused Triton kernel: always under "triton" where it applies; under "auto"
-        on CUDA where it measured faster than the plain ops (`autotune.choose_pool`)."""
+        """Whether to pool with the fused Triton kernel rather than the plain ops: per
+        `pool_backend`, as the class docstring lists."""
+        if self.pool_backend == "eager":
+            return False
+        if self.pool_backend == "triton":
+            self._check_fusable(qkv, pools, norms)
+            return True
+        # "auto": the choice follows `backend`
         if self.backend not in ("triton", "auto") or fused_pool_qkv is None:
             return False
         if not can_fuse_pool(pools, norms, qkv):
@@ -227,12 +266,27 @@ class MultiScaleAttention(nn.Module):
         args = (thw, self.has_cls_embed, pools, norms)
         return autotune.choose_pool(candidates, qkv, args, params, geometry) == "triton"
 
+    def _check_fusable(self, qkv: Tensor, pools: tuple, norms: tuple) -> None:
+        """Raise, naming the reason, where `fused_pool_qkv` cannot pool qkv (pool_backend "triton")."""
+        if can_fuse_pool(pools, norms, qkv):
+            return
+        if not (qkv.is_cuda or (INTERPRETED and qkv.device.type == "cpu")):
+            raise RuntimeError(f"pool_backend='triton' got qkv on {qkv.device}: the fused pooling kernel "
+                               "runs on CUDA (on the CPU only under TRITON_INTERPRET=1)")
+        raise ValueError(
+            f"pool_backend='triton' cannot pool this module (mode={self.mode!r}, qkv {qkv.dtype}): the "
+            "fused kernel takes float32/float16/bfloat16 and conv pooling of q, k and v (depthwise, no "
+            f"bias, kernel sizes 1 or 3, padding kernel // 2, head_dim <= {MAX_HEAD_DIM}) followed by "
+            "affine LayerNorms of one eps; use pool_backend='auto' or 'eager'")
+
     @classmethod
-    def from_module(cls, module: nn.Module, *, backend: str = "auto") -> MultiScaleAttention:
+    def from_module(cls, module: nn.Module, *, backend: str = "auto",
+                    pool_backend: str = "auto") -> MultiScaleAttention:
         """A copy of a SlowFast or mmaction2 MViTv2 `MultiScaleAttention`, weights included.
 
         Reads the geometry from the module's layers, so any instance of either
-        codebase's class (same state_dict keys as ours) can be swapped in place.
+        codebase's class (same state_dict keys as ours) can be swapped in place;
+        `backend` and `pool_backend` are the new module's (see the class docstring).
         """
         sd = module.state_dict()
         if "qkv.weight" not in sd or not isinstance(getattr(module, "pool_q", None), nn.Conv3d):
@@ -258,6 +312,7 @@ class MultiScaleAttention(nn.Module):
             stride_q=pool_q.stride, stride_kv=pool_kv.stride,
             norm_layer=lambda d: nn.LayerNorm(d, eps=module.norm_q.eps),
             has_cls_embed=has_cls, rel_pos_spatial=rel_sp, rel_pos_temporal=rel_t,
-            residual_pooling=bool(module.residual_pooling), backend=backend)
+            residual_pooling=bool(module.residual_pooling), backend=backend,
+            pool_backend=pool_backend)
         new.load_state_dict(sd)
         return new.to(sd["qkv.weight"].device)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..attention.module import POOL_BACKENDS
 from ..config import DATASETS, SIZES
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, K400_MEAN, K400_STD
 
@@ -44,6 +45,7 @@ class Recipe:
     drop_path_rate: float | None = None  # None: the config's (per size and dataset)
     head_dropout: float | None = None
     attention_backend: str = "auto"
+    pool_backend: str = "auto"  # q/k/v pooling: "auto" (follows attention_backend), "eager", "triton"
     checkpoint_activations: bool = False
     # data
     protocol: str = "k400"  # frame sampling: "k400" (every `sampling_rate` frames) or "ssv2" (segments)
@@ -191,6 +193,7 @@ def check_recipe(r: Recipe) -> None:
         optimizer=("adamw", "sgd"),
         precision=("auto", "bf16", "fp16", "fp32"),
         loader=("auto", "dali", "pyav"),
+        pool_backend=POOL_BACKENDS,
     )
     for name, allowed in choices.items():
         if getattr(r, name) not in allowed:

@@ -123,6 +123,7 @@ def build(recipe: Recipe, checkpoint: str | None, d: Dist, *, reinit_head: bool)
         recipe.size,
         "k400",
         attention_backend=recipe.attention_backend,
+        pool_backend=recipe.pool_backend,
         checkpoint_activations=recipe.checkpoint_activations,
         **recipe.model_overrides(),
     )
