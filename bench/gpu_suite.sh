@@ -22,12 +22,19 @@
 #   model_compiled_S16x224  the other compiled S cases (SDPA; Triton inference)
 #   pool                bench/test_pool.py (fused pooling), if present  bench_pool.json
 #   attention_B32x224, model_compiled_B32x224: as for S
+#   profile_S16x224     bench/profile_step.py: the compiled S training step, fused vs plain
+#                       pooling, kernel time by category               profile_*.json
+#   profile_B32x224     the same for B, compiled Triton vs eager bf16   profile_*.json
 #   report              python -m mvit_fast.report throughput           throughput.md (+ PNGs)
 # Each compiled case compiles the whole model cold (about a minute or more per case on the
 # first run, estimated, not measured yet), so one call is expected to get through
 # train_compiled, model_eager and attention_S16x224, which already give the headline
-# (compiled Triton vs eager training); the rest in a second call (a fresh machine, hence pip):
+# (compiled Triton vs eager training); the rest in two more calls (a fresh machine, hence pip):
 #   STEPS="pip model_compiled_S16x224 pool attention_B32x224 model_compiled_B32x224 report"
+#   STEPS="pip profile_S16x224 profile_B32x224 report"
+# Autotuning compiles every config of a pass at each new tuning key: the attention passes
+# ~1-3 s per config, the pooling passes ~1-8 s (sm_90 compiles timed on a 2-core CPU;
+# `python bench/kernel_resources.py` lists them), 7 + 7 + 7 and 3 + 3 + 3 configs per key.
 # Every step also leaves NAME.log and NAME.cmd (its command line). run_info.json (with
 # STEPS: run_info-<first step>.json): device, commit, command, versions, nvidia-smi and
 # every step's exit code (124: timed out, 125: not started). Each bench_*.json is
@@ -133,7 +140,7 @@ step pip 90 bash -c 'if [ -d .whl ]; then "$PY" -m pip install --no-index --no-d
 # 32 x 32 tiles because they fit every case in shared memory: an sm_90 compile of the fp32
 # d = 144 dq pass needs 141 KB at 32 x 32 but 311 KB (over the 227 KB limit) at 64 x 64.
 step tests 180 env MVIT_FAST_TRITON_CONFIG=BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1 \
-  MVIT_FAST_POOL_CONFIG=BLOCK_M=32,num_warps=4,num_stages=1 \
+  MVIT_FAST_POOL_CONFIG=BLOCK_M=16,num_warps=8,num_stages=1 \
   "$PY" -m pytest tests -m cuda -p no:cacheprovider --junitxml="$OUT/tests.xml"
 
 # Attention and pooling ops: a few rounds of 0.1 s each (the tests warm up themselves).
@@ -144,14 +151,22 @@ HEADLINE="train and compile-triton-bf16"
 bench train_compiled 200 bench/test_model.py -k "(S16x224 or B32x224) and $HEADLINE" "${MODEL_ROUNDS[@]}"
 bench model_eager 100 bench/test_model.py -k "(S16x224 or B32x224) and eager-" "${MODEL_ROUNDS[@]}"
 bench attention_S16x224 90 bench/test_attention.py -k S16x224 "${OP_ROUNDS[@]}"
-bench model_compiled_S16x224 200 bench/test_model.py -k "S16x224 and compile- and not ($HEADLINE)" \
-  "${MODEL_ROUNDS[@]}"
+# The plain-pooling variant is timed by the profile steps (with the fused one, side by side).
+bench model_compiled_S16x224 200 bench/test_model.py \
+  -k "S16x224 and compile- and not ($HEADLINE) and not plainpool" "${MODEL_ROUNDS[@]}"
 if [ -f bench/test_pool.py ]; then
   bench pool 50 bench/test_pool.py -k "S16x224 or B32x224" "${OP_ROUNDS[@]}"
 fi
 bench attention_B32x224 70 bench/test_attention.py -k B32x224 "${OP_ROUNDS[@]}"
-bench model_compiled_B32x224 250 bench/test_model.py -k "B32x224 and compile- and not ($HEADLINE)" \
-  "${MODEL_ROUNDS[@]}"
+bench model_compiled_B32x224 250 bench/test_model.py \
+  -k "B32x224 and compile- and not ($HEADLINE) and not plainpool" "${MODEL_ROUNDS[@]}"
+# Where the time goes (bench/profile_step.py: torch.profiler, kernels by category): the compiled
+# S training step with the fused vs the plain pooling (what the fused kernel saves), and the
+# B training step compiled vs eager bf16. `report` tabulates the profile_*.json.
+step profile_S16x224 240 "$PY" bench/profile_step.py --suite S16x224 --mode train \
+  --variants compile-triton-bf16 compile-triton-plainpool-bf16 --batch 8 --steps 5 --out "$OUT"
+step profile_B32x224 200 "$PY" bench/profile_step.py --suite B32x224 --mode train \
+  --variants compile-triton-bf16 eager-bf16 --batch 4 --steps 5 --out "$OUT"
 
 # Stamp every result file with its command and the run's info, then tabulate (and plot,
 # where matplotlib is installed).
@@ -172,9 +187,12 @@ for path in sorted(out.glob("bench_*.json")):
 PY
 PLOTS=(--plot-dir "$OUT")
 "$PY" -c "import matplotlib" 2>/dev/null || PLOTS=(--no-plots)
-if compgen -G "$OUT/bench_*.json" > /dev/null; then
+shopt -s nullglob  # a glob that matches nothing expands to nothing
+RESULTS=("$OUT"/bench_*.json "$OUT"/profile_*.json)
+shopt -u nullglob
+if [ "${#RESULTS[@]}" -gt 0 ]; then
   step report 30 sh -c '"$PY" -m mvit_fast.report throughput "$@" > "$0/throughput.md"; rc=$?; cat "$0/throughput.md"; exit $rc' \
-    "$OUT" "$OUT"/bench_*.json "${PLOTS[@]}"
+    "$OUT" "${RESULTS[@]}" "${PLOTS[@]}"
 fi
 
 run_info "${EXIT_CODES[@]}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 
 import triton
 
@@ -35,3 +36,13 @@ def pinned_config(env: str, required: Sequence[str], defaults: Mapping[str, int]
     if missing:
         raise ValueError(f"{env}={spec!r} lacks {missing}")
     return {**defaults, **cfg}
+
+
+# The target architecture while `compile_only.compile_only` compiles launches instead of
+# running them (the launchers' device checks then accept CPU tensors); None otherwise.
+COMPILE_ONLY_ARCH: ContextVar[int | None] = ContextVar("mvit_fast_compile_only_arch", default=None)
+
+
+def compiling_only() -> bool:
+    """Whether launches compile without running (inside `compile_only.compile_only`)."""
+    return COMPILE_ONLY_ARCH.get() is not None

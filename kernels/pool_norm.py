@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import is_interpreted, pinned_config
+from ._launch import compiling_only, is_interpreted, pinned_config
 
 __all__ = ["INTERPRETED", "MAX_HEAD_DIM", "pool_norm_backward", "pool_norm_forward", "pooled_size"]
 
@@ -364,24 +364,27 @@ _INTERPRETER_SPLIT = 2  # tests: programs walk several blocks (the loop is exerc
 INTERPRETED = is_interpreted(_pool_norm_fwd)
 
 
-def _keep(block_m: int, num_warps: int, num_stages: int, block_d: int, pass_name: str) -> bool:
-    """Prune configs: 8-128 fp32 tile elements per thread (the dz pass also holds its dW
-    tile); pipelining stages only matter for the dz pass, the one with a loop."""
-    if num_stages > 1 and pass_name != "dz":
-        return False
-    per_thread = block_m * block_d / (32 * num_warps)
-    if pass_name == "dz":
-        per_thread += 32 * block_d / (32 * num_warps)  # the (TAPS_PAD, d) dW accumulator
-    return 8 <= per_thread <= 128
+def _keep(block_m: int, num_warps: int, block_d: int) -> bool:
+    """Prune configs to at most 16 fp32 elements per thread of a (BLOCK_M, BLOCK_D) tile.
+
+    Every pass unrolls its 27 tap loads, which the compiler keeps in flight together, so
+    register pressure grows with the tile per thread, and past 16 elements the code spills
+    (sm_90, bf16, d = 96, `python bench/kernel_resources.py`; bytes of spill stores per
+    thread): at 16 elements fwd 0, dx 0-136, dz 60-184; at 32 elements fwd 0-1.3K, dx
+    0-1.8K, dz 1.2-3.5K; at 64, up to 38K. The spilling configs also compile 2-6x slower
+    (a dz config 6-24 s on 2 CPU cores): the full 36-config space took ~5.5 min per tuning
+    key, the kept one ~30 s. A second pipelining stage compiled to the same code (the
+    loads sit in unrolled, masked tap loops), so there is one stage.
+    """
+    return block_m * block_d <= 16 * 32 * num_warps
 
 
-def _configs(pass_name: str, block_d: int) -> list[triton.Config]:
-    """Autotune search space of one pass for one padded head dim (CUDA only), filtered by `_keep`."""
-    return [
-        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-        for bm in (16, 32, 64, 128) for w in (2, 4, 8) for s in (1, 2)
-        if _keep(bm, w, s, block_d, pass_name)
-    ]
+def _configs(block_d: int) -> list[triton.Config]:
+    """Autotune search space of every pass for one padded head dim (CUDA only), filtered by
+    `_keep`; at least the smallest tile with the most warps, whatever the head dim."""
+    kept = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
+            for bm in (16, 32, 64, 128) for w in (4, 8) if _keep(bm, w, block_d)]
+    return kept or [triton.Config({"BLOCK_M": 16}, num_warps=8, num_stages=1)]
 
 
 _KERNELS = {"fwd": _pool_norm_fwd, "dz": _pool_norm_bwd_dz, "dx": _pool_norm_bwd_dx}
@@ -390,7 +393,7 @@ _TUNE_KEY = ["N_BUCKET", "D", "ST", "SH", "SW"]
 
 @functools.cache
 def _tuned(pass_name: str, block_d: int):
-    return triton.autotune(configs=_configs(pass_name, block_d), key=_TUNE_KEY)(_KERNELS[pass_name])
+    return triton.autotune(configs=_configs(block_d), key=_TUNE_KEY)(_KERNELS[pass_name])
 
 
 def _pinned_config() -> dict[str, int] | None:
@@ -434,7 +437,7 @@ def _check(qkv: torch.Tensor, member: int, weight: torch.Tensor, thw: Sequence[i
         raise TypeError(f"fused pooling takes float32/float16/bfloat16 activations, got {qkv.dtype}")
     if not weight.is_floating_point():
         raise TypeError(f"conv weight must be floating point, got {weight.dtype}")
-    if not (qkv.is_cuda or INTERPRETED):
+    if not (qkv.is_cuda or INTERPRETED or compiling_only()):
         raise ValueError(f"fused pooling needs CUDA tensors (or TRITON_INTERPRET=1), got {qkv.device}")
     if qkv.ndim != 5:
         raise ValueError(f"qkv must be (B, N, members, heads, head_dim), got {tuple(qkv.shape)}")

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import is_interpreted, pinned_config
+from ._launch import compiling_only, is_interpreted, pinned_config
 
 __all__ = ["INTERPRETED", "MAX_GRID_AXIS", "MAX_HEAD_DIM", "attention_backward", "attention_forward",
            "head_dim_split", "launch_configs"]
@@ -866,7 +866,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel: torch.Tensor,
         raise TypeError(f"triton pooled attention takes float32/float16/bfloat16, got {q.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.is_cuda or INTERPRETED):
+    if not (q.is_cuda or INTERPRETED or compiling_only()):
         raise ValueError(f"triton pooled attention needs CUDA tensors (or TRITON_INTERPRET=1), "
                          f"got {q.device}")
     if q.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:

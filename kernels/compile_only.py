@@ -1,0 +1,167 @@
+"""Compile the kernels for a GPU this machine does not have: registers, spills and shared memory.
+
+Triton compiles for any NVIDIA target with the ptxas its package carries, so the machine
+code of every autotune config can be checked without a GPU: that it compiles at all (the
+interpreter runs the Python, not the compiler), whether its shared memory fits the target
+(a config over the limit is skipped by the autotuner; a pass none of whose configs fit
+fails), and how many registers it takes and spills.
+
+    with compile_only(arch=90) as recorder:
+        attention_forward(q, k, v, rel, ..., wrap=recorder.wrap)   # CPU tensors, not run
+    for c in recorder.results: print(c.kernel, c.config, c.registers, c.spill_stores, c.shared)
+
+Inside the context every launch made through `recorder.wrap` (the launchers' `wrap`
+argument) compiles its kernel, with Triton's own argument specialization of the launch's
+actual arguments, once per autotune config (or the pinned config), and runs nothing. The
+launchers' device checks accept CPU tensors meanwhile (`_launch.compiling_only`). Triton's
+interpreter (TRITON_INTERPRET=1) must be off: interpreted kernels have no compiler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+
+from ._launch import COMPILE_ONLY_ARCH
+
+__all__ = ["CompiledConfig", "CompileRecorder", "SHARED_MEMORY_LIMIT", "compile_only"]
+
+# Largest dynamic shared memory per block (opt-in), bytes: CUDA C Programming Guide,
+# "Technical Specifications per Compute Capability".
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+
+@dataclass
+class CompiledConfig:
+    """One kernel compiled at one launch with one config."""
+
+    kernel: str
+    config: dict[str, int]  # the tile meta-parameters, num_warps and num_stages
+    shared: int | None  # bytes of shared memory per program
+    registers: int | None  # per thread (ptxas)
+    spill_stores: int | None  # bytes per thread (ptxas)
+    spill_loads: int | None
+    fits: bool  # shared memory within the target's limit, and it compiled
+    compile_s: float  # wall time of the compile (ptxas included) on this machine
+    error: str | None = None  # why it did not compile
+
+
+@dataclass
+class CompileRecorder:
+    """What `compile_only` compiled; `wrap` is the launchers' `wrap` argument."""
+
+    arch: int
+    results: list[CompiledConfig] = field(default_factory=list)
+    # ptxas' counts by compiled-kernel hash: a launch that Triton serves from its cache
+    # (an earlier shape with the same specialization) prints no log.
+    ptxas: dict[str, tuple[int | None, int | None, int | None]] = field(default_factory=dict)
+
+    def wrap(self, kernel) -> _CompileOnLaunch:
+        return _CompileOnLaunch(self, kernel)
+
+
+class _CompileOnLaunch:
+    """Stands in for `kernel[grid]`: compiles every config of the launch instead of running."""
+
+    def __init__(self, recorder: CompileRecorder, kernel) -> None:
+        self.recorder, self.kernel = recorder, kernel
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self._compile(grid, args, kwargs)
+
+    def _compile(self, grid, args, kwargs) -> None:
+        if isinstance(self.kernel, triton.runtime.Autotuner):
+            fn, configs = self.kernel.fn, self.kernel.configs
+        else:  # a pinned config: the tile sizes are in kwargs already
+            fn, configs = self.kernel, [None]
+        if not isinstance(fn, triton.runtime.JITFunction):
+            raise RuntimeError("compile_only needs compiled kernels: unset TRITON_INTERPRET")
+        for cfg in configs:
+            meta = dict(kwargs) if cfg is None else {**kwargs, **cfg.all_kwargs()}
+            shown = {k: v for k, v in meta.items() if k.startswith(("BLOCK_", "SPLIT_", "num_"))}
+            shown.setdefault("num_warps", 4)  # Triton's defaults, when a pinned config names none
+            shown.setdefault("num_stages", 3)
+            self.recorder.results.append(_compile_one(fn, grid, args, meta, shown, self.recorder))
+
+
+_PTXAS = re.compile(r"Used (\d+) registers")
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _compile_one(fn, grid, args, meta, shown, recorder: CompileRecorder) -> CompiledConfig:
+    log = io.StringIO()
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):  # ptxas' log is printed (knobs.nvidia.dump_ptxas_log)
+            compiled = fn.run(*args, grid=grid, warmup=True, **meta)
+    except Exception as e:  # noqa: BLE001 - a failed compile is a result, reported per config
+        first = str(e).strip().splitlines()
+        return CompiledConfig(fn.__name__, shown, None, None, None, None, False,
+                              time.perf_counter() - start,
+                              f"{type(e).__name__}: {first[0] if first else ''}"[:300])
+    text = log.getvalue()
+    regs, spills = _PTXAS.search(text), _SPILLS.search(text)
+    if regs and spills:
+        recorder.ptxas[compiled.hash] = (int(regs.group(1)), int(spills.group(1)), int(spills.group(2)))
+    shared = compiled.metadata.shared
+    return CompiledConfig(
+        fn.__name__, shown, shared, *recorder.ptxas.get(compiled.hash, (None, None, None)),
+        fits=shared <= SHARED_MEMORY_LIMIT.get(recorder.arch, SHARED_MEMORY_LIMIT[80]),
+        compile_s=time.perf_counter() - start)
+
+
+class _TargetOnlyDriver:
+    """The parts of Triton's active driver that compiling (not launching) asks for."""
+
+    def __init__(self, arch: int) -> None:
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+
+@contextlib.contextmanager
+def compile_only(arch: int = 90) -> Iterator[CompileRecorder]:
+    """Within: launches through `recorder.wrap` compile for sm_`arch` and record, not run.
+
+    Triton's driver is replaced by a stand-in that names the target, its disk cache by a
+    temporary one (a cached kernel would print no ptxas log), and every kernel's in-memory
+    cache of compiled code and target is restored on exit, so nothing compiled here is
+    launched later.
+    """
+    from . import pool_norm, pooled_attention
+
+    kernels = [*pooled_attention._KERNELS.values(), *pool_norm._KERNELS.values()]
+    saved_caches = [(k, k.device_caches) for k in kernels if isinstance(k, triton.runtime.JITFunction)]
+    saved_driver = driver._active
+    saved_log, saved_dir = knobs.nvidia.dump_ptxas_log, knobs.cache.dir
+    token = COMPILE_ONLY_ARCH.set(arch)
+    with tempfile.TemporaryDirectory(prefix="mvit_fast_compile_") as cache_dir:
+        try:
+            for kernel, caches in saved_caches:
+                kernel.device_caches = type(caches)(kernel.create_binder)
+            driver.set_active(_TargetOnlyDriver(arch))
+            knobs.nvidia.dump_ptxas_log = True
+            knobs.cache.dir = cache_dir
+            yield CompileRecorder(arch)
+        finally:
+            COMPILE_ONLY_ARCH.reset(token)
+            driver._active = saved_driver
+            knobs.nvidia.dump_ptxas_log, knobs.cache.dir = saved_log, saved_dir
+            for kernel, caches in saved_caches:
+                kernel.device_caches = caches

@@ -1,0 +1,113 @@
+"""The kernels' machine code for Hopper (sm_90), compiled on this machine.
+
+The interpreter runs the kernels' Python, not Triton's compiler, so a kernel can pass every
+numerics test here and still fail to compile, need more shared memory than an H100 has, or
+spill its registers. `bench/kernel_resources.py` compiles every autotune config of the
+attention and pooling passes at the shapes of MViTv2-S blocks 0 and 1 (the largest token
+counts, one head and two, four of the six pooling strides) with Triton's own ptxas
+(`mvit_fast.kernels.compile_only`): no GPU needed; ~3 min on 2 cores (every S shape: ~7).
+It runs in a subprocess without TRITON_INTERPRET (interpreted kernels have no compiler).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.conftest import attention_shapes
+from bench.test_pool import pool_shapes
+from mvit_fast.config import get_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ATTENTION_PASSES = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")
+POOL_PASSES = ("_pool_norm_fwd", "_pool_norm_bwd_dz", "_pool_norm_bwd_dx")
+# Bytes of spill stores per thread allowed in any pooling config. The kept configs measured
+# 0-184 (sm_90, bf16, d = 96); the tiles `_keep` prunes spill 1-38 KB.
+POOL_SPILL_LIMIT = 512
+BLOCKS = (0, 1)
+
+
+def _compiled_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "MVIT_FAST_TRITON_CONFIG", "MVIT_FAST_POOL_CONFIG")}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when unset; fusion is its default
+    return env
+
+
+@pytest.fixture(scope="module")
+def s_resources(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("resources") / "s.json"
+    command = [sys.executable, str(ROOT / "bench" / "kernel_resources.py"), "--sizes", "s",
+               "--blocks", *map(str, BLOCKS), "--json", str(out)]
+    run = subprocess.run(command, env=_compiled_env(), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def _by_pass(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["shape"], row["kernel"]), []).append(row)
+    return groups
+
+
+def test_every_config_compiles_for_sm90_at_mvit_s_shapes(s_resources):
+    groups = _by_pass(s_resources["rows"])
+    cfg = get_config("s")
+    shapes = lambda passes: {shape for shape, kernel in groups if kernel in passes}
+    wanted = lambda all_shapes: [s for s in all_shapes if set(s.blocks) & set(BLOCKS)]
+    assert len(shapes(ATTENTION_PASSES)) == len(wanted(attention_shapes(cfg))) == 2
+    assert len(shapes(POOL_PASSES)) == len(wanted(pool_shapes(cfg))) == 2
+    for (shape, kernel), configs in groups.items():
+        assert not [c["error"] for c in configs if c["error"]], (shape, kernel)
+        assert any(c["fits"] for c in configs), f"{shape} {kernel}: no config fits sm_90's shared memory"
+        # ptxas' counts, also for configs Triton served from its cache (an earlier shape's code)
+        assert all(c["registers"] is not None and c["spill_stores"] is not None for c in configs)
+    kernels = {kernel for _, kernel in groups}
+    assert kernels == set(ATTENTION_PASSES + POOL_PASSES)
+
+
+def test_forward_attention_has_spill_free_configs_and_pooling_spills_little(s_resources):
+    for (shape, kernel), configs in _by_pass(s_resources["rows"]).items():
+        if kernel == "_attn_fwd":
+            assert any(c["spill_stores"] == 0 for c in configs), shape
+        if kernel in POOL_PASSES:
+            worst = max(configs, key=lambda c: c["spill_stores"])
+            assert worst["spill_stores"] <= POOL_SPILL_LIMIT, (shape, kernel, worst["config"])
+
+
+def test_compile_only_restores_triton_and_accepts_cpu_tensors_only_inside():
+    script = """
+import torch, triton
+from triton.runtime.driver import driver
+from mvit_fast.kernels import pooled_attention as pa
+from mvit_fast.kernels.compile_only import compile_only
+q = torch.empty(1, 2, 33, 32, dtype=torch.float16)
+k = torch.empty(1, 2, 10, 32, dtype=torch.float16)
+rel = torch.empty(1, 2, 32, 1 + 3 + 3)  # Kt + Kh + Kw columns
+args = ([1, 3, 3], (True, True, True), True, True, 0.2)
+caches, active = pa._attn_fwd.device_caches, driver._active
+with compile_only(90) as rec:
+    pa.attention_forward(q, k, k, rel, *args, wrap=rec.wrap)
+assert pa._attn_fwd.device_caches is caches and driver._active is active
+assert [c.kernel for c in rec.results] == ["_attn_fwd"], rec.results
+assert rec.results[0].registers and rec.results[0].fits and rec.results[0].error is None
+try:
+    pa.attention_forward(q, k, k, rel, *args)
+except ValueError as e:
+    assert "needs CUDA tensors" in str(e)
+else:
+    raise AssertionError("a CPU launch outside compile_only must be refused")
+print("ok")
+"""
+    env = _compiled_env()
+    env["MVIT_FAST_TRITON_CONFIG"] = "BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1"
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout[-3000:] + run.stderr[-3000:]
