@@ -25,6 +25,8 @@
 #   profile_S16x224     bench/profile_step.py: the compiled S training step, fused vs plain
 #                       pooling, kernel time by category               profile_*.json
 #   profile_B32x224     the same for B, compiled Triton vs eager bf16   profile_*.json
+#   data_pip, data      DALI GPU decoding vs PyAV (bench/test_data.py), only where the wheel
+#                       parts came along (bench/fetch_wheels.sh data)   bench_data.json
 #   report              python -m mvit_fast.report throughput           throughput.md (+ PNGs)
 # Each compiled case compiles the whole model cold (about a minute or more per case on the
 # first run, estimated, not measured yet), so one call is expected to get through
@@ -42,9 +44,10 @@
 # bench/conftest.py `record_run` (device, versions, commit, dtype, batch, shape, TFLOP/s,
 # peak memory) in every extra_info and, added at the end, "command" and "run_info" at the
 # top level. A suite cut by its timeout keeps the cases it finished (pytest-benchmark
-# saves on SIGINT). bench/test_data.py (DALI vs PyAV) is not run: the DALI wheel (199 MB)
-# is not carried. MViTv2-L (bench/test_model.py -k L40x312, batch 1) is left out: its
-# compilation alone would take much of the budget.
+# saves on SIGINT). bench/test_data.py (DALI vs PyAV) runs only with the data wheels
+# (~290 MB, carried in parts over several calls: bench/fetch_wheels.sh). MViTv2-L
+# (bench/test_model.py -k L40x312, batch 1) is left out: its compilation alone would take
+# much of the budget.
 # The attention kernels autotune over their compact config lists (`_COMPACT` in
 # kernels/pooled_attention.py); to revisit those lists, time the full space in a call of its own:
 #   MVIT_FAST_TRITON_TUNE=full python3 -m pytest bench/test_attention.py --benchmark-only -k "S16x224 and triton"
@@ -139,9 +142,14 @@ step pip 90 bash -c 'if [ -d .whl ]; then "$PY" -m pip install --no-index --no-d
 # head-dim layout of the suite would compile for many minutes (the benchmarks autotune).
 # 32 x 32 tiles because they fit every case in shared memory: an sm_90 compile of the fp32
 # d = 144 dq pass needs 141 KB at 32 x 32 but 311 KB (over the 227 KB limit) at 64 x 64.
+# The step is compile-bound (121 CUDA tests, most with kernel specializations of their own;
+# one compile takes 1-6 s on one core), so pytest-xdist (in the image) spreads the tests over
+# 8 processes sharing the GPU.
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 step tests 180 env MVIT_FAST_TRITON_CONFIG=BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1 \
   MVIT_FAST_POOL_CONFIG=BLOCK_M=16,num_warps=8,num_stages=1 \
-  "$PY" -m pytest tests -m cuda -p no:cacheprovider --junitxml="$OUT/tests.xml"
+  "$PY" -m pytest tests -m cuda -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/tests.xml"
 
 # Attention and pooling ops: a few rounds of 0.1 s each (the tests warm up themselves).
 OP_ROUNDS=(--benchmark-max-time=0.1 --benchmark-min-rounds=3)
@@ -167,6 +175,19 @@ step profile_S16x224 240 "$PY" bench/profile_step.py --suite S16x224 --mode trai
   --variants compile-triton-bf16 compile-triton-plainpool-bf16 --batch 8 --steps 5 --out "$OUT"
 step profile_B32x224 200 "$PY" bench/profile_step.py --suite B32x224 --mode train \
   --variants compile-triton-bf16 eager-bf16 --batch 4 --steps 5 --out "$OUT"
+
+# DALI's GPU decoder vs PyAV (bench/test_data.py), where the DALI and PyAV wheels came along
+# in parts (.carry1 ... .carryN: `bash bench/fetch_wheels.sh data` says how).
+if [ -d .carry1 ]; then
+  step data_pip 120 bash -c 'set -e; . .carry1/MANIFEST
+    have=$(find .carry[0-9]* -name "part-*" | wc -l)
+    [ "$have" = "$parts" ] || { echo "have $have of $parts wheel parts: carry the others"; exit 1; }
+    find .carry[0-9]* -name "part-*" | sort -t/ -k2 | xargs cat > /tmp/data_wheels.tar
+    echo "$sha256  /tmp/data_wheels.tar" | sha256sum -c
+    mkdir -p /tmp/data_wheels && tar xf /tmp/data_wheels.tar -C /tmp/data_wheels
+    "$PY" -m pip install --no-index --no-deps /tmp/data_wheels/*.whl'
+  bench data 240 bench/test_data.py "${MODEL_ROUNDS[@]}"
+fi
 
 # Stamp every result file with its command and the run's info, then tabulate (and plot,
 # where matplotlib is installed).
