@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import compiling_only, is_interpreted, pinned_config
+from ._launch import aligned, compiling_only, is_interpreted, pinned_config, row_align
 
 __all__ = ["INTERPRETED", "MAX_GRID_AXIS", "MAX_HEAD_DIM", "attention_backward", "attention_forward",
            "head_dim_split", "launch_configs"]
@@ -245,25 +245,13 @@ def _store_cols(ptr, stride_r, stride_d, x, rows, n_rows, D, COL0: tl.constexpr,
               rows, cols, n_rows, D, EVEN_ROWS, EVEN_COLS)
 
 
-# Row alignment. Triton hints an int argument only when it is divisible by 16, so at d = 72
-# (MViTv2-L) nothing proved a (rows, d) tile 16-byte aligned: row stride 72, head stride
-# Nq * 72 and D = 72 are multiples of 8 only, and tl.multiple_of is dropped on kernel
-# arguments. Every q/k/v/out/dO/dq/dk/dv access was scalar. With ROW_ALIGN = 8 (checked by
-# the launcher, `_row_align`) the batch/head offsets, row strides and D are rebuilt as
-# x // 8 * 8, which the alignment analysis sees as multiples of 8 (the mask `cols < D` then
-# constant in groups of 8). sm_90 bf16 (fp16 alike), fwd 128x64 w8 s2 / dq 128x32 w8 s1 /
-# dkdv 64x64 w8 s2, before -> after:
+# Row alignment (`_launch.aligned`, `_launch.row_align`): at d = 72 every q/k/v/out/dO/dq/dk/dv
+# access compiled to scalar loads. sm_90 bf16 (fp16 alike), fwd 128x64 w8 s2 / dq 128x32 w8 s1 /
+# dkdv 64x64 w8 s2, ROW_ALIGN 1 -> 8:
 #   padded: ld.global.v4 0 -> 8 / 28 / 8 (scalar b16 loads 128 / 224 / 128 -> 0); 16-byte
 #     cp.async 0 -> 16 / 0 / 16 (K/V pipelined); spills 308 / 720 / 84 -> 0 / 68 / 40 bytes.
 #   split: ld.global.v4 0 -> 5 / 17 / 4 (+2 v2); 16-byte cp.async 0 -> 8 / 0 / 8; dq spill 132 -> 0.
-# The padded counts are d = 96's. ROW_ALIGN = 1 leaves the code as it was (d = 96 and 144 compile
-# to identical PTX).
-@triton.jit
-def _aligned(x, ALIGN: tl.constexpr):
-    """x (an offset, row stride or D; a multiple of ALIGN) in a form the compiler sees is one."""
-    if ALIGN > 1:
-        x = x // ALIGN * ALIGN
-    return x
+# The padded counts are d = 96's; d = 96 and 144 compile to identical PTX either way.
 
 
 @triton.jit
@@ -319,16 +307,16 @@ def _attn_fwd(
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_hd = (pid_bh % H).to(tl.int64)
-    Q += _aligned(off_b * stride_qb + off_hd * stride_qh, ROW_ALIGN)
-    K += _aligned(off_b * stride_kb + off_hd * stride_kh, ROW_ALIGN)
-    V += _aligned(off_b * stride_vb + off_hd * stride_vh, ROW_ALIGN)
+    Q += aligned(off_b * stride_qb + off_hd * stride_qh, ROW_ALIGN)
+    K += aligned(off_b * stride_kb + off_hd * stride_kh, ROW_ALIGN)
+    V += aligned(off_b * stride_vb + off_hd * stride_vh, ROW_ALIGN)
     R += off_b * stride_rb + off_hd * stride_rh
-    Out += _aligned(off_b * stride_ob + off_hd * stride_oh, ROW_ALIGN)
-    D = _aligned(D, ROW_ALIGN)
-    stride_qm = _aligned(stride_qm, ROW_ALIGN)
-    stride_kn = _aligned(stride_kn, ROW_ALIGN)
-    stride_vn = _aligned(stride_vn, ROW_ALIGN)
-    stride_om = _aligned(stride_om, ROW_ALIGN)
+    Out += aligned(off_b * stride_ob + off_hd * stride_oh, ROW_ALIGN)
+    D = aligned(D, ROW_ALIGN)
+    stride_qm = aligned(stride_qm, ROW_ALIGN)
+    stride_kn = aligned(stride_kn, ROW_ALIGN)
+    stride_vn = aligned(stride_vn, ROW_ALIGN)
+    stride_om = aligned(stride_om, ROW_ALIGN)
     LSE += pid_bh.to(tl.int64) * Nq
 
     BLOCK_D0: tl.constexpr = BLOCK_D_LO if SPLIT_D else BLOCK_D  # first head-dim tile
@@ -440,21 +428,21 @@ def _attn_bwd_dq(
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_hd = (pid_bh % H).to(tl.int64)
-    Q += _aligned(off_b * stride_qb + off_hd * stride_qh, ROW_ALIGN)
-    K += _aligned(off_b * stride_kb + off_hd * stride_kh, ROW_ALIGN)
-    V += _aligned(off_b * stride_vb + off_hd * stride_vh, ROW_ALIGN)
+    Q += aligned(off_b * stride_qb + off_hd * stride_qh, ROW_ALIGN)
+    K += aligned(off_b * stride_kb + off_hd * stride_kh, ROW_ALIGN)
+    V += aligned(off_b * stride_vb + off_hd * stride_vh, ROW_ALIGN)
     R += off_b * stride_rb + off_hd * stride_rh
-    Out += _aligned(off_b * stride_ob + off_hd * stride_oh, ROW_ALIGN)
-    DO += _aligned(off_b * stride_dob + off_hd * stride_doh, ROW_ALIGN)
-    DQ += _aligned(off_b * stride_dqb + off_hd * stride_dqh, ROW_ALIGN)
+    Out += aligned(off_b * stride_ob + off_hd * stride_oh, ROW_ALIGN)
+    DO += aligned(off_b * stride_dob + off_hd * stride_doh, ROW_ALIGN)
+    DQ += aligned(off_b * stride_dqb + off_hd * stride_dqh, ROW_ALIGN)
     DR += off_b * stride_drb + off_hd * stride_drh
-    D = _aligned(D, ROW_ALIGN)
-    stride_qm = _aligned(stride_qm, ROW_ALIGN)
-    stride_kn = _aligned(stride_kn, ROW_ALIGN)
-    stride_vn = _aligned(stride_vn, ROW_ALIGN)
-    stride_om = _aligned(stride_om, ROW_ALIGN)
-    stride_dom = _aligned(stride_dom, ROW_ALIGN)
-    stride_dqm = _aligned(stride_dqm, ROW_ALIGN)
+    D = aligned(D, ROW_ALIGN)
+    stride_qm = aligned(stride_qm, ROW_ALIGN)
+    stride_kn = aligned(stride_kn, ROW_ALIGN)
+    stride_vn = aligned(stride_vn, ROW_ALIGN)
+    stride_om = aligned(stride_om, ROW_ALIGN)
+    stride_dom = aligned(stride_dom, ROW_ALIGN)
+    stride_dqm = aligned(stride_dqm, ROW_ALIGN)
     LSE += pid_bh.to(tl.int64) * Nq
     DELTA += pid_bh.to(tl.int64) * Nq
 
@@ -588,20 +576,20 @@ def _attn_bwd_dkdv(
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_hd = (pid_bh % H).to(tl.int64)
-    Q += _aligned(off_b * stride_qb + off_hd * stride_qh, ROW_ALIGN)
-    K += _aligned(off_b * stride_kb + off_hd * stride_kh, ROW_ALIGN)
-    V += _aligned(off_b * stride_vb + off_hd * stride_vh, ROW_ALIGN)
+    Q += aligned(off_b * stride_qb + off_hd * stride_qh, ROW_ALIGN)
+    K += aligned(off_b * stride_kb + off_hd * stride_kh, ROW_ALIGN)
+    V += aligned(off_b * stride_vb + off_hd * stride_vh, ROW_ALIGN)
     R += off_b * stride_rb + off_hd * stride_rh
-    DO += _aligned(off_b * stride_dob + off_hd * stride_doh, ROW_ALIGN)
-    DK += _aligned(off_b * stride_dkb + off_hd * stride_dkh, ROW_ALIGN)
-    DV += _aligned(off_b * stride_dvb + off_hd * stride_dvh, ROW_ALIGN)
-    D = _aligned(D, ROW_ALIGN)
-    stride_qm = _aligned(stride_qm, ROW_ALIGN)
-    stride_kn = _aligned(stride_kn, ROW_ALIGN)
-    stride_vn = _aligned(stride_vn, ROW_ALIGN)
-    stride_dom = _aligned(stride_dom, ROW_ALIGN)
-    stride_dkn = _aligned(stride_dkn, ROW_ALIGN)
-    stride_dvn = _aligned(stride_dvn, ROW_ALIGN)
+    DO += aligned(off_b * stride_dob + off_hd * stride_doh, ROW_ALIGN)
+    DK += aligned(off_b * stride_dkb + off_hd * stride_dkh, ROW_ALIGN)
+    DV += aligned(off_b * stride_dvb + off_hd * stride_dvh, ROW_ALIGN)
+    D = aligned(D, ROW_ALIGN)
+    stride_qm = aligned(stride_qm, ROW_ALIGN)
+    stride_kn = aligned(stride_kn, ROW_ALIGN)
+    stride_vn = aligned(stride_vn, ROW_ALIGN)
+    stride_dom = aligned(stride_dom, ROW_ALIGN)
+    stride_dkn = aligned(stride_dkn, ROW_ALIGN)
+    stride_dvn = aligned(stride_dvn, ROW_ALIGN)
     LSE += pid_bh.to(tl.int64) * Nq
     DELTA += pid_bh.to(tl.int64) * Nq
 
@@ -954,7 +942,7 @@ def attention_forward(
             q, k, v, rel_arg, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *_strides4(rel), *out.stride(),
             **_common(q, k, rel, k_grid, rel_axes, has_cls, scale), RESIDUAL=bool(residual),
-            ROW_ALIGN=_row_align(q, k, v, out))
+            ROW_ALIGN=row_align(q, k, v, out))
     return out, lse
 
 
@@ -1002,24 +990,13 @@ def attention_backward(
             q, k, v, rel_arg, out, dout, lse, delta, dq, drel_arg,
             *q.stride(), *k.stride(), *v.stride(), *_strides4(rel), *out.stride(), *dout.stride(),
             *dq.stride(), *_strides4(drel), scale=scale, RESIDUAL=bool(residual), **common,
-            ROW_ALIGN=_row_align(q, k, v, out, dout, dq))
+            ROW_ALIGN=row_align(q, k, v, out, dout, dq))
     # dkdv reads the delta that dq wrote: same stream, launch order is the dependency.
     _launch(wrap, "dkdv", "BLOCK_N", nk, batch * heads,
             q, k, v, rel_arg, dout, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *_strides4(rel), *dout.stride(), *dk.stride(),
-            *dv.stride(), scale=scale, **common, ROW_ALIGN=_row_align(q, k, v, dout, dk, dv))
+            *dv.stride(), scale=scale, **common, ROW_ALIGN=row_align(q, k, v, dout, dk, dv))
     return dq, dk, dv, drel
-
-
-def _row_align(*xs: torch.Tensor) -> int:
-    """ROW_ALIGN (see `_aligned`): 8 where every (B, heads, rows, d) tensor a pass reads or writes
-    along d has unit d stride, and d and the batch, head and row strides are multiples of 8 but
-    not all of 16 (those Triton's own argument specialization proves aligned: d = 96 keeps its
-    code); else 1."""
-    ints = [xs[0].shape[3], *(s for x in xs for s in x.stride()[:3])]
-    if any(x.stride(3) != 1 for x in xs) or any(n % 8 for n in ints):
-        return 1
-    return 1 if all(n % 16 == 0 for n in ints) else 8
 
 
 def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:

@@ -12,8 +12,9 @@ MViTv2-S block (fused pooling + fused attention) with the eager block.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import mvit_fast.kernels.pool_norm as pool_norm_kernels
 import pytest
 import torch
 import torch.nn as nn
@@ -153,6 +154,28 @@ def test_bf16_matches_oracle(case: Case) -> None:
     """bf16 runs under the interpreter here: these kernels have no tl.dot (the op whose
     bf16 result triton 3.9's interpreter gets wrong), only loads, FMAs and reductions."""
     check_against_oracle(case, torch.bfloat16)
+
+
+@pytest.mark.parametrize(("case", "row_align"), [
+    (CASES[3], 8),  # contiguous d = 72: strides multiples of 8, not all of 16 (MViTv2-L)
+    (replace(CASES[3], strided_qkv=True), 8),  # (B, 3, N, heads, d) storage: still multiples of 8
+    (replace(CASES[3], head_dim=20), 1),  # d = 20: no 8-element rows
+    (CASES[4], 1),  # d = 96: Triton's own specialization proves the alignment
+], ids=str)
+def test_row_align(case: Case, row_align: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launchers claim 8-element row alignment (ROW_ALIGN) exactly where it holds, in all
+    three passes. The interpreter runs the kernels' `x // 8 * 8` rebuild of offsets, strides
+    and D, so a false claim would also show up as a mismatch against the oracle."""
+    seen: dict[str, set[int]] = {}
+    launch = pool_norm_kernels._launch
+
+    def spy(wrap, pass_name, *args, **kwargs):
+        seen.setdefault(pass_name, set()).add(kwargs["ROW_ALIGN"])
+        return launch(wrap, pass_name, *args, **kwargs)
+
+    monkeypatch.setattr(pool_norm_kernels, "_launch", spy)
+    check_against_oracle(case, torch.float32)
+    assert seen == {"fwd": {row_align}, "dz": {row_align}, "dx": {row_align}}
 
 
 def test_fp16_activations_fp32_params() -> None:
