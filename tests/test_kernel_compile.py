@@ -3,10 +3,10 @@
 The interpreter runs the kernels' Python, not Triton's compiler, so a kernel can pass every
 numerics test here and still fail to compile, need more shared memory than an H100 has, or
 spill its registers. `bench/kernel_resources.py` compiles every autotune config of the
-attention and pooling passes at the shapes of MViTv2-S blocks 0 and 1 (the largest token
-counts, one head and two, four of the six pooling strides) with Triton's own ptxas
-(`mvit_fast.kernels.compile_only`): no GPU needed; ~3 min on 2 cores (every S shape: ~7).
-It runs in a subprocess without TRITON_INTERPRET (interpreted kernels have no compiler).
+attention and pooling passes at the block-0 shapes of MViTv2-S (d = 96) and -L (d = 72, the
+8-element row alignment path) with Triton's own ptxas (`mvit_fast.kernels.compile_only`):
+no GPU needed; ~3 min on 2 cores (every S shape: ~7). It runs in a subprocess without
+TRITON_INTERPRET (interpreted kernels have no compiler).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ATTENTION_PASSES = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")
 POOL_PASSES = ("_pool_norm_fwd", "_pool_norm_bwd_dz", "_pool_norm_bwd_dx")
 # Bytes of spill stores per thread allowed in any pooling config. The kept configs measured
-# 0-184 (sm_90, bf16, d = 96); the tiles `_keep` prunes spill 1-38 KB.
+# 0-184 (sm_90, bf16, d = 96 and 72); the tiles `_keep` prunes spill 1-38 KB.
 POOL_SPILL_LIMIT = 512
-BLOCKS = (0, 1)
+SIZES = ("s", "l")
+BLOCKS = (0,)
 
 
 def _compiled_env() -> dict[str, str]:
@@ -41,9 +42,9 @@ def _compiled_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def s_resources(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("resources") / "s.json"
-    command = [sys.executable, str(ROOT / "bench" / "kernel_resources.py"), "--sizes", "s",
+def resources(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("resources") / "resources.json"
+    command = [sys.executable, str(ROOT / "bench" / "kernel_resources.py"), "--sizes", *SIZES,
                "--blocks", *map(str, BLOCKS), "--json", str(out)]
     run = subprocess.run(command, env=_compiled_env(), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
@@ -57,13 +58,13 @@ def _by_pass(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return groups
 
 
-def test_every_config_compiles_for_sm90_at_mvit_s_shapes(s_resources):
-    groups = _by_pass(s_resources["rows"])
-    cfg = get_config("s")
+def test_every_config_compiles_for_sm90_at_mvit_shapes(resources):
+    groups = _by_pass(resources["rows"])
     shapes = lambda passes: {shape for shape, kernel in groups if kernel in passes}
-    wanted = lambda all_shapes: [s for s in all_shapes if set(s.blocks) & set(BLOCKS)]
-    assert len(shapes(ATTENTION_PASSES)) == len(wanted(attention_shapes(cfg))) == 2
-    assert len(shapes(POOL_PASSES)) == len(wanted(pool_shapes(cfg))) == 2
+    wanted = lambda derive: [s for size in SIZES for s in derive(get_config(size))
+                             if set(s.blocks) & set(BLOCKS)]
+    assert len(shapes(ATTENTION_PASSES)) == len(wanted(attention_shapes)) == 2
+    assert len(shapes(POOL_PASSES)) == len(wanted(pool_shapes)) == 2
     for (shape, kernel), configs in groups.items():
         assert not [c["error"] for c in configs if c["error"]], (shape, kernel)
         assert any(c["fits"] for c in configs), f"{shape} {kernel}: no config fits sm_90's shared memory"
@@ -73,8 +74,8 @@ def test_every_config_compiles_for_sm90_at_mvit_s_shapes(s_resources):
     assert kernels == set(ATTENTION_PASSES + POOL_PASSES)
 
 
-def test_forward_attention_has_spill_free_configs_and_pooling_spills_little(s_resources):
-    for (shape, kernel), configs in _by_pass(s_resources["rows"]).items():
+def test_forward_attention_has_spill_free_configs_and_pooling_spills_little(resources):
+    for (shape, kernel), configs in _by_pass(resources["rows"]).items():
         if kernel == "_attn_fwd":
             assert any(c["spill_stores"] == 0 for c in configs), shape
         if kernel in POOL_PASSES:
