@@ -15,6 +15,8 @@
 # code 125); STEPS="step step ..." runs only the named steps, e.g. in a second call.
 #   pip                 offline install                                 pip.log
 #   tests               pytest tests -m cuda, launch configs pinned     tests.log, tests.xml
+#   warm                every kernel config at the S and B shapes compiled into Triton's
+#                       cache in parallel (bench/kernel_resources.py)   warm.log
 #   train_compiled      compiled bf16 training step (Triton attention) of MViTv2-S and -B
 #                       (bench/test_model.py: clips/s, compile time)    bench_train_compiled.json
 #   model_eager         bench/test_model.py, S and B, eager fp32/bf16   bench_model_eager.json
@@ -32,11 +34,12 @@
 # first run, estimated, not measured yet), so one call is expected to get through
 # train_compiled, model_eager and attention_S16x224, which already give the headline
 # (compiled Triton vs eager training); the rest in two more calls (a fresh machine, hence pip):
-#   STEPS="pip model_compiled_S16x224 pool attention_B32x224 model_compiled_B32x224 report"
-#   STEPS="pip profile_S16x224 profile_B32x224 report"
-# Autotuning compiles every config of a pass at each new tuning key: the attention passes
-# ~1-3 s per config, the pooling passes ~1-8 s (sm_90 compiles timed on a 2-core CPU;
-# `python bench/kernel_resources.py` lists them), 7 + 7 + 7 and 3 + 3 + 3 configs per key.
+#   STEPS="pip warm model_compiled_S16x224 pool attention_B32x224 model_compiled_B32x224 report"
+#   STEPS="pip warm profile_S16x224 profile_B32x224 report"
+# Autotuning compiles every config of a pass at each new specialization: the attention
+# passes ~1-3 s per config, the pooling passes ~1-10 s (sm_90 compiles timed on a 2-core CPU;
+# `python bench/kernel_resources.py` lists them), 7 + 7 + 7 and 3 + 3 + 3 configs: for S and B
+# about 20 CPU-minutes on the development machine, hence the `warm` step.
 # Every step also leaves NAME.log and NAME.cmd (its command line). run_info.json (with
 # STEPS: run_info-<first step>.json): device, commit, command, versions, nvidia-smi and
 # every step's exit code (124: timed out, 125: not started). Each bench_*.json is
@@ -150,6 +153,12 @@ XDIST=()
 step tests 180 env MVIT_FAST_TRITON_CONFIG=BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1 \
   MVIT_FAST_POOL_CONFIG=BLOCK_M=16,num_warps=8,num_stages=1 \
   "$PY" -m pytest tests -m cuda -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/tests.xml"
+
+# Every attention and pooling config at the S and B shapes, compiled into Triton's cache by 16
+# processes at once: the autotuner would compile them one after another, one core busy, inside
+# the timed steps' warm-up (bench/kernel_resources.py --warm; the log has each config's
+# registers, spills and shared memory from this machine's Triton).
+step warm 150 "$PY" bench/kernel_resources.py --sizes s b --warm --jobs 16
 
 # Attention and pooling ops: a few rounds of 0.1 s each (the tests warm up themselves).
 OP_ROUNDS=(--benchmark-max-time=0.1 --benchmark-min-rounds=3)

@@ -4,14 +4,22 @@ this machine need not have.
     python bench/kernel_resources.py                                   # MViTv2-S, bf16, sm_90
     python bench/kernel_resources.py --sizes s b l --arch 80 --json resources.json
     python bench/kernel_resources.py --blocks 0 1                      # the shapes of blocks 0, 1
+    python bench/kernel_resources.py --sizes s b --warm --jobs 16      # on a GPU machine: fill
+                                                                       # Triton's cache ahead of a run
 
 Every distinct attention shape (`conftest.attention_shapes`) and pooling shape
 (`test_pool.pool_shapes`) of the models goes through the real launchers (`attention_forward`,
 `attention_backward`, `pool_norm_forward`, `pool_norm_backward`) under
 `mvit_fast.kernels.compile_only`: each autotune config (or the pinned MVIT_FAST_TRITON_CONFIG /
 MVIT_FAST_POOL_CONFIG) is compiled for sm_`arch` with the argument specialization of a
-contiguous launch, as the model makes it, and nothing runs. Batch 1: the batch changes the
-grid, not the strides, so the compiled code is the batch-8 code.
+contiguous launch, as the model makes it under bf16 autocast (activations in `--dtype`, the
+pooling's conv and LayerNorm parameters in `--param-dtype`: float32 master weights), and
+nothing runs. Batch 1: the batch changes the grid, not the strides, so the compiled code is
+the batch-8 code. q, k and v pool separately: their member index specializes apart.
+
+`--warm` compiles for the GPU present into Triton's own cache (`compile_only(warm_cache=True)`),
+so the autotuner of a later run on it loads binaries instead of compiling them one after
+another; `--jobs` spreads the shapes over processes.
 
 Printed per kernel and shape: each config's registers per thread, spill stores/loads (bytes
 per thread), shared memory and compile time; a config over the target's shared memory is
@@ -23,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,7 +54,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LN_EPS = 1e-6
 
 
-def compile_attention(rec: CompileRecorder, shape: AttentionShape, dtype: torch.dtype) -> None:
+def compile_attention(rec: CompileRecorder, shape: AttentionShape, dtype: torch.dtype,
+                      param_dtype: torch.dtype) -> None:
     """The three attention passes at `shape`: q, k, v contiguous as the pooling leaves them,
     the per-query tables (t | h | w) concatenated in float32 as `triton_attention` builds them."""
     d, heads = shape.head_dim, shape.heads
@@ -57,14 +68,15 @@ def compile_attention(rec: CompileRecorder, shape: AttentionShape, dtype: torch.
     attention_backward(torch.empty_like(q), q, k, v, rel, out, lse, *args, wrap=rec.wrap)
 
 
-def compile_pool(rec: CompileRecorder, shape: PoolShape, dtype: torch.dtype) -> None:
-    """Forward and backward pooling of q (stride_q) and k (stride_kv; v compiles the same)
-    straight from a contiguous (1, N, 3, heads, d) projection output."""
+def compile_pool(rec: CompileRecorder, shape: PoolShape, dtype: torch.dtype,
+                 param_dtype: torch.dtype) -> None:
+    """Forward and backward pooling of q (stride_q), k and v (stride_kv) straight from a
+    contiguous (1, N, 3, heads, d) projection output."""
     d = shape.head_dim
     qkv = torch.empty(1, shape.n, 3, shape.heads, d, dtype=dtype)
-    weight = torch.empty(d, 1, *shape.kernel, dtype=dtype)
-    gamma, beta = torch.empty(d, dtype=dtype), torch.empty(d, dtype=dtype)
-    for member, stride in ((0, shape.stride_q), (1, shape.stride_kv)):
+    weight = torch.empty(d, 1, *shape.kernel, dtype=param_dtype)
+    gamma, beta = torch.empty(d, dtype=param_dtype), torch.empty(d, dtype=param_dtype)
+    for member, stride in ((0, shape.stride_q), (1, shape.stride_kv), (2, shape.stride_kv)):
         y = pool_norm_forward(qkv, member, weight, gamma, beta, shape.input_grid, stride, True, LN_EPS,
                               wrap=rec.wrap)
         pool_norm_backward(y, qkv, member, weight, gamma, shape.input_grid, stride, True, LN_EPS,
@@ -80,22 +92,46 @@ def _config_text(config: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["s"], choices=["s", "b", "l"])
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activations")
+    parser.add_argument("--param-dtype", default="fp32", choices=sorted(DTYPES),
+                        help="the pooling's conv and LayerNorm parameters")
+    parser.add_argument("--arch", type=int, help="compute capability x 10 (default: the GPU's, else 90)")
     parser.add_argument("--kernels", nargs="+", default=["attention", "pool"], choices=["attention", "pool"])
     parser.add_argument("--blocks", nargs="+", type=int,
                         help="only the shapes of these block indices (default: every block)")
+    parser.add_argument("--warm", action="store_true", help="compile into Triton's own cache")
+    parser.add_argument("--jobs", type=int, default=1, help="processes (shapes split among them)")
     parser.add_argument("--json", type=Path, help="also write every compiled config here")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: interpreted kernels are not compiled")
+    if args.arch is None:
+        major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+        args.arch = 10 * major + minor
 
-    dtype = DTYPES[args.dtype]
-    rows, failed = [], False
+    work = []
+    for size in args.sizes:
+        cfg = get_config(size)
+        suite = f"{size.upper()}{cfg.num_frames}x{cfg.crop_size}"
+        if "attention" in args.kernels:
+            work += [(suite, shape.id, "attention", shape) for shape in attention_shapes(cfg)]
+        if "pool" in args.kernels:
+            work += [(suite, _pool_id(shape), "pool", shape) for shape in pool_shapes(cfg)]
+    if args.blocks is not None:
+        work = [w for w in work if set(w[3].blocks) & set(args.blocks)]
+    options = (args.arch, args.warm, args.dtype, args.param_dtype)
     start = time.perf_counter()
-    with compile_only(args.arch) as rec:  # one context: shapes that specialize alike compile once
-        for size in args.sizes:
-            failed |= _compile_suite(rec, size, dtype, args.kernels, args.blocks, rows)
+    if args.jobs > 1:  # round-robin, so each process gets big and small shapes
+        chunks = [work[i::args.jobs] for i in range(args.jobs)]
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(compile_shapes, chunks, [options] * len(chunks)))
+    else:
+        results = [compile_shapes(work, options)]
+    rows, failed = [], False
+    for text, chunk_rows, chunk_failed in results:
+        print(text, end="", flush=True)
+        rows += chunk_rows
+        failed |= chunk_failed
     print(f"{len(rows)} configs in {time.perf_counter() - start:.0f}s", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"command": " ".join(sys.argv), "triton": _triton_version(),
@@ -103,37 +139,32 @@ def main(argv: list[str] | None = None) -> int:
     return int(failed)
 
 
-def _compile_suite(rec: CompileRecorder, size: str, dtype: torch.dtype, kernels: list[str],
-                   blocks: list[int] | None, rows: list[dict]) -> bool:
-    """Compile and print one model's shapes into `rows`; True when something failed."""
-    failed = False
-    cfg = get_config(size)
-    suite = f"{size.upper()}{cfg.num_frames}x{cfg.crop_size}"
-    work = []
-    if "attention" in kernels:
-        work += [(shape.id, shape, compile_attention) for shape in attention_shapes(cfg)]
-    if "pool" in kernels:
-        work += [(_pool_id(shape), shape, compile_pool) for shape in pool_shapes(cfg)]
-    if blocks is not None:
-        work = [w for w in work if set(w[1].blocks) & set(blocks)]
-    for shape_id, shape, compile_shape in work:
-        first = len(rec.results)
-        compile_shape(rec, shape, dtype)
-        by_kernel: dict[str, list] = {}
-        for c in rec.results[first:]:
-            by_kernel.setdefault(c.kernel, []).append(c)
-        for kernel, configs in by_kernel.items():
-            fits = [c for c in configs if c.fits]
-            print(f"{suite} {shape_id} {kernel}: {len(fits)}/{len(configs)} configs fit sm_{rec.arch}, "
-                  f"{sum(c.spill_stores == 0 for c in fits)} without spills", flush=True)
-            for c in configs:
-                note = c.error or ("" if c.fits else "over the shared memory limit")
-                print(f"    {_config_text(c.config):22s} regs {c.registers} spill {c.spill_stores}/"
-                      f"{c.spill_loads} smem {c.shared} {c.compile_s:5.1f}s {note}")
-                rows.append({"suite": suite, "shape": shape_id, "dtype": str(dtype).removeprefix("torch."),
-                             "arch": rec.arch, **asdict(c)})
-            failed |= not fits or any(c.error for c in configs)
-    return failed
+def compile_shapes(work: list[tuple], options: tuple) -> tuple[str, list[dict], bool]:
+    """Compile (suite, shape id, kind, shape) items in one `compile_only` context (shapes that
+    specialize alike compile once): the printed table, its rows, whether anything failed."""
+    arch, warm, dtype, param_dtype = options
+    compile_fns = {"attention": compile_attention, "pool": compile_pool}
+    lines, rows, failed = [], [], False
+    with compile_only(arch, warm_cache=warm) as rec:
+        for suite, shape_id, kind, shape in work:
+            first = len(rec.results)
+            compile_fns[kind](rec, shape, DTYPES[dtype], DTYPES[param_dtype])
+            by_kernel: dict[str, list] = {}
+            for c in rec.results[first:]:
+                by_kernel.setdefault(c.kernel, []).append(c)
+            for kernel, configs in by_kernel.items():
+                fits = [c for c in configs if c.fits]
+                lines.append(f"{suite} {shape_id} {kernel}: {len(fits)}/{len(configs)} configs fit "
+                             f"sm_{arch}, {sum(c.spill_stores == 0 for c in fits)} without spills")
+                for c in configs:
+                    note = c.error or ("" if c.fits else "over the shared memory limit")
+                    lines.append(f"    {_config_text(c.config):22s} regs {c.registers} spill "
+                                 f"{c.spill_stores}/{c.spill_loads} smem {c.shared} "
+                                 f"{c.compile_s:5.1f}s {note}")
+                    rows.append({"suite": suite, "shape": shape_id, "dtype": dtype,
+                                 "param_dtype": param_dtype, "arch": arch, **asdict(c)})
+                failed |= not fits or any(c.error for c in configs)
+    return "".join(line + "\n" for line in lines), rows, failed
 
 
 def _pool_id(shape: PoolShape) -> str:

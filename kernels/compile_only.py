@@ -15,6 +15,9 @@ argument) compiles its kernel, with Triton's own argument specialization of the 
 actual arguments, once per autotune config (or the pinned config), and runs nothing. The
 launchers' device checks accept CPU tensors meanwhile (`_launch.compiling_only`). Triton's
 interpreter (TRITON_INTERPRET=1) must be off: interpreted kernels have no compiler.
+
+On a GPU machine the same compiles can fill Triton's cache ahead of a run (`warm_cache`),
+in parallel processes: the autotuner compiles its configs one after another, one core busy.
 """
 
 from __future__ import annotations
@@ -136,13 +139,15 @@ class _TargetOnlyDriver:
 
 
 @contextlib.contextmanager
-def compile_only(arch: int = 90) -> Iterator[CompileRecorder]:
+def compile_only(arch: int = 90, *, warm_cache: bool = False) -> Iterator[CompileRecorder]:
     """Within: launches through `recorder.wrap` compile for sm_`arch` and record, not run.
 
-    Triton's driver is replaced by a stand-in that names the target, its disk cache by a
-    temporary one (a cached kernel would print no ptxas log), and every kernel's in-memory
-    cache of compiled code and target is restored on exit, so nothing compiled here is
-    launched later.
+    Triton's driver is replaced by a stand-in that names the target, and every kernel's
+    in-memory cache of compiled code and target is restored on exit, so nothing compiled
+    here is launched by this process. Triton's disk cache is a temporary one (a cached
+    kernel prints no ptxas log), unless `warm_cache`: then the binaries go to Triton's own
+    cache, where a later launch of the same specialization on an sm_`arch` GPU finds them
+    (ptxas counts then only for what was not cached yet).
     """
     from . import pool_norm, pooled_attention
 
@@ -157,7 +162,8 @@ def compile_only(arch: int = 90) -> Iterator[CompileRecorder]:
                 kernel.device_caches = type(caches)(kernel.create_binder)
             driver.set_active(_TargetOnlyDriver(arch))
             knobs.nvidia.dump_ptxas_log = True
-            knobs.cache.dir = cache_dir
+            if not warm_cache:
+                knobs.cache.dir = cache_dir
             yield CompileRecorder(arch)
         finally:
             COMPILE_ONLY_ARCH.reset(token)

@@ -5,7 +5,7 @@ numerics test here and still fail to compile, need more shared memory than an H1
 spill its registers. `bench/kernel_resources.py` compiles every autotune config of the
 attention and pooling passes at the block-0 shapes of MViTv2-S (d = 96) and -L (d = 72, the
 8-element row alignment path) with Triton's own ptxas (`mvit_fast.kernels.compile_only`):
-no GPU needed; ~3 min on 2 cores (every S shape: ~7). It runs in a subprocess without
+no GPU needed; ~4 min on 2 cores (every S shape: ~9). It runs in a subprocess without
 TRITON_INTERPRET (interpreted kernels have no compiler).
 """
 
@@ -83,9 +83,11 @@ def test_forward_attention_has_spill_free_configs_and_pooling_spills_little(reso
             assert worst["spill_stores"] <= POOL_SPILL_LIMIT, (shape, kernel, worst["config"])
 
 
-def test_compile_only_restores_triton_and_accepts_cpu_tensors_only_inside():
+def test_compile_only_restores_triton_and_accepts_cpu_tensors_only_inside(tmp_path):
+    """Nothing compiled for the stand-in target stays in the process; binaries reach Triton's
+    own cache (TRITON_CACHE_DIR here) only with warm_cache."""
     script = """
-import torch, triton
+import os, torch, triton
 from triton.runtime.driver import driver
 from mvit_fast.kernels import pooled_attention as pa
 from mvit_fast.kernels.compile_only import compile_only
@@ -99,6 +101,11 @@ with compile_only(90) as rec:
 assert pa._attn_fwd.device_caches is caches and driver._active is active
 assert [c.kernel for c in rec.results] == ["_attn_fwd"], rec.results
 assert rec.results[0].registers and rec.results[0].fits and rec.results[0].error is None
+cache = os.environ["TRITON_CACHE_DIR"]
+assert not os.listdir(cache), "compile_only() must not write Triton's cache"
+with compile_only(90, warm_cache=True) as rec:
+    pa.attention_forward(q, k, k, rel, *args, wrap=rec.wrap)
+assert any(name.endswith(".cubin") for _, _, names in os.walk(cache) for name in names)
 try:
     pa.attention_forward(q, k, k, rel, *args)
 except ValueError as e:
@@ -109,6 +116,7 @@ print("ok")
 """
     env = _compiled_env()
     env["MVIT_FAST_TRITON_CONFIG"] = "BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1"
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout[-3000:] + run.stderr[-3000:]
