@@ -40,8 +40,10 @@ from ._launch import COMPILE_ONLY_ARCH
 __all__ = ["CompiledConfig", "CompileRecorder", "SHARED_MEMORY_LIMIT", "compile_only"]
 
 # Largest dynamic shared memory per block (opt-in), bytes: CUDA C Programming Guide,
-# "Technical Specifications per Compute Capability".
-SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+# "Technical Specifications per Compute Capability". Another target is held to the least.
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448,
+                       120: 101376}
+
 
 @dataclass
 class CompiledConfig:
@@ -118,7 +120,7 @@ def _compile_one(fn, grid, args, meta, shown, recorder: CompileRecorder) -> Comp
     shared = compiled.metadata.shared
     return CompiledConfig(
         fn.__name__, shown, shared, *recorder.ptxas.get(compiled.hash, (None, None, None)),
-        fits=shared <= SHARED_MEMORY_LIMIT.get(recorder.arch, SHARED_MEMORY_LIMIT[80]),
+        fits=shared <= SHARED_MEMORY_LIMIT.get(recorder.arch, min(SHARED_MEMORY_LIMIT.values())),
         compile_s=time.perf_counter() - start)
 
 

@@ -401,10 +401,9 @@ def _keep(block_m: int, num_warps: int, block_d: int) -> bool:
 
 def _configs(block_d: int) -> list[triton.Config]:
     """Autotune search space of every pass for one padded head dim (CUDA only), filtered by
-    `_keep`; at least the smallest tile with the most warps, whatever the head dim."""
-    kept = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
+    `_keep` (never empty: 16 x 256 at 8 warps is kept)."""
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
             for bm in (16, 32, 64, 128) for w in (4, 8) if _keep(bm, w, block_d)]
-    return kept or [triton.Config({"BLOCK_M": 16}, num_warps=8, num_stages=1)]
 
 
 _KERNELS = {"fwd": _pool_norm_fwd, "dz": _pool_norm_bwd_dz, "dx": _pool_norm_bwd_dx}
