@@ -47,8 +47,7 @@ from test_model import (  # noqa: E402
     _inputs,
     _release,
     _skip_reason,
-    build_variant_model,
-    make_step,
+    build_case,
 )
 
 from mvit_fast.report import time_breakdown  # noqa: E402
@@ -86,14 +85,7 @@ def profile_case(suite: ModelSuite, variant: Variant, mode: str, batch: int, ste
     """Build, compile (if the variant says so) and warm up one case as test_model does; time
     `steps` steps, profile `steps` more; the profile's fields (see the module docstring)."""
     device = torch.device("cuda" if CUDA else "cpu")
-    torch.manual_seed(0)
-    model = build_variant_model(suite, variant).to(device)
-    model.train(mode == "train")
-    optimizer = None
-    if mode == "train":
-        fused = {"fused": True} if CUDA else {"foreach": True}
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **fused)
-    step = make_step(model, optimizer, mode, variant.dtype, device)
+    model, _, step = build_case(suite, variant, mode, device)
     if variant.compiled:
         model.compile(fullgraph=True, dynamic=False)
     inputs = _inputs(suite.cfg, batch, device)

@@ -211,6 +211,19 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, m
     return infer_step if mode == "infer" else train_step
 
 
+def build_case(suite: ModelSuite, variant: Variant, mode: str, device: torch.device):
+    """(model, optimizer, step) of one case: the model on `device` in train or eval mode, its
+    AdamW when training (fused on CUDA, foreach on CPU), and `make_step`'s step."""
+    torch.manual_seed(0)
+    model = build_variant_model(suite, variant).to(device)
+    model.train(mode == "train")
+    optimizer = None
+    if mode == "train":
+        fused = {"fused": True} if CUDA else {"foreach": True}
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **fused)
+    return model, optimizer, make_step(model, optimizer, mode, variant.dtype, device)
+
+
 def largest_fitting_batch(step: Callable, cfg: MViTConfig, ladder: tuple[int, ...],
                           device: torch.device) -> tuple[int, dict]:
     """The largest rung of `ladder` whose predicted peak memory fits; the probe's numbers.
@@ -258,14 +271,7 @@ def test_model_step(benchmark, record_run, suite: ModelSuite, variant: Variant, 
     cfg = suite.cfg
     if not CUDA:  # AdamW's second moment of tiny gradients goes subnormal: x86 then slows down
         torch.set_flush_denormal(True)  # ~40x (15 s vs 0.3 s per step measured); GPUs do not
-    torch.manual_seed(0)
-    model = build_variant_model(suite, variant).to(device)
-    model.train(mode == "train")
-    optimizer = None
-    if mode == "train":
-        fused = {"fused": True} if CUDA else {"foreach": True}
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **fused)
-    step = make_step(model, optimizer, mode, variant.dtype, device)
+    model, optimizer, step = build_case(suite, variant, mode, device)
     try:
         if fixed_batch is None:
             batch = None
