@@ -174,6 +174,11 @@ def _git_commit() -> str:
 @pytest.fixture(scope="session")
 def run_info(device) -> dict:
     """What every record carries: device, versions, commit."""
+    return describe_run(device)
+
+
+def describe_run(device: torch.device) -> dict:
+    """Device name and type, torch/triton/CUDA versions and the git commit of a run."""
     try:
         import triton
         triton_version = triton.__version__

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import shlex
 import statistics
 import sys
@@ -35,7 +34,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_model, conftest: from any directory
-from conftest import _git_commit  # noqa: E402
+from conftest import describe_run  # noqa: E402
 from test_model import (  # noqa: E402
     CUDA,
     MODEL_SUITES,
@@ -66,18 +65,6 @@ def profiled_ops(prof: profile) -> list[tuple[str, int, float]]:
                 if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
     return [(e.key, e.count, e.self_cpu_time_total) for e in prof.key_averages()
             if e.device_type == DeviceType.CPU]
-
-
-def run_info() -> dict:
-    """Device, versions and commit: the fields bench/conftest.py's `run_info` gives every record."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"device": torch.cuda.get_device_name() if CUDA else platform.processor() or "cpu",
-            "device_type": "cuda" if CUDA else "cpu", "torch": torch.__version__,
-            "triton": triton_version, "cuda": torch.version.cuda, "commit": _git_commit()}
 
 
 def profile_case(suite: ModelSuite, variant: Variant, mode: str, batch: int, steps: int,
@@ -167,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "bench/profile_step.py", *(sys.argv[1:] if argv is None else argv)])
-    info = dict(run_info(), command=command)
+    info = dict(describe_run(torch.device("cuda" if CUDA else "cpu")), command=command)
     threads = torch.get_num_threads()
     if not CUDA:  # small shapes on a shared CPU: one thread (bench/conftest.py `_cpu_smoke_threads`)
         torch.set_num_threads(1)
