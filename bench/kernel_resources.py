@@ -18,13 +18,15 @@ nothing runs. Batch 1: the batch changes the grid, not the strides, so the compi
 the batch-8 code. q, k and v pool separately: their member index specializes apart.
 
 `--warm` compiles for the GPU present into Triton's own cache (`compile_only(warm_cache=True)`),
-so the autotuner of a later run on it loads binaries instead of compiling them one after
-another; `--jobs` spreads the shapes over processes.
+so the autotuner of a later eager launch on it loads binaries instead of compiling them one
+after another (a compiled model's launches are Inductor's copies of the kernels, compiled by
+its own workers); `--jobs` spreads the shapes over processes.
 
 Printed per kernel and shape: each config's registers per thread, spill stores/loads (bytes
-per thread), shared memory and compile time; a config over the target's shared memory is
-marked (the autotuner skips it; a pass with none that fits fails). The exit code is 1 when a
-config fails to compile or a pass has no config that fits. Needs TRITON_INTERPRET unset.
+per thread), shared memory, its tensor-core instruction (wgmma | mma) and compile time; a
+config over the target's shared memory is marked (the autotuner skips it; a pass with none
+that fits fails). The exit code is 1 when a config fails to compile or a pass has no config
+that fits. Needs TRITON_INTERPRET unset.
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ def compile_shapes(work: list[tuple], options: tuple) -> tuple[str, list[dict], 
                     note = c.error or ("" if c.fits else "over the shared memory limit")
                     lines.append(f"    {_config_text(c.config):22s} regs {c.registers} spill "
                                  f"{c.spill_stores}/{c.spill_loads} smem {c.shared} "
-                                 f"{c.compile_s:5.1f}s {note}")
+                                 f"{c.mma or '-':9s} {c.compile_s:5.1f}s {note}")
                     rows.append({"suite": suite, "shape": shape_id, "dtype": dtype,
                                  "param_dtype": param_dtype, "arch": arch, **asdict(c)})
                 failed |= not fits or any(c.error for c in configs)

@@ -58,6 +58,10 @@ class CompiledConfig:
     fits: bool  # shared memory within the target's limit, and it compiled
     compile_s: float  # wall time of the compile (ptxas included) on this machine
     error: str | None = None  # why it did not compile
+    # The tensor-core instruction of its `tl.dot`s in the PTX: "wgmma" (Hopper's asynchronous
+    # warpgroup MMA, what reaches its peak), "mma" (the synchronous per-warp one), both, or
+    # None (no tensor-core dot). Triton falls back to "mma" for tiles wgmma cannot take.
+    mma: str | None = None
 
 
 @dataclass
@@ -121,7 +125,12 @@ def _compile_one(fn, grid, args, meta, shown, recorder: CompileRecorder) -> Comp
     return CompiledConfig(
         fn.__name__, shown, shared, *recorder.ptxas.get(compiled.hash, (None, None, None)),
         fits=shared <= SHARED_MEMORY_LIMIT.get(recorder.arch, min(SHARED_MEMORY_LIMIT.values())),
-        compile_s=time.perf_counter() - start)
+        compile_s=time.perf_counter() - start, mma=_mma_kind(compiled.asm.get("ptx", "")))
+
+
+def _mma_kind(ptx: str) -> str | None:
+    kinds = [name for name, op in (("wgmma", "wgmma.mma_async"), ("mma", "mma.sync")) if op in ptx]
+    return "+".join(kinds) or None
 
 
 class _TargetOnlyDriver:

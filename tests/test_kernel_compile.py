@@ -74,6 +74,19 @@ def test_every_config_compiles_for_sm90_at_mvit_shapes(resources):
     assert kernels == set(ATTENTION_PASSES + POOL_PASSES)
 
 
+def test_attention_dots_use_hopper_wgmma(resources):
+    """Hopper's peak needs wgmma: every forward config, and at least one config of each backward
+    pass, must compile its dots to it (Triton falls back to per-warp mma.sync for tile shapes
+    wgmma cannot take, at a fraction of the throughput). The pooling has no dots."""
+    for (shape, kernel), configs in _by_pass(resources["rows"]).items():
+        if kernel == "_attn_fwd":
+            assert all(c["mma"] == "wgmma" for c in configs), (shape, [c["mma"] for c in configs])
+        elif kernel in ATTENTION_PASSES:
+            assert any(c["mma"] == "wgmma" and c["fits"] for c in configs), shape
+        else:
+            assert all(c["mma"] is None for c in configs), (shape, kernel)
+
+
 def test_forward_attention_has_spill_free_configs_and_pooling_spills_little(resources):
     for (shape, kernel), configs in _by_pass(resources["rows"]).items():
         if kernel == "_attn_fwd":
