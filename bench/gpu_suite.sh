@@ -15,11 +15,11 @@
 # code 125); STEPS="step step ..." runs only the named steps, e.g. in a second call.
 #   pip                 offline install                                 pip.log
 #   tests               pytest tests -m cuda, launch configs pinned     tests.log, tests.xml
-#   warm                every kernel config at the S and B shapes compiled into Triton's
-#                       cache in parallel (bench/kernel_resources.py)   warm.log
 #   train_compiled      compiled bf16 training step (Triton attention) of MViTv2-S and -B
 #                       (bench/test_model.py: clips/s, compile time)    bench_train_compiled.json
 #   model_eager         bench/test_model.py, S and B, eager fp32/bf16   bench_model_eager.json
+#   warm                every kernel config at the S and B shapes compiled into Triton's
+#                       cache in parallel (bench/kernel_resources.py)   warm.log
 #   attention_S16x224   bench/test_attention.py, MViTv2-S shapes        bench_attention_S16x224.json
 #   model_compiled_S16x224  the other compiled S cases (SDPA; Triton inference)
 #   pool                bench/test_pool.py (fused pooling), if present  bench_pool.json
@@ -32,14 +32,19 @@
 #   report              python -m mvit_fast.report throughput           throughput.md (+ PNGs)
 # Each compiled case compiles the whole model cold (about a minute or more per case on the
 # first run, estimated, not measured yet), so one call is expected to get through
-# train_compiled, model_eager and attention_S16x224, which already give the headline
+# train_compiled, model_eager, warm and attention_S16x224, which already give the headline
 # (compiled Triton vs eager training); the rest in two more calls (a fresh machine, hence pip):
 #   STEPS="pip warm model_compiled_S16x224 pool attention_B32x224 model_compiled_B32x224 report"
-#   STEPS="pip warm profile_S16x224 profile_B32x224 report"
+#   STEPS="pip profile_S16x224 profile_B32x224 report"
 # Autotuning compiles every config of a pass at each new specialization: the attention
 # passes ~1-3 s per config, the pooling passes ~1-10 s (sm_90 compiles timed on a 2-core CPU;
 # `python bench/kernel_resources.py` lists them), 7 + 7 + 7 and 3 + 3 + 3 configs: for S and B
-# about 20 CPU-minutes on the development machine, hence the `warm` step.
+# about 20 CPU-minutes on the development machine, one after another in the autotuner of an
+# eager launch (the op benchmarks), hence the `warm` step before them. A compiled model does
+# not launch these kernels: Inductor re-emits their source in its own module and compiles the
+# configs in its parallel compile workers (torch/_inductor/codegen/wrapper.py,
+# define_user_defined_triton_kernel), so `warm` comes after the compiled headline steps and
+# is left out of the profile call.
 # Every step also leaves NAME.log and NAME.cmd (its command line). run_info.json (with
 # STEPS: run_info-<first step>.json): device, commit, command, versions, nvidia-smi and
 # every step's exit code (124: timed out, 125: not started). Each bench_*.json is
@@ -77,6 +82,12 @@ cd "$(dirname "$0")/.."
 
 export MVIT_FAST_COMMIT=${MVIT_FAST_COMMIT:-$(git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)}
 export MVIT_BENCH_MACS_CACHE="$OUT/macs_per_clip.json"  # fvcore counts once for all model steps
+# One Triton cache for every step, the one `warm` fills: once a process compiles anything
+# with Inductor (a compiled model, FlexAttention), Inductor points an unset TRITON_CACHE_DIR
+# at its own folder (torch/_inductor/runtime/triton_heuristics.py, CachingAutotuner), and the
+# plain Triton launches after it in that process (the op benchmarks after a flex case) would
+# look for the warmed binaries there.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 DEADLINE=${DEADLINE:-570}
 START=$SECONDS
 EXIT_CODES=()
@@ -154,12 +165,6 @@ step tests 180 env MVIT_FAST_TRITON_CONFIG=BLOCK_M=32,BLOCK_N=32,num_warps=4,num
   MVIT_FAST_POOL_CONFIG=BLOCK_M=16,num_warps=8,num_stages=1 \
   "$PY" -m pytest tests -m cuda -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/tests.xml"
 
-# Every attention and pooling config at the S and B shapes, compiled into Triton's cache by 16
-# processes at once: the autotuner would compile them one after another, one core busy, inside
-# the timed steps' warm-up (bench/kernel_resources.py --warm; the log has each config's
-# registers, spills and shared memory from this machine's Triton).
-step warm 150 "$PY" bench/kernel_resources.py --sizes s b --warm --jobs 16
-
 # Attention and pooling ops: a few rounds of 0.1 s each (the tests warm up themselves).
 OP_ROUNDS=(--benchmark-max-time=0.1 --benchmark-min-rounds=3)
 # Whole-model steps take 0.1-2 s: three rounds after the case's own warm-up.
@@ -167,6 +172,11 @@ MODEL_ROUNDS=(--benchmark-max-time=0.5 --benchmark-min-rounds=3)
 HEADLINE="train and compile-triton-bf16"
 bench train_compiled 200 bench/test_model.py -k "(S16x224 or B32x224) and $HEADLINE" "${MODEL_ROUNDS[@]}"
 bench model_eager 100 bench/test_model.py -k "(S16x224 or B32x224) and eager-" "${MODEL_ROUNDS[@]}"
+# Every attention and pooling config at the S and B shapes, compiled into Triton's cache by 16
+# processes at once: the autotuner of the op benchmarks would compile them one after another,
+# one core busy, inside their warm-up (bench/kernel_resources.py --warm; the log has each
+# config's registers, spills, shared memory and MMA instruction from this machine's Triton).
+step warm 150 "$PY" bench/kernel_resources.py --sizes s b --warm --jobs 16
 bench attention_S16x224 90 bench/test_attention.py -k S16x224 "${OP_ROUNDS[@]}"
 # The plain-pooling variant is timed by the profile steps (with the fused one, side by side).
 bench model_compiled_S16x224 200 bench/test_model.py \
