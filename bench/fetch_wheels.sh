@@ -9,7 +9,9 @@
 # pytest-benchmark, hypothesis, numpy, tqdm, pyyaml, pillow, tabulate, portalocker and
 # matplotlib; it lacks fvcore (the FLOP counts behind every TFLOP/s column) and the three
 # packages fvcore needs besides those. All four are pure Python (fvcore and iopath ship as
-# sdists, hence `pip wheel`), about 120 KB together.
+# sdists, hence `pip wheel`), about 120 KB together. Plus setuptools 80 (1.2 MB), which the
+# suite installs only where the image's setuptools is older than 77 (pyproject.toml's SPDX
+# license string needs it; the install runs without build isolation).
 #
 # `data`: bench/test_data.py (DALI's GPU decoder vs PyAV) needs nvidia-dali-cuda130 (the
 # image's CUDA is 13), the two NVIDIA libraries DALI loads, its pure-Python and small compiled
@@ -25,6 +27,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .whl && mkdir .whl
 python -m pip wheel -q --no-deps -w .whl fvcore iopath yacs termcolor
+# pyproject.toml's SPDX license string needs setuptools >= 77 to build, which the image may lack
+python -m pip download -q --no-deps --only-binary=:all: -d .whl setuptools==80.9.0
 ls -l .whl
 [ "${1:-}" = data ] || exit 0
 

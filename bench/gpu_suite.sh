@@ -5,7 +5,8 @@
 #
 # Machine: H100/H200, torch 2.11 + triton 3.6 preinstalled, Python 3.12, NO network.
 # The package installs offline (--no-deps --no-build-isolation). What the image lacks
-# (fvcore and three of its dependencies) travels as wheels in ./.whl: make them with
+# (fvcore and three of its dependencies; setuptools >= 77 if its own is older) travels as
+# wheels in ./.whl: make them with
 # `bash bench/fetch_wheels.sh` on the development machine and name `.whl` in the device
 # tool's `carry`.
 #
@@ -150,7 +151,17 @@ bench() {  # bench NAME BUDGET_S FILE PYTEST_ARGS...: one pytest-benchmark run i
 
 run_info
 # (timeout runs programs, not shell functions: the install is a `bash -c` script)
-step pip 90 bash -c 'if [ -d .whl ]; then "$PY" -m pip install --no-index --no-deps .whl/*.whl || exit; fi
+# pyproject's SPDX `license = "..."` needs setuptools >= 77 (an older one rejects the file),
+# and without build isolation the image's own setuptools builds: the carried one stands in
+# where the image's is older or missing.
+step pip 90 bash -c 'if [ -d .whl ]; then
+    v=$("$PY" -c "import setuptools; print(setuptools.__version__)" 2>/dev/null)
+    if [ "${v%%.*}" -lt 77 ] 2>/dev/null || [ -z "$v" ]; then
+      echo "setuptools ${v:-missing} < 77: installing the carried one"
+      "$PY" -m pip install --no-index --no-deps .whl/setuptools-*.whl || exit
+    fi
+    "$PY" -m pip install --no-index --no-deps $(ls .whl/*.whl | grep -v /setuptools-) || exit
+  fi
   "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .'
 # The numerics tests pin one launch config per kernel: autotuning every shape, dtype and
 # head-dim layout of the suite would compile for many minutes (the benchmarks autotune).
