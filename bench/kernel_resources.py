@@ -23,10 +23,11 @@ after another (a compiled model's launches are Inductor's copies of the kernels,
 its own workers); `--jobs` spreads the shapes over processes.
 
 Printed per kernel and shape: each config's registers per thread, spill stores/loads (bytes
-per thread), shared memory, its tensor-core instruction (wgmma | mma) and compile time; a
-config over the target's shared memory is marked (the autotuner skips it; a pass with none
-that fits fails). The exit code is 1 when a config fails to compile or a pass has no config
-that fits. Needs TRITON_INTERPRET unset.
+per thread), shared memory, its tensor-core instruction (wgmma | mma), its global loads by
+width (16B: a full vector per thread) and compile time; a config over the target's shared
+memory is marked (the autotuner skips it; a pass with none that fits fails). The exit code is
+1 when a config fails to compile or a pass has no config that fits. Needs TRITON_INTERPRET
+unset.
 """
 
 from __future__ import annotations
@@ -162,11 +163,17 @@ def compile_shapes(work: list[tuple], options: tuple) -> tuple[str, list[dict], 
                     note = c.error or ("" if c.fits else "over the shared memory limit")
                     lines.append(f"    {_config_text(c.config):22s} regs {c.registers} spill "
                                  f"{c.spill_stores}/{c.spill_loads} smem {c.shared} "
-                                 f"{c.mma or '-':9s} {c.compile_s:5.1f}s {note}")
+                                 f"{c.mma or '-':9s} ld {_widths_text(c.load_bytes):14s} "
+                                 f"{c.compile_s:5.1f}s {note}")
                     rows.append({"suite": suite, "shape": shape_id, "dtype": dtype,
                                  "param_dtype": param_dtype, "arch": arch, **asdict(c)})
                 failed |= not fits or any(c.error for c in configs)
     return "".join(line + "\n" for line in lines), rows, failed
+
+
+def _widths_text(load_bytes: dict[int, int]) -> str:
+    """Global loads by width, widest first: "16Bx112 4Bx28"."""
+    return " ".join(f"{w}Bx{n}" for w, n in sorted(load_bytes.items(), reverse=True)) or "-"
 
 
 def _pool_id(shape: PoolShape) -> str:

@@ -62,6 +62,10 @@ class CompiledConfig:
     # warpgroup MMA, what reaches its peak), "mma" (the synchronous per-warp one), both, or
     # None (no tensor-core dot). Triton falls back to "mma" for tiles wgmma cannot take.
     mma: str | None = None
+    # Global loads by width in bytes ({16: n, 4: m, ...}, counted in the PTX): 16 is a full
+    # vector per thread; 2-byte loads of fp16/bf16 rows mean the compiler could not prove the
+    # rows aligned and loads them one element at a time.
+    load_bytes: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -125,12 +129,24 @@ def _compile_one(fn, grid, args, meta, shown, recorder: CompileRecorder) -> Comp
     return CompiledConfig(
         fn.__name__, shown, shared, *recorder.ptxas.get(compiled.hash, (None, None, None)),
         fits=shared <= SHARED_MEMORY_LIMIT.get(recorder.arch, min(SHARED_MEMORY_LIMIT.values())),
-        compile_s=time.perf_counter() - start, mma=_mma_kind(compiled.asm.get("ptx", "")))
+        compile_s=time.perf_counter() - start, mma=_mma_kind(compiled.asm.get("ptx", "")),
+        load_bytes=_load_bytes(compiled.asm.get("ptx", "")))
 
 
 def _mma_kind(ptx: str) -> str | None:
     kinds = [name for name, op in (("wgmma", "wgmma.mma_async"), ("mma", "mma.sync")) if op in ptx]
     return "+".join(kinds) or None
+
+
+_GLOBAL_LOAD = re.compile(r"\bld\.global(?:\.[\w:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b")
+
+
+def _load_bytes(ptx: str) -> dict[int, int]:
+    widths: dict[int, int] = {}
+    for vector, bits in _GLOBAL_LOAD.findall(ptx):
+        width = int(vector or 1) * int(bits) // 8
+        widths[width] = widths.get(width, 0) + 1
+    return dict(sorted(widths.items()))
 
 
 class _TargetOnlyDriver:

@@ -1,8 +1,9 @@
 """The kernels' machine code for Hopper (sm_90), compiled on this machine.
 
 The interpreter runs the kernels' Python, not Triton's compiler, so a kernel can pass every
-numerics test here and still fail to compile, need more shared memory than an H100 has, or
-spill its registers. `bench/kernel_resources.py` compiles every autotune config of the
+numerics test here and still fail to compile, need more shared memory than an H100 has,
+spill its registers, or take a slow path: per-warp `mma` instead of Hopper's `wgmma`, rows
+loaded element by element instead of as 16-byte vectors. `bench/kernel_resources.py` compiles every autotune config of the
 attention and pooling passes at the block-0 shapes of MViTv2-S (d = 96) and -L (d = 72, the
 8-element row alignment path) with Triton's own ptxas (`mvit_fast.kernels.compile_only`):
 no GPU needed; ~4 min on 2 cores (every S shape: ~9). It runs in a subprocess without
@@ -85,6 +86,19 @@ def test_attention_dots_use_hopper_wgmma(resources):
             assert any(c["mma"] == "wgmma" and c["fits"] for c in configs), shape
         else:
             assert all(c["mma"] is None for c in configs), (shape, kernel)
+
+
+def test_bf16_rows_load_as_vectors(resources):
+    """No global load of a single bf16 element: at d = 72 (L) the rows are 144 bytes apart,
+    which Triton's own specialization (multiples of 16) does not prove aligned; without the
+    kernels' ROW_ALIGN every row loads element by element (measured at L block 0: 224-896
+    2-byte loads per config, against 16-byte vectors at d = 96). The 4-byte loads are the
+    fp32 tables, statistics and conv weights."""
+    for (shape, kernel), configs in _by_pass(resources["rows"]).items():
+        for c in configs:
+            narrow = {int(w): n for w, n in c["load_bytes"].items() if int(w) < 4}
+            assert not narrow, (shape, kernel, c["config"], narrow)
+            assert c["load_bytes"].get("16"), (shape, kernel, c["config"], c["load_bytes"])
 
 
 def test_forward_attention_has_spill_free_configs_and_pooling_spills_little(resources):
