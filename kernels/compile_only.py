@@ -1,4 +1,5 @@
-"""Compile the kernels for a GPU this machine does not have: registers, spills and shared memory.
+"""Compile the kernels for a GPU this machine does not have: registers, spills, shared memory,
+tensor-core instructions and load widths.
 
 Triton compiles for any NVIDIA target with the ptxas its package carries, so the machine
 code of every autotune config can be checked without a GPU: that it compiles at all (the
@@ -59,8 +60,8 @@ class CompiledConfig:
     compile_s: float  # wall time of the compile (ptxas included) on this machine
     error: str | None = None  # why it did not compile
     # The tensor-core instruction of its `tl.dot`s in the PTX: "wgmma" (Hopper's asynchronous
-    # warpgroup MMA, what reaches its peak), "mma" (the synchronous per-warp one), both, or
-    # None (no tensor-core dot). Triton falls back to "mma" for tiles wgmma cannot take.
+    # warpgroup MMA, what reaches its peak), "mma" (the synchronous per-warp one), both
+    # ("wgmma+mma"), or None (no tensor-core dot). Triton falls back to "mma" for tiles wgmma cannot take.
     mma: str | None = None
     # Global loads by width in bytes ({16: n, 4: m, ...}, counted in the PTX): 16 is a full
     # vector per thread; 2-byte loads of fp16/bf16 rows mean the compiler could not prove the
@@ -125,12 +126,11 @@ def _compile_one(fn, grid, args, meta, shown, recorder: CompileRecorder) -> Comp
     regs, spills = _PTXAS.search(text), _SPILLS.search(text)
     if regs and spills:
         recorder.ptxas[compiled.hash] = (int(regs.group(1)), int(spills.group(1)), int(spills.group(2)))
-    shared = compiled.metadata.shared
+    shared, ptx = compiled.metadata.shared, compiled.asm.get("ptx", "")
     return CompiledConfig(
         fn.__name__, shown, shared, *recorder.ptxas.get(compiled.hash, (None, None, None)),
         fits=shared <= SHARED_MEMORY_LIMIT.get(recorder.arch, min(SHARED_MEMORY_LIMIT.values())),
-        compile_s=time.perf_counter() - start, mma=_mma_kind(compiled.asm.get("ptx", "")),
-        load_bytes=_load_bytes(compiled.asm.get("ptx", "")))
+        compile_s=time.perf_counter() - start, mma=_mma_kind(ptx), load_bytes=_load_bytes(ptx))
 
 
 def _mma_kind(ptx: str) -> str | None:

@@ -3,11 +3,11 @@
 The interpreter runs the kernels' Python, not Triton's compiler, so a kernel can pass every
 numerics test here and still fail to compile, need more shared memory than an H100 has,
 spill its registers, or take a slow path: per-warp `mma` instead of Hopper's `wgmma`, rows
-loaded element by element instead of as 16-byte vectors. `bench/kernel_resources.py` compiles every autotune config of the
-attention and pooling passes at the block-0 shapes of MViTv2-S (d = 96) and -L (d = 72, the
-8-element row alignment path) with Triton's own ptxas (`mvit_fast.kernels.compile_only`):
-no GPU needed; ~4 min on 2 cores (every S shape: ~9). It runs in a subprocess without
-TRITON_INTERPRET (interpreted kernels have no compiler).
+loaded element by element instead of as 16-byte vectors. `bench/kernel_resources.py`
+compiles every autotune config of the attention and pooling passes at the block-0 shapes of
+MViTv2-S (d = 96) and -L (d = 72, the 8-element row alignment path) with Triton's own ptxas
+(`mvit_fast.kernels.compile_only`): no GPU needed; ~4 min on 2 cores (every S shape: ~9).
+It runs in a subprocess without TRITON_INTERPRET (interpreted kernels have no compiler).
 """
 
 from __future__ import annotations
