@@ -213,10 +213,10 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
             if re.search(r"\.rel_pos_[thw]$", key) and value.ndim == 2 and value.shape[1] == want[1]:
                 report.interpolated[key] = (value.shape[0], want[0])
                 value = resize_rel_pos(value.float(), want[0]).to(value.dtype)
-            elif key in HEAD_KEYS and reinit_head:
+            elif key in HEAD_KEYS and value.shape[1:] == want[1:] and reinit_head:
                 report.reinitialized.append(key)
                 continue
-            elif key in HEAD_KEYS:
+            elif key in HEAD_KEYS and value.shape[1:] == want[1:]:  # another class count
                 raise ValueError(f"the checkpoint's head has {value.shape[0]} classes but the "
                                  f"model's has {want[0]}: pass reinit_head=True to keep the "
                                  "backbone and re-initialize the head")

@@ -109,6 +109,12 @@ def test_checkpoint_of_another_architecture(model):
     wider = mvit_fast.build_model("s", **{**MINI, "embed_dim": 32})
     with pytest.raises(ValueError, match="another architecture"):
         load_checkpoint(wider, model.state_dict())
+    # A head of another width is another architecture, not another class count.
+    sd = dict(model.state_dict())
+    sd["head.projection.weight"] = torch.zeros(sd["head.projection.weight"].shape[0], 3)
+    for reinit_head in (False, True):
+        with pytest.raises(ValueError, match="another architecture: head.projection.weight"):
+            load_checkpoint(mvit_fast.build_model("s", **MINI), sd, reinit_head=reinit_head)
 
 
 def test_unreadable_inputs(tmp_path):

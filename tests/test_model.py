@@ -1,11 +1,14 @@
-"""The model: against torchvision's MViTv2-S, init, drop path, checkpointing, compile, errors."""
+"""The model: against torchvision's and mmaction2's MViTv2, init, drop path, checkpointing, compile."""
+
+import sys
 
 import pytest
 import torch
 
 import mvit_fast
 from mvit_fast import MultiScaleAttention, load_checkpoint
-from tests.home import torchvision_mvit_v2_s
+from mvit_fast.checkpoint import export_state_dict
+from tests.home import mmaction2_mvit, torchvision_mvit_v2_s
 
 # Every stage and dim change of MViTv2 at a width that builds fast; stem grid 2x8x8.
 TINY = dict(depths=(1, 2, 1, 1), embed_dim=16, num_frames=4, crop_size=32, num_classes=7)
@@ -27,6 +30,55 @@ def test_logits_match_torchvision_mvit_v2_s():
     with torch.no_grad():
         diff = (ours(clip) - home(clip)).abs().max().item()
     assert diff < 1e-4, f"max |logit difference| {diff:.3g}"
+
+
+# S at its checkpoints' clip size; B and L at a small clip (both sides size their tables for it).
+@pytest.mark.parametrize("size, arch, frames, crop", [("s", "small", 16, 224), ("b", "base", 8, 64),
+                                                      ("l", "large", 8, 64)])
+def test_logits_match_mmaction2_mvit(size, arch, frames, crop):
+    home_classes = mmaction2_mvit()
+    if home_classes is None:
+        pytest.skip("mmaction2 is not installed (the home implementation of its MViT checkpoints)")
+    backbone_cls, head_cls = home_classes
+    torch.manual_seed(0)
+    backbone = backbone_cls(arch=arch, temporal_size=frames, spatial_size=crop).eval()
+    head = head_cls(num_classes=400, in_channels=backbone.blocks[-1].out_dims).eval()
+    with torch.no_grad():
+        for p in [*backbone.parameters(), *head.parameters()]:
+            p.add_(torch.randn_like(p) * 0.02)
+    state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    state |= {f"cls_head.{k}": v for k, v in head.state_dict().items()}
+    ours = mvit_fast.build_model(size, num_frames=frames, crop_size=crop).eval()
+    report = load_checkpoint(ours, {"state_dict": state})
+    assert report.format == "mmaction2" and not report.missing and not report.interpolated
+    clip = torch.randn(1, 3, frames, crop, crop)
+    with torch.no_grad():
+        expected = head(backbone(clip))
+        diff = (ours(clip) - expected).abs().max().item()
+    assert diff < 1e-4, f"max |logit difference| {diff:.3g} (logits up to {expected.abs().max():.3g})"
+    exported = export_state_dict(ours.state_dict(), "mmaction2")  # and back: the same tensors
+    assert exported.keys() == state.keys() and all(torch.equal(exported[k], state[k]) for k in state)
+
+
+def test_multiscale_attention_from_mmaction2_module():
+    home_classes = mmaction2_mvit()
+    if home_classes is None:
+        pytest.skip("mmaction2 is not installed")
+    attn_cls = sys.modules[home_classes[0].__module__].MultiScaleAttention
+    torch.manual_seed(0)
+    # Block 1 of MViTv2-S at a 4x8x8 grid: q pooled 2x2, kv 4x4 in space, 2 heads, dim 96 -> 192.
+    home = attn_cls(96, 192, num_heads=2, stride_q=(1, 2, 2), stride_kv=(1, 4, 4),
+                    input_size=(4, 8, 8)).eval()
+    with torch.no_grad():
+        for p in home.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ours = MultiScaleAttention.from_module(home, backend="eager")
+    x = torch.randn(2, 1 + 4 * 8 * 8, 96)
+    with torch.no_grad():
+        expected, expected_shape = home(x, (4, 8, 8))
+        out, q_shape = ours(x, [4, 8, 8])
+    assert list(q_shape) == list(expected_shape) == [4, 4, 4]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_slowfast_init():
