@@ -24,10 +24,11 @@ its own workers); `--jobs` spreads the shapes over processes.
 
 Printed per kernel and shape: each config's registers per thread, spill stores/loads (bytes
 per thread), shared memory, its tensor-core instruction (wgmma | mma), its global loads by
-width (16B: a full vector per thread) and compile time; a config over the target's shared
-memory is marked (the autotuner skips it; a pass with none that fits fails). The exit code is
-1 when a config fails to compile or a pass has no config that fits. Needs TRITON_INTERPRET
-unset.
+width (16B: a full vector per thread), its machine code's instructions and barriers (static
+counts: for the one-block passes, the issue work of a block) and compile time; a config over
+the target's shared memory is marked (the autotuner skips it; a pass with none that fits
+fails). The exit code is 1 when a config fails to compile or a pass has no config that fits.
+Needs TRITON_INTERPRET unset.
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ def compile_shapes(work: list[tuple], options: tuple) -> tuple[str, list[dict], 
                     lines.append(f"    {_config_text(c.config):22s} regs {c.registers} spill "
                                  f"{c.spill_stores}/{c.spill_loads} smem {c.shared} "
                                  f"{c.mma or '-':9s} ld {_widths_text(c.load_bytes):14s} "
+                                 f"sass {c.sass_instructions} bar {c.barriers} "
                                  f"{c.compile_s:5.1f}s {note}")
                     rows.append({"suite": suite, "shape": shape_id, "dtype": dtype,
                                  "param_dtype": param_dtype, "arch": arch, **asdict(c)})

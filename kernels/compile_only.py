@@ -1,5 +1,5 @@
 """Compile the kernels for a GPU this machine does not have: registers, spills, shared memory,
-tensor-core instructions and load widths.
+tensor-core instructions, load widths and machine-code instruction counts.
 
 Triton compiles for any NVIDIA target with the ptxas its package carries, so the machine
 code of every autotune config can be checked without a GPU: that it compiles at all (the
@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -67,6 +68,12 @@ class CompiledConfig:
     # vector per thread; 2-byte loads of fp16/bf16 rows mean the compiler could not prove the
     # rows aligned and loads them one element at a time.
     load_bytes: dict[int, int] = field(default_factory=dict)
+    # The machine code (SASS, from the CUDA toolkit's cuobjdump that Triton carries): its
+    # instructions (NOPs left out) and barriers (BAR.*, each a stop for all of the program's
+    # warps). Static counts, not executed ones: a static measure of the issue work of one
+    # block where a kernel has no loop (and of the loop body, where the loop dominates).
+    sass_instructions: int | None = None
+    barriers: int | None = None
 
 
 @dataclass
@@ -130,7 +137,8 @@ def _compile_one(fn, grid, args, meta, shown, recorder: CompileRecorder) -> Comp
     return CompiledConfig(
         fn.__name__, shown, shared, *recorder.ptxas.get(compiled.hash, (None, None, None)),
         fits=shared <= SHARED_MEMORY_LIMIT.get(recorder.arch, min(SHARED_MEMORY_LIMIT.values())),
-        compile_s=time.perf_counter() - start, mma=_mma_kind(ptx), load_bytes=_load_bytes(ptx))
+        compile_s=time.perf_counter() - start, mma=_mma_kind(ptx), load_bytes=_load_bytes(ptx),
+        **_sass_counts(compiled))
 
 
 def _mma_kind(ptx: str) -> str | None:
@@ -147,6 +155,25 @@ def _load_bytes(ptx: str) -> dict[int, int]:
         width = int(vector or 1) * int(bits) // 8
         widths[width] = widths.get(width, 0) + 1
     return dict(sorted(widths.items()))
+
+
+# One cuobjdump SASS line: "/*0a70*/  @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;" (Triton's own
+# listing, `asm["sass"]`, stops at four-digit addresses: 4096 instructions).
+_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", re.MULTILINE)
+
+
+def _sass_counts(compiled) -> dict[str, int | None]:
+    try:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(compiled.asm["cubin"])
+            cubin.flush()
+            sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", cubin.name], check=True,
+                                  capture_output=True, text=True).stdout
+    except Exception:  # noqa: BLE001 - no cuobjdump: the counts are unknown, not an error
+        return {"sass_instructions": None, "barriers": None}
+    opcodes = _SASS_LINE.findall(sass)
+    return {"sass_instructions": sum(op != "NOP" for op in opcodes),
+            "barriers": sum(op.startswith("BAR") for op in opcodes)}
 
 
 class _TargetOnlyDriver:

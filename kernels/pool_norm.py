@@ -103,7 +103,7 @@ def _conv_rows(X, W, stride_xn, stride_xc, stride_wc, stride_wk, offs_m, to, ho,
             for kw in tl.static_range(KW):
                 ok_w = (w0 + kw >= 0) & (w0 + kw < Wi)
                 x = tl.load(ptrs, mask=mask & ok_w[:, None], other=0.0)
-                w = tl.load(w_ptrs, mask=d_ok, other=0.0)  # taps in (kt, kh, kw) order
+                w = tl.load(w_ptrs)  # taps in (kt, kh, kw) order, zero-padded to BLOCK_D
                 z += x.to(tl.float32) * w.to(tl.float32)[None, :]
                 ptrs += stride_xn
                 w_ptrs += stride_wk
@@ -192,7 +192,6 @@ def _pool_norm_fwd(
     Y += aligned(off_b * stride_yb + off_h * stride_yh, ROW_ALIGN)
     stride_xn = aligned(stride_xn, ROW_ALIGN)
     stride_ym = aligned(stride_ym, ROW_ALIGN)
-    stride_wk = aligned(stride_wk, ROW_ALIGN)  # = d (tap-major weights)
     D = aligned(D, ROW_ALIGN)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -255,7 +254,6 @@ def _pool_norm_bwd_dz(
     stride_xn = aligned(stride_xn, ROW_ALIGN)
     stride_dym = aligned(stride_dym, ROW_ALIGN)
     stride_dzm = aligned(stride_dzm, ROW_ALIGN)
-    stride_wk = aligned(stride_wk, ROW_ALIGN)  # = d (tap-major weights)
     D = aligned(D, ROW_ALIGN)
 
     offs_d = tl.arange(0, BLOCK_D)
@@ -329,7 +327,6 @@ def _pool_norm_bwd_dx(
     DX += aligned(off_b * stride_dxb + member * stride_dxg + off_h * stride_dxh, ROW_ALIGN)
     stride_dzm = aligned(stride_dzm, ROW_ALIGN)
     stride_dxn = aligned(stride_dxn, ROW_ALIGN)
-    stride_wk = aligned(stride_wk, ROW_ALIGN)  # = d (tap-major weights)
     D = aligned(D, ROW_ALIGN)
 
     offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -356,7 +353,7 @@ def _pool_norm_bwd_dx(
                 ok_w = (wn >= 0) & (wn % SW == 0) & (wn < Wo * SW)
                 dz = tl.load(ptrs + (wn // SW)[:, None] * stride_dzm, mask=mask & ok_w[:, None],
                              other=0.0)
-                w = tl.load(w_ptrs, mask=d_ok, other=0.0)  # taps in (kt, kh, kw) order
+                w = tl.load(w_ptrs)  # taps in (kt, kh, kw) order, zero-padded to BLOCK_D
                 dx += dz.to(tl.float32) * w.to(tl.float32)[None, :]
                 w_ptrs += stride_wk
     if HAS_CLS:
@@ -484,13 +481,21 @@ def _check(qkv: torch.Tensor, member: int, weight: torch.Tensor, thw: Sequence[i
     return (t, h, w, *kernel, *(int(s) for s in stride), *out)
 
 
-def _tap_major(weight: torch.Tensor) -> torch.Tensor:
-    """The depthwise weight (d, 1, kt, kh, kw) as a (d, taps) view of tap-major storage: the d
-    weights of one tap are contiguous, so the kernels load them as vectors (with the
-    (d, taps) layout of the parameter itself they are 27 apart: one scalar load per channel
-    and tap, 8x the instructions of the activation loads at d = 72 and 96)."""
+def _tap_major(weight: torch.Tensor, block_d: int) -> torch.Tensor:
+    """The depthwise weight (d, 1, kt, kh, kw) as a (block_d, taps) view of tap-major storage,
+    zero beyond d.
+
+    Tap-major: the weights of one tap are contiguous, so the kernels load them as vectors
+    (with the (d, taps) layout of the parameter itself they are 27 apart: one scalar load
+    per channel and tap, 8x the instructions of the activation loads at d = 72 and 96).
+    Zero-padded to the tile's power-of-two width: the kernels load them unmasked, without
+    the zero fill each masked load starts with (MViTv2-S block 0, bf16, sm_90, Triton 3.6,
+    BLOCK_M 16, 8 warps: SASS instructions per block fwd / dz / dx 1282 / 4910 / 1229 ->
+    1169 / 4795 / 1120, fwd registers 128 -> 110; `bench/kernel_resources.py`)."""
     d = weight.shape[0]
-    return weight.reshape(d, -1).t().contiguous().t()
+    padded = weight.new_zeros(weight[0].numel(), block_d)
+    padded[:, :d] = weight.reshape(d, -1).t()
+    return padded.t()
 
 
 def _identity(kernel):
@@ -522,8 +527,8 @@ def pool_norm_forward(
                          f"{tuple(norm_weight.shape)} / {tuple(norm_bias.shape)}")
     n_out = int(has_cls) + to * ho * wo
     y = torch.empty((batch, heads, n_out, d), device=qkv.device, dtype=qkv.dtype)
-    w2 = _tap_major(weight)
     block_d = triton.next_power_of_2(d)
+    w2 = _tap_major(weight, block_d)
     _launch(wrap, "fwd", n_out, batch * heads, block_d,
             qkv, w2, norm_weight, norm_bias, y,
             *qkv.stride(), int(member), *w2.stride(), norm_weight.stride(0), norm_bias.stride(0),
@@ -559,7 +564,7 @@ def pool_norm_backward(
     taps = kt * kh * kw
     taps_pad = triton.next_power_of_2(taps)
     block_d = triton.next_power_of_2(d)
-    w2 = _tap_major(weight)
+    w2 = _tap_major(weight, block_d)
     geometry = dict(ST=st, SH=sh, SW=sw, KT=kt, KH=kh, KW=kw, HAS_CLS=int(has_cls), BLOCK_D=block_d)
 
     # Pass 1: dz (in qkv's dtype) and the fp32 weight partials.

@@ -71,6 +71,10 @@ def test_every_config_compiles_for_sm90_at_mvit_shapes(resources):
         assert any(c["fits"] for c in configs), f"{shape} {kernel}: no config fits sm_90's shared memory"
         # ptxas' counts, also for configs Triton served from its cache (an earlier shape's code)
         assert all(c["registers"] is not None and c["spill_stores"] is not None for c in configs)
+        # cuobjdump's machine code (Triton's own listing stops at 4096 instructions)
+        assert all(c["sass_instructions"] and c["barriers"] is not None for c in configs)
+        if kernel == "_pool_norm_bwd_dz":  # the per-tap weight-gradient loop is past 4096
+            assert max(c["sass_instructions"] for c in configs) > 4096, (shape, kernel)
     kernels = {kernel for _, kernel in groups}
     assert kernels == set(ATTENTION_PASSES + POOL_PASSES)
 
