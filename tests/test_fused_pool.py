@@ -42,11 +42,13 @@ class Case:
     has_cls: bool = True
     batch: int = 2
     strided_qkv: bool = False  # qkv a permuted view of a (B, 3, N, heads, d) buffer
+    kernel: Triple = (3, 3, 3)
 
     def __str__(self) -> str:
+        kernel = "" if self.kernel == (3, 3, 3) else f"-k{self.kernel}"
         return (f"thw{self.thw}-q{self.stride_q}-kv{self.stride_kv}-d{self.head_dim}-H{self.heads}"
                 f"-cls{int(self.has_cls)}-B{self.batch}{'-strided' if self.strided_qkv else ''}"
-                ).replace(" ", "")
+                f"{kernel}").replace(" ", "")
 
 
 # Every MViT stride ((1,1,1), (1,2,2), (1,4,4), (1,8,8)) plus a temporal one, odd grid
@@ -60,6 +62,9 @@ CASES = [
     Case((2, 3, 3), (1, 1, 1), (1, 1, 1), head_dim=96, heads=2, batch=1),
     Case((2, 3, 5), (1, 2, 2), (1, 4, 4), heads=2, has_cls=False, strided_qkv=True),
     Case((1, 1, 1), (1, 2, 2), (1, 8, 8), heads=2, batch=1),  # one token (+ cls)
+    # kernel size 1 on an axis (no window along it), strided and not
+    Case((3, 5, 6), (1, 1, 1), (2, 2, 3), kernel=(1, 3, 1), batch=1),
+    Case((2, 4, 9), (1, 2, 2), (1, 1, 1), kernel=(3, 1, 3), heads=2, has_cls=False, batch=1),
 ]
 FP16_CASES = [CASES[2], CASES[3], CASES[4]]
 SMALL = Case((1, 3, 3), (1, 2, 2), (1, 2, 2), batch=1)
@@ -79,7 +84,7 @@ def _make(case: Case, dtype: torch.dtype, param_dtype: torch.dtype | None = None
         qkv = torch.randn(b, 3, n, h, d, generator=gen).permute(0, 2, 1, 3, 4)
     else:
         qkv = torch.randn(b, n, 3 * h * d, generator=gen).view(b, n, 3, h, d)
-    weights = [0.3 * torch.randn(d, 1, 3, 3, 3, generator=gen) for _ in range(3)]
+    weights = [0.3 * torch.randn(d, 1, *case.kernel, generator=gen) for _ in range(3)]
     gammas = [1 + 0.1 * torch.randn(d, generator=gen) for _ in range(3)]
     betas = [0.1 * torch.randn(d, generator=gen) for _ in range(3)]
     pdt = param_dtype or dtype
@@ -93,7 +98,8 @@ def _oracle(qkv: torch.Tensor, params, case: Case):
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     outs = []
     for i, (x, stride) in enumerate(zip((q, k, v), (case.stride_q, case.stride_kv, case.stride_kv))):
-        conv = nn.Conv3d(d, d, 3, stride=stride, padding=1, groups=d, bias=False)
+        conv = nn.Conv3d(d, d, case.kernel, stride=stride, padding=[k // 2 for k in case.kernel],
+                         groups=d, bias=False)
         norm = nn.LayerNorm(d, eps=1e-6)
         # the (float64) parameter tensors themselves, so autograd reaches them
         del conv.weight, norm.weight, norm.bias
@@ -194,9 +200,10 @@ def test_backward_is_deterministic() -> None:
 
 
 def test_pinned_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    """MVIT_FAST_POOL_CONFIG pins the tile: 16-row blocks, so the dz pass' programs walk
-    several blocks each (2 programs per (batch, head) under the interpreter)."""
-    monkeypatch.setenv("MVIT_FAST_POOL_CONFIG", "BLOCK_M=16,num_warps=4")
+    """MVIT_FAST_POOL_CONFIG pins the tile: blocks of 4 groups of 4 w positions, so the dz
+    pass' 2 programs per (batch, head) (under the interpreter) walk 4-5 blocks each of q's
+    36 groups."""
+    monkeypatch.setenv("MVIT_FAST_POOL_CONFIG", "BLOCK_M=4,num_warps=4")
     check_against_oracle(CASES[2], torch.float32)
 
 
