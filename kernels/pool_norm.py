@@ -68,8 +68,8 @@ _KERNEL_SIZES = (1, 3)  # per axis; padding k // 2
 # sm_90, Triton 3.6, MViTv2-S block 0 q (stride 1), bf16, 8 warps; SASS warp-instructions
 # per output token, fwd 585 -> 362, dx 560 -> 318 (16 tokens -> 16 groups per program),
 # dz 2398 -> 1128 (16 tokens -> 8 groups; barriers per token 5.4 -> 2.7). The four
-# positions are four named register tiles (z0..z3, picked by compile-time index, `_pick`):
-# the kernels are written for GROUP_W = 4.
+# positions are four named register tiles (z0..z3), read and added to by compile-time
+# index (`_pick`, `_add_to`): the kernels are written for GROUP_W = 4.
 GROUP_W = tl.constexpr(4)
 
 
@@ -98,6 +98,20 @@ def _pick(r: tl.constexpr, a, b, c, d):
     if r == 3:
         x = d
     return x
+
+
+@triton.jit
+def _add_to(r: tl.constexpr, v, a, b, c, d):
+    """(a, b, c, d) with v added to the r-th, r known at compile time."""
+    if r == 0:
+        a += v
+    if r == 1:
+        b += v
+    if r == 2:
+        c += v
+    if r == 3:
+        d += v
+    return a, b, c, d
 
 
 @triton.jit
@@ -153,14 +167,7 @@ def _conv_group(X, W, stride_xn, stride_xc, stride_wc, stride_wk, to, ho, w_firs
                     for r in tl.static_range(4):
                         if j - SW * r >= 0 and j - SW * r < KW:
                             xw = x * _pick(j - SW * r, w_a, w_b, w_c, w_c)
-                            if r == 0:
-                                z0 += xw
-                            if r == 1:
-                                z1 += xw
-                            if r == 2:
-                                z2 += xw
-                            if r == 3:
-                                z3 += xw
+                            z0, z1, z2, z3 = _add_to(r, xw, z0, z1, z2, z3)
             w_ptrs += KW * stride_wk
     return z0, z1, z2, z3
 
@@ -201,12 +208,7 @@ def _conv_weight_grad(dw, dz0, dz1, dz2, dz3, X, stride_xn, stride_xc, to, ho, w
                     for r in tl.static_range(4):
                         if j - SW * r >= 0 and j - SW * r < KW:
                             xdz = x * _pick(r, dz0, dz1, dz2, dz3)
-                            if j - SW * r == 0:
-                                p_a += xdz
-                            if j - SW * r == 1:
-                                p_b += xdz
-                            if j - SW * r == 2:
-                                p_c += xdz
+                            p_a, p_b, p_c, _ = _add_to(j - SW * r, xdz, p_a, p_b, p_c, p_c)
             tap = (kt * KH + kh) * KW
             dw = tl.where(tap_ids == tap, dw + tl.sum(p_a, 0)[None, :], dw)
             if KW > 1:
@@ -479,14 +481,7 @@ def _pool_norm_bwd_dx(
                 for r in tl.static_range(4):
                     if r + KW - 1 - j >= 0 and r + KW - 1 - j < KW:
                         dzw = dz * _pick(r + KW - 1 - j, w_a, w_b, w_c, w_c)
-                        if r == 0:
-                            dx0 += dzw
-                        if r == 1:
-                            dx1 += dzw
-                        if r == 2:
-                            dx2 += dzw
-                        if r == 3:
-                            dx3 += dzw
+                        dx0, dx1, dx2, dx3 = _add_to(r, dzw, dx0, dx1, dx2, dx3)
             w_ptrs += KW * stride_wk
     rows = HAS_CLS + (ti * Hi + hi) * Wi + w_first
     out_cols = offs_d[None, :] * stride_dxc
