@@ -127,6 +127,15 @@ def _line_weights(w_ptrs, stride_wk, KW: tl.constexpr):
 
 
 @triton.jit
+def _line(X, stride_xn, cols, ok, t, h, w0, T, Hi, Wi, d_ok, HAS_CLS: tl.constexpr):
+    """Pointers to the input rows (t, h, w0) of a group tile, and their mask: inside the
+    grid along t and h (w is masked per load)."""
+    ok_th = ok & (t >= 0) & (t < T) & (h >= 0) & (h < Hi)
+    ptrs = X + (HAS_CLS + (t * Hi + h) * Wi + w0)[:, None] * stride_xn + cols
+    return ptrs, ok_th[:, None] & d_ok[None, :]
+
+
+@triton.jit
 def _conv_group(X, W, stride_xn, stride_xc, stride_wc, stride_wk, to, ho, w_first, ok,
                 offs_d, d_ok, T, Hi, Wi,
                 ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -152,12 +161,8 @@ def _conv_group(X, W, stride_xn, stride_xc, stride_wc, stride_wk, to, ho, w_firs
     z2 = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     z3 = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for kt in tl.static_range(KT):
-        ok_t = ok & (t0 + kt >= 0) & (t0 + kt < T)
         for kh in tl.static_range(KH):
-            hi = h0 + kh
-            ok_h = ok_t & (hi >= 0) & (hi < Hi)
-            ptrs = X + (HAS_CLS + ((t0 + kt) * Hi + hi) * Wi + w0)[:, None] * stride_xn + cols
-            mask = ok_h[:, None] & d_ok[None, :]
+            ptrs, mask = _line(X, stride_xn, cols, ok, t0 + kt, h0 + kh, w0, T, Hi, Wi, d_ok, HAS_CLS)
             w_a, w_b, w_c = _line_weights(w_ptrs, stride_wk, KW)
             for j in tl.static_range(3 * SW + KW):
                 if j % SW < KW:  # some output reads input j
@@ -191,12 +196,8 @@ def _conv_weight_grad(dw, dz0, dz1, dz2, dz3, X, stride_xn, stride_xc, to, ho, w
     cols = offs_d[None, :] * stride_xc
     tap_ids = tl.arange(0, TAPS_PAD)[:, None]
     for kt in tl.static_range(KT):
-        ok_t = ok & (t0 + kt >= 0) & (t0 + kt < T)
         for kh in tl.static_range(KH):
-            hi = h0 + kh
-            ok_h = ok_t & (hi >= 0) & (hi < Hi)
-            ptrs = X + (HAS_CLS + ((t0 + kt) * Hi + hi) * Wi + w0)[:, None] * stride_xn + cols
-            mask = ok_h[:, None] & d_ok[None, :]
+            ptrs, mask = _line(X, stride_xn, cols, ok, t0 + kt, h0 + kh, w0, T, Hi, Wi, d_ok, HAS_CLS)
             p_a = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
             p_b = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
             p_c = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
@@ -513,27 +514,33 @@ _INTERPRETER_SPLIT = 2  # tests: programs walk several blocks (the loop is exerc
 INTERPRETED = is_interpreted(_pool_norm_fwd)
 
 
-def _keep(block_m: int, num_warps: int, block_d: int) -> bool:
+def _keep(block_m: int, num_warps: int, block_d: int, pass_name: str) -> bool:
     """Prune configs to 4-8 fp32 elements per thread in each of a program's GROUP_W
-    (BLOCK_M, BLOCK_D) tiles (any count for the 32-group tiles of a tiny d, so no head dim
-    is left without a config).
+    (BLOCK_M, BLOCK_D) tiles, at most 4 in the dz pass (any count for the 32-group tiles of
+    a tiny d, so no head dim is left without a config).
 
     Every pass unrolls its tap loads, which the compiler keeps in flight together, so
     register pressure grows with the tiles per thread (sm_90, Triton 3.6, bf16, MViTv2-S
     and -L block 0, `python bench/kernel_resources.py`; bytes of spill stores per thread):
-    at 8 elements fwd 0-52, dx 0, dz 0-1.6K; at 16 elements fwd up to 2.1K, dz 3.2-4.1K.
-    Under 4, the rows load in 8-byte pieces instead of 16. A second pipelining stage compiled
-    to the same code (the loads sit in unrolled, masked tap loops), so there is one stage.
+    at 8 elements fwd 0-136, dx 0, dz 0-1.6K; at 16 elements fwd up to 2.1K, dz 3.2-4.1K.
+    The dz pass (four z tiles, four dz tiles and three tap partials live at once) spills
+    464-488 at 4 elements (stride-8 k and v; 0 at stride 1). Under 4, the rows load in
+    8-byte pieces instead of 16. A second pipelining stage compiled to the same code (the
+    loads sit in unrolled, masked tap loops), so there is one stage.
     """
     per_thread = block_m * block_d // (32 * num_warps)
-    return per_thread <= 8 and (per_thread >= 4 or block_m == 32)
+    most = 4 if pass_name == "dz" else 8
+    return per_thread <= most and (per_thread >= 4 or block_m == 32)
 
 
-def _configs(block_d: int) -> list[triton.Config]:
-    """Autotune search space of every pass for one padded head dim (CUDA only), filtered by
-    `_keep` (never empty: 8 x 256 at 8 warps and every 32-group tile are kept)."""
-    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
-            for bm in (8, 16, 32) for w in (4, 8) if _keep(bm, w, block_d)]
+def _configs(block_d: int, pass_name: str) -> list[triton.Config]:
+    """Autotune search space of one pass for one padded head dim (CUDA only): the tiles
+    `_keep` allows, else (dz at d > 128) the one with the fewest elements per thread."""
+    tiles = [(bm, w) for bm in (8, 16, 32) for w in (4, 8)]
+    kept = [t for t in tiles if _keep(*t, block_d, pass_name)]
+    if not kept:
+        kept = [min(tiles, key=lambda t: (t[0] / t[1], -t[1]))]
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1) for bm, w in kept]
 
 
 _KERNELS = {"fwd": _pool_norm_fwd, "dz": _pool_norm_bwd_dz, "dx": _pool_norm_bwd_dx}
@@ -543,7 +550,7 @@ _TUNE_KEY = ["N_BUCKET", "D", "ST", "SH", "SW", "ROW_ALIGN"]
 
 @functools.cache
 def _tuned(pass_name: str, block_d: int):
-    return triton.autotune(configs=_configs(block_d), key=_TUNE_KEY)(_KERNELS[pass_name])
+    return triton.autotune(configs=_configs(block_d, pass_name), key=_TUNE_KEY)(_KERNELS[pass_name])
 
 
 def _pinned_config() -> dict[str, int] | None:
@@ -570,7 +577,7 @@ def _launch(wrap: Callable, pass_name: str, rows: int | None, grid1: int, block_
 def _split(n_out: int, programs: int) -> int:
     """Programs per (batch, head) of the dz pass; never more than the blocks of the smallest tile."""
     cfg = _pinned_config()
-    min_block = cfg["BLOCK_M"] if cfg is not None else 16  # the smallest autotuned tile
+    min_block = cfg["BLOCK_M"] if cfg is not None else 8  # the smallest autotuned tile
     cap = _INTERPRETER_SPLIT if INTERPRETED else _MAX_SPLIT
     return max(1, min(cap, triton.cdiv(_SPLIT_TARGET, programs), triton.cdiv(n_out, min_block)))
 

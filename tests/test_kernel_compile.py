@@ -28,13 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 ATTENTION_PASSES = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")
 POOL_PASSES = ("_pool_norm_fwd", "_pool_norm_bwd_dz", "_pool_norm_bwd_dx")
-# Bytes of spill stores per thread. Every pooling pass has a config under POOL_SPILL_LIGHT,
-# and none is above POOL_SPILL_LIMIT. The kept configs measured (sm_90, Triton 3.6, bf16,
-# d = 96 and 72): stride 1 (q) fwd and dx 0, dz 0-680; stride 8 (k, v: 12 loads per (kt, kh)
-# line of a group, kept in flight) fwd 0-136, dx 0, dz 464-1.6K. The tiles `_keep` prunes
-# spill 2-38 KB.
-POOL_SPILL_LIGHT = 512
-POOL_SPILL_LIMIT = 2048
+# Bytes of spill stores per thread allowed in any pooling config. The kept configs measured
+# 0-488 (sm_90, Triton 3.6, bf16, d = 96 and 72; the most in the dz pass of the stride-8 k
+# and v); the tiles `_keep` prunes spill 0.7-38 KB.
+POOL_SPILL_LIMIT = 512
 SIZES = ("s", "l")
 BLOCKS = (0,)
 
@@ -117,7 +114,6 @@ def test_forward_attention_has_spill_free_configs_and_pooling_spills_little(reso
         if kernel in POOL_PASSES:
             worst = max(configs, key=lambda c: c["spill_stores"])
             assert worst["spill_stores"] <= POOL_SPILL_LIMIT, (shape, kernel, worst["config"])
-            assert min(c["spill_stores"] for c in configs) <= POOL_SPILL_LIGHT, (shape, kernel)
 
 
 def test_compile_only_restores_triton_and_accepts_cpu_tensors_only_inside(tmp_path):
