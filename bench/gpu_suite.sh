@@ -173,7 +173,7 @@ step pip 90 bash -c 'if [ -d .whl ]; then
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 step tests 180 env MVIT_FAST_TRITON_CONFIG=BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1 \
-  MVIT_FAST_POOL_CONFIG=BLOCK_M=8,num_warps=8,num_stages=1 \
+  MVIT_FAST_POOL_CONFIG=BLOCK_M=16,num_warps=8,num_stages=1 \
   "$PY" -m pytest tests -m cuda -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/tests.xml"
 
 # Attention and pooling ops: a few rounds of 0.1 s each (the tests warm up themselves).
