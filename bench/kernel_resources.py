@@ -90,7 +90,8 @@ def compile_pool(rec: CompileRecorder, shape: PoolShape, dtype: torch.dtype,
 def _config_text(config: dict) -> str:
     tiles = "x".join(str(config[k]) for k in ("BLOCK_M", "BLOCK_N") if k in config)
     split = " split" if config.get("SPLIT_D") else ""
-    return f"{tiles} w{config['num_warps']} s{config['num_stages']}{split}"
+    group = f" g{config['GROUP_W']}" if "GROUP_W" in config else ""  # pooling: w positions per row
+    return f"{tiles}{group} w{config['num_warps']} s{config['num_stages']}{split}"
 
 
 def main(argv: list[str] | None = None) -> int:

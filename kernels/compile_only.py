@@ -108,7 +108,7 @@ class _CompileOnLaunch:
             raise RuntimeError("compile_only needs compiled kernels: unset TRITON_INTERPRET")
         for cfg in configs:
             meta = dict(kwargs) if cfg is None else {**kwargs, **cfg.all_kwargs()}
-            shown = {k: v for k, v in meta.items() if k.startswith(("BLOCK_", "SPLIT_", "num_"))}
+            shown = {k: v for k, v in meta.items() if k.startswith(("BLOCK_", "GROUP_", "SPLIT_", "num_"))}
             shown.setdefault("num_warps", 4)  # Triton's defaults, when a pinned config names none
             shown.setdefault("num_stages", 3)
             self.recorder.results.append(_compile_one(fn, grid, args, meta, shown, self.recorder))

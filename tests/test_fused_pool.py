@@ -200,10 +200,29 @@ def test_backward_is_deterministic() -> None:
 
 
 def test_pinned_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    """MVIT_FAST_POOL_CONFIG pins the tile: 16-row blocks, so the dz pass' programs walk
-    several blocks each (2 programs per (batch, head) under the interpreter)."""
+    """MVIT_FAST_POOL_CONFIG pins the tile: blocks of 16 rows (groups of 4 positions in the
+    forward and dx, single positions in the dz pass), so the dz pass' programs walk several
+    blocks each (2 programs per (batch, head) under the interpreter)."""
     monkeypatch.setenv("MVIT_FAST_POOL_CONFIG", "BLOCK_M=16,num_warps=4")
     check_against_oracle(CASES[2], torch.float32)
+
+
+@pytest.mark.parametrize("group", (1, 3, 4))
+@pytest.mark.parametrize("case", [CASES[2], CASES[7], CASES[8]], ids=str)
+def test_group_widths(case: Case, group: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each group width in all three passes: by default the interpreter runs the forward and dx
+    in groups of 4 and the dz pass per position (what each autotunes on the GPU, widest
+    first); pinned, the forward and dx also run per position and the dz pass grouped. The
+    cases' lines end in partial groups (w extents 7, 6, 5, 9, 2 and 1 after pooling), and
+    they take kernel size 1 along w and w strides of 2, 3 and 8."""
+    monkeypatch.setenv("MVIT_FAST_POOL_CONFIG", f"BLOCK_M={8 if group == 1 else 4},GROUP_W={group}")
+    check_against_oracle(case, torch.float32)
+
+
+def test_pinned_config_rejects_a_group_width_over_4(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MVIT_FAST_POOL_CONFIG", "BLOCK_M=8,GROUP_W=5")
+    with pytest.raises(ValueError, match="GROUP_W must be one of"):
+        check_against_oracle(SMALL, torch.float32)
 
 
 def test_registered_ops_fake_shapes() -> None:
@@ -394,6 +413,15 @@ def test_cuda_matches_oracle(case: Case, dtype: torch.dtype) -> None:
 def test_cuda_mvit_block_shapes_bf16(case: Case) -> None:
     """Real MViTv2-S/B pooling shapes, bf16 activations and fp32 parameters (autocast's mix)."""
     check_against_oracle(case, torch.bfloat16, param_dtype=torch.float32, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("group", (1, 4))
+def test_cuda_group_widths_bf16(group: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each group width in all three passes (see `test_group_widths`) at MViTv2-S block 0."""
+    block_m = 16 if group == 1 else 8
+    monkeypatch.setenv("MVIT_FAST_POOL_CONFIG", f"BLOCK_M={block_m},GROUP_W={group},num_warps=8")
+    check_against_oracle(_block_cases("s")[0], torch.bfloat16, param_dtype=torch.float32, device="cuda")
 
 
 @pytest.mark.cuda

@@ -6,7 +6,7 @@ spill its registers, or take a slow path: per-warp `mma` instead of Hopper's `wg
 loaded element by element instead of as 16-byte vectors. `bench/kernel_resources.py`
 compiles every autotune config of the attention and pooling passes at the block-0 shapes of
 MViTv2-S (d = 96) and -L (d = 72, the 8-element row alignment path) with Triton's own ptxas
-(`mvit_fast.kernels.compile_only`): no GPU needed; ~4 min on 2 cores (every S shape: ~9).
+(`mvit_fast.kernels.compile_only`): no GPU needed; ~6 min on one of 2 cores.
 It runs in a subprocess without TRITON_INTERPRET (interpreted kernels have no compiler).
 """
 
@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ATTENTION_PASSES = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")
 POOL_PASSES = ("_pool_norm_fwd", "_pool_norm_bwd_dz", "_pool_norm_bwd_dx")
 # Bytes of spill stores per thread allowed in any pooling config. The kept configs measured
-# 0-184 (sm_90, bf16, d = 96 and 72); the tiles `_keep` prunes spill 1-38 KB.
+# 0-308 (sm_90, Triton 3.9, bf16, d = 96 and 72; the most in the dz pass at 16 rows x 4
+# warps); the tiles and group widths `pool_norm._configs` leaves out spill 0.8-38 KB.
 POOL_SPILL_LIMIT = 512
 SIZES = ("s", "l")
 BLOCKS = (0,)
