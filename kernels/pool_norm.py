@@ -120,14 +120,7 @@ def _cls_row(P, stride_c, like, offs_d, is_cls, d_ok):
 @triton.jit
 def _pick(r: tl.constexpr, a, b, c, d):
     """The r-th of four values, r known at compile time."""
-    x = a
-    if r == 1:
-        x = b
-    if r == 2:
-        x = c
-    if r == 3:
-        x = d
-    return x
+    return (a, b, c, d)[r]
 
 
 @triton.jit
@@ -147,15 +140,7 @@ def _put(r: tl.constexpr, v, a, b, c, d):
 @triton.jit
 def _add_to(r: tl.constexpr, v, a, b, c, d):
     """(a, b, c, d) with v added to the r-th, r known at compile time."""
-    if r == 0:
-        a += v
-    if r == 1:
-        b += v
-    if r == 2:
-        c += v
-    if r == 3:
-        d += v
-    return a, b, c, d
+    return _put(r, _pick(r, a, b, c, d) + v, a, b, c, d)
 
 
 @triton.jit
@@ -177,6 +162,13 @@ def _line(X, stride_xn, cols, ok, t, h, w0, T, Hi, Wi, d_ok, HAS_CLS: tl.constex
     ok_th = ok & (t >= 0) & (t < T) & (h >= 0) & (h < Hi)
     ptrs = X + (HAS_CLS + (t * Hi + h) * Wi + w0)[:, None] * stride_xn + cols
     return ptrs, ok_th[:, None] & d_ok[None, :]
+
+
+@triton.jit
+def _line_input(ptrs, mask, j, w0, Wi, stride_xn):
+    """Input j of a window line (`_line`), at w = w0 + j, as fp32; zero outside the grid."""
+    ok_w = (w0 + j >= 0) & (w0 + j < Wi)
+    return tl.load(ptrs + j * stride_xn, mask=mask & ok_w[:, None], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -211,9 +203,7 @@ def _conv_group(X, W, stride_xn, stride_xc, stride_wc, stride_wk, to, ho, w_firs
             w_a, w_b, w_c = _line_weights(w_ptrs, stride_wk, KW)
             for j in tl.static_range((GROUP_W - 1) * SW + KW):
                 if j % SW < KW:  # some output reads input j
-                    ok_w = (w0 + j >= 0) & (w0 + j < Wi)
-                    x = tl.load(ptrs + j * stride_xn, mask=mask & ok_w[:, None], other=0.0)
-                    x = x.to(tl.float32)
+                    x = _line_input(ptrs, mask, j, w0, Wi, stride_xn)
                     for r in tl.static_range(GROUP_W):
                         if j - SW * r >= 0 and j - SW * r < KW:
                             xw = x * _pick(j - SW * r, w_a, w_b, w_c, w_c)
@@ -253,9 +243,7 @@ def _conv_weight_grad(dw, dz0, dz1, dz2, dz3, X, stride_xn, stride_xc, to, ho, w
             p_c = dz0
             for j in tl.static_range((GROUP_W - 1) * SW + KW):
                 if j % SW < KW:  # some output reads input j
-                    ok_w = (w0 + j >= 0) & (w0 + j < Wi)
-                    x = tl.load(ptrs + j * stride_xn, mask=mask & ok_w[:, None], other=0.0)
-                    x = x.to(tl.float32)
+                    x = _line_input(ptrs, mask, j, w0, Wi, stride_xn)
                     for r in tl.static_range(GROUP_W):
                         if j - SW * r >= 0 and j - SW * r < KW:
                             xdz = x * _pick(r, dz0, dz1, dz2, dz3)
