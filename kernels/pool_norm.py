@@ -120,7 +120,14 @@ def _cls_row(P, stride_c, like, offs_d, is_cls, d_ok):
 @triton.jit
 def _pick(r: tl.constexpr, a, b, c, d):
     """The r-th of four values, r known at compile time."""
-    return (a, b, c, d)[r]
+    x = a
+    if r == 1:
+        x = b
+    if r == 2:
+        x = c
+    if r == 3:
+        x = d
+    return x
 
 
 @triton.jit
@@ -562,7 +569,7 @@ def _configs(block_d: int, pass_name: str) -> list[triton.Config]:
     Every pass unrolls its tap loads, which the compiler keeps in flight together, so
     register pressure grows with the elements per thread (sm_90, bf16, MViTv2-S and -L block
     0, `python bench/kernel_resources.py`; bytes of spill stores per thread): the kept
-    configs, under Triton 3.9, one tile: fwd 0-52, dx 0-172, dz 40-308; four tiles: fwd 0,
+    configs, under Triton 3.9, one tile: fwd 0-52, dx 0-172, dz 48-276; four tiles: fwd 0,
     dx 0-52. One tile at 32 elements spilled up to 3.5K and four at 16 up to 2.1K (Triton
     3.6), and those also compile 2-6x slower. A second pipelining stage compiled to the same
     code (the loads sit in unrolled, masked tap loops), so there is one stage.
