@@ -67,7 +67,7 @@ _KERNEL_SIZES = (1, 3)  # per axis; padding k // 2
 # serve the whole group. Machine code (sm_90, Triton 3.6, bf16, MViTv2-S block 0, 16 rows
 # x 8 warps), warp-instructions per output token at GROUP_W 1 -> 4, q at stride 1 / k and v
 # at stride 8: fwd 580 / 588 -> 325 / 461, dx 536 / 561 -> 292 / 201. The dz pass would go
-# 2099 -> 916 at stride 1 (its weight-gradient partials reduced across warps once per
+# 2105 -> 913 at stride 1 (its weight-gradient partials reduced across warps once per
 # group), but holding four z and four dz tiles it spills past the compile check's bound at
 # the stride-8 k and v (808 bytes per thread at 8 groups x 8 warps under Triton 3.9), so it
 # autotunes GROUP_W 1 only; the forward and dx autotune both widths. The positions are up

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ATTENTION_PASSES = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")
 POOL_PASSES = ("_pool_norm_fwd", "_pool_norm_bwd_dz", "_pool_norm_bwd_dx")
 # Bytes of spill stores per thread allowed in any pooling config. The kept configs measured
-# 0-276 (sm_90, Triton 3.9, bf16, d = 96 and 72; the most in the dz pass at 16 rows x 4
+# 0-276 (sm_90, Triton 3.9, bf16, d = 96 and 72; the most in the dz pass at 32 rows x 8
 # warps); the tiles and group widths `pool_norm._configs` leaves out spill 0.8-38 KB.
 POOL_SPILL_LIMIT = 512
 SIZES = ("s", "l")
