@@ -24,6 +24,7 @@ in parallel processes: the autotuner compiles its configs one after another, one
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import re
 import subprocess
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 import triton
 from triton import knobs
 from triton.backends.compiler import GPUTarget
+from triton.compiler.errors import CompilationError
 from triton.runtime.driver import driver
 
 from ._launch import COMPILE_ONLY_ARCH
@@ -125,10 +127,8 @@ def _compile_one(fn, grid, args, meta, shown, recorder: CompileRecorder) -> Comp
         with contextlib.redirect_stdout(log):  # ptxas' log is printed (knobs.nvidia.dump_ptxas_log)
             compiled = fn.run(*args, grid=grid, warmup=True, **meta)
     except Exception as e:  # noqa: BLE001 - a failed compile is a result, reported per config
-        first = str(e).strip().splitlines()
         return CompiledConfig(fn.__name__, shown, None, None, None, None, False,
-                              time.perf_counter() - start,
-                              f"{type(e).__name__}: {first[0] if first else ''}"[:300])
+                              time.perf_counter() - start, _compile_error(e, fn))
     text = log.getvalue()
     regs, spills = _PTXAS.search(text), _SPILLS.search(text)
     if regs and spills:
@@ -139,6 +139,52 @@ def _compile_one(fn, grid, args, meta, shown, recorder: CompileRecorder) -> Comp
         fits=shared <= SHARED_MEMORY_LIMIT.get(recorder.arch, min(SHARED_MEMORY_LIMIT.values())),
         compile_s=time.perf_counter() - start, mma=_mma_kind(ptx), load_bytes=_load_bytes(ptx),
         **_sass_counts(compiled))
+
+
+def _compile_error(error: BaseException, kernel) -> str:
+    """A failed compile on one line: the root cause, where it happened, and the calls there.
+
+    Triton wraps an error inside a called @jit helper in one CompilationError per call level,
+    each `from` the one below, and the outermost one's message names only the kernel's line
+    of the outermost call. The cause is at the bottom of the chain.
+    """
+    frames, root = [], error
+    while True:
+        if isinstance(root, CompilationError) and hasattr(root.node, "lineno"):
+            frames.append(_source_location(root, kernel))
+        if root.__cause__ is None:
+            break
+        root = root.__cause__
+    if isinstance(root, CompilationError):
+        cause = f"{type(root).__name__}: {root.error_message or ''}"
+    else:
+        cause = f"{type(root).__name__}: {root}"
+    cause = " ".join(cause.split())
+    if not frames:
+        return cause[:600]
+    where = f"{cause} at {frames[-1]}"
+    if len(frames) > 1:
+        where += "; called from " + " <- ".join(location.split(" `")[0] for location in frames[-2::-1])
+    return where[:600]
+
+
+def _source_location(error: CompilationError, kernel) -> str:
+    """`file:line (function) `source``, for a CompilationError of `kernel` or a helper it calls
+    by name (its node's line counts from the function's `def`)."""
+    src = error.src or ""
+    name = re.match(r"\s*def\s+(\w+)", src)
+    name = name.group(1) if name else "?"
+    line = error.node.lineno
+    code = src.splitlines()[line - 1].strip() if 0 < line <= len(src.splitlines()) else ""
+    jit = kernel if name == kernel.__name__ else kernel.fn.__globals__.get(name)
+    python = getattr(jit, "fn", None)
+    try:
+        lines, first = inspect.getsourcelines(python)
+        first += next(i for i, text in enumerate(lines) if text.lstrip().startswith("def "))
+        place = f"{python.__code__.co_filename.rsplit('/', 1)[-1]}:{first + line - 1} ({name})"
+    except (TypeError, OSError, StopIteration):  # a helper from another module: relative line
+        place = f"{name}, line {line} from its def"
+    return f"{place} `{code}`"
 
 
 def _mma_kind(ptx: str) -> str | None:

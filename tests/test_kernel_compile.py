@@ -152,3 +152,49 @@ print("ok")
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout[-3000:] + run.stderr[-3000:]
+
+
+BAD_KERNEL = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _inner(x):
+    offsets = tl.arange(0, 3)
+    return x + offsets
+
+
+@triton.jit
+def _outer(x):
+    return _inner(x) * 2
+
+
+@triton.jit
+def _bad_kernel(ptr):
+    x = tl.load(ptr)
+    tl.store(ptr, _outer(x))
+'''
+
+
+def test_compile_error_names_the_root_cause_and_the_innermost_line(tmp_path):
+    """A compile error two @jit helpers deep: Triton's own message starts at the kernel's call
+    line; the recorded error is the cause, the helper's file line and source, then the calls."""
+    (tmp_path / "bad_kernel.py").write_text(BAD_KERNEL)
+    script = """
+import torch, bad_kernel
+from mvit_fast.kernels.compile_only import compile_only
+with compile_only(90) as rec:
+    rec.wrap(bad_kernel._bad_kernel)[(1,)](torch.empty(4))
+[result] = rec.results
+assert not result.fits and result.registers is None
+print(result.error)
+"""
+    env = {**_compiled_env(), "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.strip() == (
+        "ValueError: arange's range must be a power of 2 at bad_kernel.py:8 (_inner) "
+        "`offsets = tl.arange(0, 3)`; called from bad_kernel.py:14 (_outer) <- "
+        "bad_kernel.py:20 (_bad_kernel)")
