@@ -20,7 +20,7 @@ the batch-8 code. q, k and v pool separately: their member index specializes apa
 `--warm` compiles for the GPU present into Triton's own cache (`compile_only(warm_cache=True)`),
 so the autotuner of a later eager launch on it loads binaries instead of compiling them one
 after another (a compiled model's launches are Inductor's copies of the kernels, compiled by
-its own workers); `--jobs` spreads the shapes over processes.
+its own workers); `--jobs` spreads the shapes (each pooled member q, k, v apart) over processes.
 
 Printed per kernel and shape: each config's registers per thread, spill stores/loads (bytes
 per thread), shared memory, its tensor-core instruction (wgmma | mma), its global loads by
@@ -72,15 +72,20 @@ def compile_attention(rec: CompileRecorder, shape: AttentionShape, dtype: torch.
     attention_backward(torch.empty_like(q), q, k, v, rel, out, lse, *args, wrap=rec.wrap)
 
 
+MEMBERS = "qkv"  # the projection output's member index: 0 q, 1 k, 2 v
+
+
 def compile_pool(rec: CompileRecorder, shape: PoolShape, dtype: torch.dtype,
-                 param_dtype: torch.dtype) -> None:
-    """Forward and backward pooling of q (stride_q), k and v (stride_kv) straight from a
-    contiguous (1, N, 3, heads, d) projection output."""
+                 param_dtype: torch.dtype, members: str = MEMBERS) -> None:
+    """Forward and backward pooling of `members` (q at stride_q, k and v at stride_kv)
+    straight from a contiguous (1, N, 3, heads, d) projection output."""
     d = shape.head_dim
     qkv = torch.empty(1, shape.n, 3, shape.heads, d, dtype=dtype)
     weight = torch.empty(d, 1, *shape.kernel, dtype=param_dtype)
     gamma, beta = torch.empty(d, dtype=param_dtype), torch.empty(d, dtype=param_dtype)
-    for member, stride in ((0, shape.stride_q), (1, shape.stride_kv), (2, shape.stride_kv)):
+    for name in members:
+        member = MEMBERS.index(name)
+        stride = shape.stride_q if name == "q" else shape.stride_kv
         y = pool_norm_forward(qkv, member, weight, gamma, beta, shape.input_grid, stride, True, LN_EPS,
                               wrap=rec.wrap)
         pool_norm_backward(y, qkv, member, weight, gamma, shape.input_grid, stride, True, LN_EPS,
@@ -119,14 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = get_config(size)
         suite = f"{size.upper()}{cfg.num_frames}x{cfg.crop_size}"
         if "attention" in args.kernels:
-            work += [(suite, shape.id, "attention", shape) for shape in attention_shapes(cfg)]
-        if "pool" in args.kernels:
-            work += [(suite, _pool_id(shape), "pool", shape) for shape in pool_shapes(cfg)]
+            work += [(suite, shape.id, "attention", shape, "") for shape in attention_shapes(cfg)]
+        if "pool" in args.kernels:  # one item per member: q, k and v compile apart anyway
+            work += [(suite, _pool_id(shape), "pool", shape, member)
+                     for shape in pool_shapes(cfg) for member in MEMBERS]
     if args.blocks is not None:
         work = [w for w in work if set(w[3].blocks) & set(args.blocks)]
     options = (args.arch, args.warm, args.dtype, args.param_dtype)
     start = time.perf_counter()
-    if args.jobs > 1:  # round-robin, so each process gets big and small shapes
+    if args.jobs > 1:  # round-robin, so each process gets attention and pooling items
         chunks = [work[i::args.jobs] for i in range(args.jobs)]
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = list(pool.map(compile_shapes, chunks, [options] * len(chunks)))
@@ -145,21 +151,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compile_shapes(work: list[tuple], options: tuple) -> tuple[str, list[dict], bool]:
-    """Compile (suite, shape id, kind, shape) items in one `compile_only` context (shapes that
-    specialize alike compile once): the printed table, its rows, whether anything failed."""
+    """Compile (suite, shape id, kind, shape, pooled member) items in one `compile_only`
+    context (shapes that specialize alike compile once): the printed table, its rows, whether
+    anything failed."""
     arch, warm, dtype, param_dtype = options
-    compile_fns = {"attention": compile_attention, "pool": compile_pool}
     lines, rows, failed = [], [], False
     with compile_only(arch, warm_cache=warm) as rec:
-        for suite, shape_id, kind, shape in work:
+        for suite, shape_id, kind, shape, member in work:
             first = len(rec.results)
-            compile_fns[kind](rec, shape, DTYPES[dtype], DTYPES[param_dtype])
+            if kind == "pool":
+                compile_pool(rec, shape, DTYPES[dtype], DTYPES[param_dtype], member)
+            else:
+                compile_attention(rec, shape, DTYPES[dtype], DTYPES[param_dtype])
             by_kernel: dict[str, list] = {}
             for c in rec.results[first:]:
                 by_kernel.setdefault(c.kernel, []).append(c)
             for kernel, configs in by_kernel.items():
                 fits = [c for c in configs if c.fits]
-                lines.append(f"{suite} {shape_id} {kernel}: {len(fits)}/{len(configs)} configs fit "
+                label = " ".join(filter(None, (suite, shape_id, member, kernel)))
+                lines.append(f"{label}: {len(fits)}/{len(configs)} configs fit "
                              f"sm_{arch}, {sum(c.spill_stores == 0 for c in fits)} without spills")
                 for c in configs:
                     note = c.error or ("" if c.fits else "over the shared memory limit")
@@ -168,7 +178,7 @@ def compile_shapes(work: list[tuple], options: tuple) -> tuple[str, list[dict], 
                                  f"{c.mma or '-':9s} ld {_widths_text(c.load_bytes):14s} "
                                  f"sass {c.sass_instructions} bar {c.barriers} "
                                  f"{c.compile_s:5.1f}s {note}")
-                    rows.append({"suite": suite, "shape": shape_id, "dtype": dtype,
+                    rows.append({"suite": suite, "shape": shape_id, "member": member, "dtype": dtype,
                                  "param_dtype": param_dtype, "arch": arch, **asdict(c)})
                 failed |= not fits or any(c.error for c in configs)
     return "".join(line + "\n" for line in lines), rows, failed
