@@ -1,6 +1,7 @@
 """The pre-flight scan and the built-in synthetic dataset."""
 
 import numpy as np
+import pytest
 
 from mvit_fast.data import ClipSampling, TrainAugment, build_loader, make_synthetic, read_list
 from mvit_fast.data.__main__ import main as cli
@@ -31,8 +32,9 @@ def test_scan_counts_every_kind_and_writes_bad_paths(tmp_path, capsys):
             str(frames_out),
         ]
     )
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 1
+    assert "scan: 100%" in err and "9/9" in err  # the progress bar, on stderr
     assert "files: 9  found: 8  missing: 1" in out
     assert "status: missing 1, ok 4, too_short 1, truncated 1, undecodable 1, zero_frames 1" in out
     assert "codecs: h264 7" in out and "fingerprint: 9 files [missing=1,ok=4," in out
@@ -61,6 +63,24 @@ def test_scan_counts_every_kind_and_writes_bad_paths(tmp_path, capsys):
         ]
     )
     assert capsys.readouterr().out.splitlines()[4] == out.splitlines()[4]  # same fingerprint
+
+
+def test_scan_command_line_errors(tmp_path, capsys):
+    """A missing list or root folder and a malformed line stop the scan before any file is opened."""
+    good, malformed = tmp_path / "good.txt", tmp_path / "malformed.txt"
+    good.write_text("a.mp4 0\n")
+    malformed.write_text("a.mp4 0\nb.mp4 dog\n")
+    cases = [
+        (["scan", str(tmp_path / "gone.txt")], "gone.txt: no such list file"),
+        (["scan", str(good), "--root", str(tmp_path / "nowhere")], "nowhere: no such folder"),
+        (["scan", str(malformed)], "malformed.txt:2: label must be an integer, got 'dog'"),
+        (["scan", str(good), "--workers", "0"], "--min-frames and --workers must be >= 1"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            cli(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
+    assert not list(tmp_path.glob("*.bad.txt"))
 
 
 def test_classes_differ_only_in_motion():

@@ -26,16 +26,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "scan":
+        from .lists import ListFormatError
         from .scan import main as scan_main
 
-        result = scan_main(
-            args.list,
-            root=args.root,
-            min_frames=args.min_frames,
-            workers=args.workers,
-            bad_out=args.bad_out,
-            frames_out=args.frames_out,
-        )
+        if not os.path.isfile(args.list):
+            scan.error(f"{args.list}: no such list file")
+        if args.root and not os.path.isdir(args.root):
+            scan.error(f"--root {args.root}: no such folder")
+        if args.min_frames < 1 or args.workers < 1:
+            scan.error("--min-frames and --workers must be >= 1")
+        try:
+            result = scan_main(
+                args.list,
+                root=args.root,
+                min_frames=args.min_frames,
+                workers=args.workers,
+                bad_out=args.bad_out,
+                frames_out=args.frames_out,
+            )
+        except ListFormatError as e:
+            scan.error(str(e))
         return 0 if result.status["ok"] == len(result.checks) else 1
     from .synthetic import make_synthetic
 

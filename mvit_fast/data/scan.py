@@ -112,13 +112,24 @@ class ScanResult:
         return "\n".join(lines)
 
 
-def scan(records: list[VideoRecord], *, list_text: str, min_frames: int = 1, workers: int = 1) -> ScanResult:
+def scan(
+    records: list[VideoRecord],
+    *,
+    list_text: str,
+    min_frames: int = 1,
+    workers: int = 1,
+    progress: bool = False,
+) -> ScanResult:
+    """Check every record's file (in `workers` processes), in list order."""
+    from tqdm import tqdm
+
     paths = [r.path for r in records]
+    bar = dict(total=len(paths), desc="scan", unit="file", disable=not progress, dynamic_ncols=True)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            checks = list(pool.map(check_file, paths, [min_frames] * len(paths), chunksize=16))
+            checks = list(tqdm(pool.map(check_file, paths, [min_frames] * len(paths), chunksize=16), **bar))
     else:
-        checks = [check_file(p, min_frames) for p in paths]
+        checks = [check_file(p, min_frames) for p in tqdm(paths, **bar)]
     return ScanResult(checks, hashlib.sha256(list_text.encode()).hexdigest())
 
 
@@ -133,7 +144,8 @@ def main(
 ) -> ScanResult:
     """Scan, print the summary, write the bad-path and (optional) frame-count lists."""
     records = read_list(list_path, root=root)
-    result = scan(records, list_text=Path(list_path).read_text(), min_frames=min_frames, workers=workers)
+    result = scan(records, list_text=Path(list_path).read_text(), min_frames=min_frames, workers=workers,
+                  progress=True)
     print(result.summary())
     bad_out = bad_out or f"{list_path}.bad.txt"
     bad = [c for c in result.checks if c.status != "ok" or c.variable_frame_rate]
