@@ -159,7 +159,7 @@ def load_benchmarks(paths: Iterable[str | Path]) -> list[dict]:
     `extra_info` plus `name`, `median_s` and `source` (the file)."""
     rows = []
     for path in paths:
-        data = json.loads(Path(path).read_text())
+        data = _read_json(path)
         if "benchmarks" not in data:
             raise ValueError(f"{path}: not a pytest-benchmark JSON file (no 'benchmarks' list)")
         for bench in data["benchmarks"]:
@@ -169,6 +169,16 @@ def load_benchmarks(paths: Iterable[str | Path]) -> list[dict]:
             rows.append(dict(bench.get("extra_info", {}), name=bench["name"], median_s=stats["median"],
                              source=str(path)))
     return rows
+
+
+def _read_json(path: str | Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def _is_gpu_run(path: Path) -> bool:
@@ -385,7 +395,7 @@ def load_profiles(paths: Iterable[str | Path]) -> list[dict]:
     """bench/profile_step.py's profile JSONs, each with `source` (the file) added."""
     profiles = []
     for path in paths:
-        data = json.loads(Path(path).read_text())
+        data = _read_json(path)
         if data.get("kind") != "profile":
             raise ValueError(f"{path}: not a bench/profile_step.py profile (no kind 'profile')")
         profiles.append(dict(data, source=str(path)))
@@ -604,11 +614,11 @@ def throughput_main(json_files: list[str], *, results_dir: str | Path = RESULTS_
     """
     try:
         paths = [Path(p) for p in json_files] or newest_gpu_run(results_dir)
-    except FileNotFoundError as e:
-        print(e, file=sys.stderr)
+        rows = load_benchmarks(p for p in paths if not _is_profile(p))
+        profiles = load_profiles(profile_files(paths))
+    except (OSError, ValueError) as e:  # no results, a missing file, not our JSON
+        print(f"report throughput: {e}", file=sys.stderr)
         return 1
-    rows = load_benchmarks(p for p in paths if not _is_profile(p))
-    profiles = load_profiles(profile_files(paths))
     if not _model_rows(rows) and not _attention_rows(rows) and not profiles:
         print(f"no model or attention benchmark rows or profiles in {[str(p) for p in paths]}",
               file=sys.stderr)

@@ -100,3 +100,14 @@ def test_default_reads_the_newest_gpu_run(tmp_path, capsys):
 
     assert main(["throughput", "--results-dir", str(tmp_path / "empty"), "--no-plots"]) == 1
     assert "no GPU benchmark results under" in capsys.readouterr().err
+
+
+def test_cli_reports_unreadable_inputs(tmp_path, capsys):
+    (tmp_path / "truncated.json").write_text('{"benchmarks": [')
+    (tmp_path / "list.json").write_text("[]")
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    for name, message in (("gone.json", "No such file"), ("truncated.json", "truncated.json: not JSON"),
+                          ("list.json", "list.json: a JSON list, not an object"),
+                          ("other.json", "other.json: not a pytest-benchmark JSON file")):
+        assert main(["throughput", str(tmp_path / name), "--no-plots"]) == 1, name
+        assert message in capsys.readouterr().err, name
