@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import re
 import tempfile
 from collections.abc import Mapping
@@ -22,8 +23,9 @@ from torch import Tensor, nn
 from .attention.reference import resize_rel_pos
 from .config import MViTConfig, get_config
 
-__all__ = ["FORMATS", "LoadReport", "atomic_save", "detect_format", "export_state_dict", "infer_config",
-           "load_checkpoint", "preset_name", "read_checkpoint", "save_checkpoint", "to_native"]
+__all__ = ["FORMATS", "CheckpointReadError", "LoadReport", "atomic_save", "detect_format",
+           "export_state_dict", "infer_config", "load_checkpoint", "preset_name", "read_checkpoint",
+           "save_checkpoint", "to_native"]
 
 FORMAT_TAG = "mvit-fast"
 FORMATS = ("mvit_fast", "slowfast", "mmaction2", "torchvision")
@@ -80,6 +82,40 @@ def _rename(key: str, rules) -> str:
     return key
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint file `torch.load` cannot read: corrupt, truncated, not a PyTorch file, or
+    holding objects that a weights-only load refuses."""
+
+
+# The first bytes of what torch.save writes: its zip archive (a local file header), or the
+# pickle of the legacy format (protocol 2+, as SlowFast's older .pyth files are).
+_TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _load_file(path: Path, weights_only: bool) -> object:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(_TORCH_FILE_MAGIC):
+        raise CheckpointReadError(f"{path} is not a PyTorch checkpoint (neither torch.save's zip "
+                                  f"archive nor a pickle: first bytes {head!r}); corrupt or another format")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        if weights_only and "Weights only load failed" in str(e):
+            # torch's message: "... WeightsUnpickler error: <what> ... Check the documentation ..."
+            what = str(e).partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
+            raise CheckpointReadError(
+                f"{path} holds more than tensors and plain containers ({' '.join(what.split())}); "
+                "if the file is from a source you trust, read it with weights_only=False "
+                "(python -m mvit_fast.convert --allow-pickle)") from e
+        raise CheckpointReadError(f"could not read checkpoint {path}: corrupt pickle ({e})") from e
+    except Exception as e:  # torch's zip reader raises RuntimeError; unpickled objects anything
+        reason = str(e).split(". ")[0]
+        if head.startswith(b"PK") and "zip archive" in reason:
+            reason = f"truncated or corrupt ({reason})"
+        raise CheckpointReadError(f"could not read checkpoint {path}: {reason}") from e
+
+
 def read_checkpoint(path_or_state_dict: str | os.PathLike | Mapping,
                     *, weights_only: bool = True) -> tuple[dict[str, Tensor], str]:
     """(state_dict, format) from a file or an in-memory checkpoint of any known format."""
@@ -88,12 +124,7 @@ def read_checkpoint(path_or_state_dict: str | os.PathLike | Mapping,
         path = Path(obj)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=weights_only)
-        except Exception as e:  # unpickling errors have no common base class
-            hint = (" If the file is from a source you trust, retry with weights_only=False."
-                    if weights_only else "")
-            raise ValueError(f"could not read checkpoint {path}: {e}.{hint}") from e
+        obj = _load_file(path, weights_only)
     if not isinstance(obj, Mapping):
         raise ValueError(f"a checkpoint must be a dict, got {type(obj).__name__}")
     fmt = None

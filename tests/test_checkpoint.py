@@ -1,11 +1,20 @@
 """Checkpoint formats: key mapping round trips, interpolation, heads, errors, convert CLI."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import mvit_fast
 from mvit_fast import load_checkpoint
-from mvit_fast.checkpoint import FORMATS, detect_format, export_state_dict, read_checkpoint, save_checkpoint
+from mvit_fast.checkpoint import (
+    FORMATS,
+    CheckpointReadError,
+    detect_format,
+    export_state_dict,
+    read_checkpoint,
+    save_checkpoint,
+)
 from mvit_fast.convert import main as convert_main
 
 # Every stage and dim change of MViTv2, at a width that builds in milliseconds.
@@ -122,8 +131,18 @@ def test_unreadable_inputs(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_checkpoint(model, tmp_path / "missing.pyth")
     (tmp_path / "garbage.pyth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="could not read"):
+    with pytest.raises(CheckpointReadError, match="garbage.pyth is not a PyTorch checkpoint"):
         load_checkpoint(model, tmp_path / "garbage.pyth")
+    torch.save({"model_state": model.state_dict()}, tmp_path / "whole.pyth")
+    whole = (tmp_path / "whole.pyth").read_bytes()
+    (tmp_path / "cut.pyth").write_bytes(whole[: len(whole) // 2])  # an interrupted download
+    with pytest.raises(CheckpointReadError, match=r"cut.pyth: truncated or corrupt \(PytorchStreamReader"):
+        load_checkpoint(model, tmp_path / "cut.pyth")
+    torch.save({"model_state": model.state_dict(), "cfg": Path("x")}, tmp_path / "pickled.pyth")
+    with pytest.raises(CheckpointReadError, match=r"more than tensors .*PosixPath.* --allow-pickle"):
+        load_checkpoint(model, tmp_path / "pickled.pyth")
+    raw, fmt = read_checkpoint(tmp_path / "pickled.pyth", weights_only=False)
+    assert raw.keys() == model.state_dict().keys()
     with pytest.raises(ValueError, match="unrecognized checkpoint"):
         load_checkpoint(model, {"fc.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="not tensors"):

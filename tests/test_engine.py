@@ -232,6 +232,14 @@ def test_pool_backend_flag_reaches_every_block():
     assert recipe.to_dict()["pool_backend"] == "eager"  # the resolved config that main prints
 
 
+def test_unreadable_checkpoint_is_not_called_a_mismatch(tmp_path):
+    recipe = get_recipe("s", "synthetic")
+    one_cpu = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    (tmp_path / "zeros.pyth").write_bytes(bytes(64))
+    with pytest.raises(ValueError, match=r"^--checkpoint: .*zeros.pyth is not a PyTorch checkpoint"):
+        build(recipe, str(tmp_path / "zeros.pyth"), one_cpu, reinit_head=False)
+
+
 def test_bad_main_arguments_raise_clear_value_errors(tmp_path):
     with pytest.raises(ValueError, match="--train-list FILE is required for --dataset k400"):
         main(dataset="k400", val_list=__file__, device="cpu")

@@ -24,7 +24,14 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import infer_config, load_checkpoint, preset_name, read_checkpoint, to_native
+from ..checkpoint import (
+    CheckpointReadError,
+    infer_config,
+    load_checkpoint,
+    preset_name,
+    read_checkpoint,
+    to_native,
+)
 from ..config import SIZES
 from ..data import (
     ClipSampling,
@@ -130,6 +137,8 @@ def build(recipe: Recipe, checkpoint: str | None, d: Dist, *, reinit_head: bool)
     if checkpoint is not None:
         try:
             report = load_checkpoint(model, checkpoint, reinit_head=reinit_head)
+        except CheckpointReadError as e:
+            raise ValueError(f"--checkpoint: {e}") from e
         except ValueError as e:
             raise ValueError(
                 f"--checkpoint {checkpoint} does not fit the model of --size {recipe.size} "
