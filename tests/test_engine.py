@@ -249,6 +249,19 @@ def test_bad_main_arguments_raise_clear_value_errors(tmp_path):
         main(eval_only=True, device="cpu")
     with pytest.raises(ValueError, match="--checkpoint .*nope.pt: no such file"):
         main(eval_only=True, checkpoint=str(tmp_path / "nope.pt"), device="cpu")
+    lists = {name: tmp_path / f"{name}.txt" for name in ("ok", "past_head", "classes")}
+    lists["ok"].write_text("a.mp4 0\nb.mp4 399\n")
+    lists["past_head"].write_text("a.mp4 0\nb.mp4 400\nc.mp4 401\n")
+    lists["classes"].write_text("abseiling\nair drumming\n")
+    with pytest.raises(ValueError, match=r"--val-list .*past_head.txt: 2 entries have labels >= 400, .* "
+                                         r"e.g. label 400 of b.mp4"):
+        main(dataset="k400", train_list=str(lists["ok"]), val_list=str(lists["past_head"]), device="cpu")
+    with pytest.raises(ValueError, match="--train-list .*past_head.txt: 2 entries have labels >= 400"):
+        main(dataset="k400", train_list=str(lists["past_head"]), val_list=str(lists["ok"]), device="cpu",
+             run_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="--label-map .*classes.txt: 2 class names for a model of 400"):
+        main(dataset="k400", train_list=str(lists["ok"]), val_list=str(lists["ok"]),
+             label_map=str(lists["classes"]), device="cpu")
     with pytest.raises(ValueError, match="unknown recipe setting"):
         main(learning_rate=1.0, device="cpu")
     with pytest.raises(ValueError, match="unknown MViTv2 size 'xl'"):

@@ -3,16 +3,21 @@
 Three list formats, one record type:
 
 - SlowFast csv and mmaction2 video lists: ``path label`` (space separated; the path
-  may itself contain spaces, so the label is split off the right end).
-- mmaction2 rawframe lists and the seed's K400 val list: ``video_id num_frames label``.
-  The video file is ``root/video_id`` or, when that has no suffix, the first of
-  ``root/video_id.{mp4,webm,mkv,avi}`` that exists.
+  may itself contain spaces, as Kinetics' class folders do, so the label is split off the
+  right end).
+- mmaction2 rawframe lists and the seed's K400 val list: ``video_id num_frames label``
+  (the two numbers split off the right end likewise). The video file is ``root/video_id``
+  or, when that has no suffix, the first of ``root/video_id.{mp4,webm,mkv,avi}`` that exists.
+
+The format is detected from the first entry: three fields whose last two are integers is
+``video_id num_frames label``.
 
 Malformed lines raise `ListFormatError` naming the file and the 1-based line number.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from dataclasses import dataclass
@@ -47,7 +52,7 @@ def _int(token: str, what: str, where: str) -> int:
 
 
 def _detect_format(line: str) -> ListFormat:
-    fields = line.split()
+    fields = line.rsplit(None, 2)
     if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
         return "id_frames_label"
     return "path_label"
@@ -76,7 +81,7 @@ def parse_list(
         if fmt == "auto":
             fmt = _detect_format(line)
         if fmt == "id_frames_label":
-            fields = line.split()
+            fields = line.rsplit(None, 2)
             if len(fields) != 3:
                 raise ListFormatError(f"{where}: expected 'video_id num_frames label', got {raw!r}")
             path = resolve_video_path(os.path.join(root, fields[0]))
@@ -99,7 +104,15 @@ def read_list(
     path: str | os.PathLike, *, root: str | os.PathLike = "", fmt: ListFormat = "auto"
 ) -> list[VideoRecord]:
     """Read an annotation list (format detected from its first entry unless `fmt` says)."""
-    return parse_list(Path(path).read_text(), root=root, fmt=fmt, source=str(path))
+    return parse_list(_read_text(path), root=root, fmt=fmt, source=str(path))
+
+
+def _read_text(path: str | os.PathLike) -> str:
+    """A list or label map's text; a byte-order mark (Windows editors write one) is dropped."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ListFormatError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
 
 
 def write_list(path: str | os.PathLike, records: list[VideoRecord], *, root: str | os.PathLike = "") -> None:
@@ -114,23 +127,49 @@ def write_list(path: str | os.PathLike, records: list[VideoRecord], *, root: str
 
 def read_label_map(path: str | os.PathLike) -> list[str]:
     """Class names indexed by label: a text file with one name per line (mmaction2's
-    label_map_k400.txt), or a json object ``{name: index}`` (SSv2's labels json)."""
+    label_map_k400.txt), a json object ``{name: index}`` (SSv2's labels json), or a csv of
+    ``index,name`` rows with an optional header row (Kinetics' ``id,name`` files)."""
     path = Path(path)
-    if path.suffix == ".json":
-        mapping = json.loads(path.read_text())
+    text = _read_text(path)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ListFormatError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
         if not isinstance(mapping, dict):
             raise ListFormatError(f"{path}: expected a json object {{name: index}}")
-        names = [""] * len(mapping)
-        for name, index in mapping.items():
-            i = _int(str(index), f"index of {name!r}", str(path))
-            if i >= len(names) or names[i]:
-                raise ListFormatError(f"{path}: index {i} of {name!r} is out of range or repeated")
-            names[i] = name
-        return names
-    names = [line.strip() for line in path.read_text().splitlines()]
-    while names and not names[-1]:
-        names.pop()
-    for lineno, name in enumerate(names, start=1):
-        if not name:
-            raise ListFormatError(f"{path}:{lineno}: empty class name")
+        names = _names_by_index(((str(path), name, index) for name, index in mapping.items()), str(path))
+    elif suffix == ".csv":
+        lines = enumerate(csv.reader(text.splitlines()), start=1)
+        rows = [(f"{path}:{lineno}", row) for lineno, row in lines if row]
+        if rows and not rows[0][1][0].strip().isdigit():
+            rows = rows[1:]  # the header row
+        for where, row in rows:
+            if len(row) != 2:
+                raise ListFormatError(f"{where}: expected 'index,name', got {','.join(row)!r}")
+        names = _names_by_index(((where, name.strip(), index) for where, (index, name) in rows), str(path))
+    else:
+        names = [line.strip() for line in text.splitlines()]
+        while names and not names[-1]:
+            names.pop()
+        for lineno, name in enumerate(names, start=1):
+            if not name:
+                raise ListFormatError(f"{path}:{lineno}: empty class name")
+    if not names:
+        raise ListFormatError(f"{path}: the label map has no class names")
     return names
+
+
+def _names_by_index(entries, source: str) -> list[str]:
+    """Names placed at their (where, name, index) indices, which must cover 0..n-1 once each."""
+    by_index: dict[int, str] = {}
+    for where, name, index in entries:
+        i = _int(str(index).strip(), f"index of {name!r}", where)
+        if i in by_index:
+            raise ListFormatError(f"{where}: index {i} is given to both {by_index[i]!r} and {name!r}")
+        by_index[i] = name
+    missing = sorted(set(range(len(by_index))) - set(by_index))
+    if missing:
+        raise ListFormatError(f"{source}: no class name for index {missing[0]} (indices must be 0..n-1)")
+    return [by_index[i] for i in range(len(by_index))]

@@ -97,6 +97,17 @@ def resolve_data(
     return DataPaths(Path(train_list) if need_train else None, Path(val_list), data_root or "", names)
 
 
+def check_labels(records: list, num_classes: int, flag: str, path) -> None:
+    """Every label of a list within the model's classes (an index past the head is a device-side
+    assert on CUDA, far from its cause)."""
+    bad = [r for r in records if r.label >= num_classes]
+    if bad:
+        raise ValueError(
+            f"{flag} {path}: {len(bad)} entries have labels >= {num_classes}, the model's class count "
+            f"(--num-classes), e.g. label {bad[0].label} of {bad[0].path}"
+        )
+
+
 def eval_loader(records, recipe: Recipe, d: Dist, *, num_clips: int, num_crops: int):
     """Test views of `records`: `num_clips` temporal clips x `num_crops` crops (this rank's shard)."""
     sampling = ClipSampling(recipe.protocol, recipe.num_frames, recipe.sampling_rate, num_clips)
@@ -217,6 +228,12 @@ def main(
             need_train=not eval_only,
         )
         val_records = read_list(data.val_list, root=data.root)
+        check_labels(val_records, recipe.num_classes, "--val-list", data.val_list)
+        if label_map is not None and len(data.class_names) != recipe.num_classes:
+            raise ValueError(
+                f"--label-map {label_map}: {len(data.class_names)} class names for a model of "
+                f"{recipe.num_classes} classes (--num-classes)"
+            )
         resume_path = latest_checkpoint(resume) if resume is not None else None
         if run_dir is None:
             run_dir = (
@@ -256,6 +273,7 @@ def main(
         results: dict = {"run_dir": str(run_dir)}
         if not eval_only:
             train_records = read_list(data.train_list, root=data.root)
+            check_labels(train_records, recipe.num_classes, "--train-list", data.train_list)
             sampling = ClipSampling(recipe.protocol, recipe.num_frames, recipe.sampling_rate, 1)
             augment = TrainAugment(
                 crop_size=recipe.crop_size,
