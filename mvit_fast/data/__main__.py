@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
             scan.error(f"--root {args.root}: no such folder")
         if args.min_frames < 1 or args.workers < 1:
             scan.error("--min-frames and --workers must be >= 1")
+        for out in (args.bad_out or f"{args.list}.bad.txt", args.frames_out):
+            folder = os.path.dirname(out or "") or "."
+            if out and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+                scan.error(f"cannot write {out}: {folder} is not a writable folder (see --bad-out)")
         try:
             result = scan_main(
                 args.list,

@@ -30,7 +30,7 @@ from .lists import VideoRecord, read_list
 from .pyav_dataset import VideoDataset, collate
 from .report import DataReport
 from .sampling import ClipSampling
-from .transforms import TestAugment, TrainAugment
+from .transforms import TestAugment, TrainAugment, check_augment
 
 log = logging.getLogger("mvit_fast.data")
 Backend = Literal["auto", "dali", "pyav"]
@@ -65,7 +65,11 @@ def shard_indices(
 
 def dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """Explicit values, else torch.distributed's when initialized (torchrun), else (0, 1)."""
+    if (rank is None) != (world_size is None):
+        raise ValueError(f"give rank and world_size together (got rank={rank}, world_size={world_size})")
     if rank is not None and world_size is not None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
         return rank, world_size
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -180,11 +184,25 @@ def build_loader(
     """
     sampling = sampling if sampling is not None else ClipSampling()
     records = read_list(source, root=root) if isinstance(source, (str, os.PathLike)) else list(source)
+    if not records:
+        raise ValueError("build_loader: no records")
     augment = augment if augment is not None else (TrainAugment() if train else TestAugment())
+    check_augment(train, augment)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                    or num_workers < 0):
+        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
     rank, world_size = dist_rank_world(rank, world_size)
     if num_workers is None:
         num_workers = max(1, len(os.sched_getaffinity(0)) // max(1, torch.cuda.device_count() or 1))
-    if choose_backend(backend) == "dali":
+    chosen = choose_backend(backend)
+    wants_cuda = torch.device(device).type == "cuda" if device is not None else chosen == "dali"
+    if wants_cuda and not torch.cuda.is_available():
+        where = "backend='dali' decodes on the GPU by default" if device is None else f"device={device!r}"
+        raise ValueError(f"{where}, but CUDA is not available: use backend='pyav' (or device='cpu' "
+                         "for DALI's CPU decoder, which reads VP8/VP9/MJPEG but not H.264)")
+    if chosen == "dali":
         from .dali_loader import DALILoader
 
         return DALILoader(
@@ -193,7 +211,7 @@ def build_loader(
             sampling=sampling,
             augment=augment,
             batch_size=batch_size,
-            num_threads=num_workers,
+            num_threads=max(1, num_workers),  # DALI has no in-process mode: 0 means one thread
             rank=rank,
             world_size=world_size,
             seed=seed,

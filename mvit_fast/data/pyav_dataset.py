@@ -20,6 +20,7 @@ from .sampling import ClipSampling
 from .transforms import (
     TestAugment,
     TrainAugment,
+    check_augment,
     normalize,
     random_erase,
     random_resized_crop_box,
@@ -79,10 +80,7 @@ class VideoDataset(torch.utils.data.Dataset):
         max_retries: int = 10,
         max_fail_fraction: float = 0.5,
     ):
-        if train != isinstance(augment, TrainAugment):
-            raise TypeError(
-                f"train={train} needs a {'TrainAugment' if train else 'TestAugment'}, got {augment!r}"
-            )
+        check_augment(train, augment)
         self.records, self.train, self.sampling, self.augment = records, train, sampling, augment
         self.seed, self.epoch = seed, 0
         self.max_retries, self.max_fail_fraction = max_retries, max_fail_fraction

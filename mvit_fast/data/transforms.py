@@ -12,6 +12,7 @@ which is cheaper and is what the DALI pipeline does too.)
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,17 @@ class TrainAugment:
     mean: tuple[float, float, float] = K400_MEAN
     std: tuple[float, float, float] = K400_STD
 
+    def __post_init__(self):
+        _check_positive_ints(self, "crop_size", "repeats")
+        low, high = self.scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"scale must be an area fraction range 0 < low <= high <= 1, got {self.scale}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must be an aspect range 0 < low <= high, got {self.ratio}")
+        if not 0 <= self.erase_prob <= 1:
+            raise ValueError(f"erase_prob must be in [0, 1], got {self.erase_prob}")
+        _check_mean_std(self)
+
 
 @dataclass(frozen=True)
 class TestAugment:
@@ -55,8 +67,35 @@ class TestAugment:
     std: tuple[float, float, float] = K400_STD
 
     def __post_init__(self):
-        if self.num_crops not in (1, 3):
-            raise ValueError(f"num_crops must be 1 or 3, got {self.num_crops}")
+        _check_positive_ints(self, "short_side", "crop_size")
+        if not _is_int(self.num_crops) or self.num_crops not in (1, 3):
+            raise ValueError(f"num_crops must be 1 or 3, got {self.num_crops!r}")
+        _check_mean_std(self)
+
+
+def check_augment(train: bool, augment: TrainAugment | TestAugment) -> None:
+    """A `TrainAugment` for training, a `TestAugment` for testing."""
+    if train != isinstance(augment, TrainAugment):
+        wanted = "TrainAugment" if train else "TestAugment"
+        raise TypeError(f"train={train} needs a {wanted}, got {augment!r}")
+
+
+def _check_positive_ints(augment, *names: str) -> None:
+    for name in names:
+        value = getattr(augment, name)
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_mean_std(augment) -> None:
+    if len(augment.mean) != 3 or len(augment.std) != 3:
+        raise ValueError(f"mean and std need one value per RGB channel, got {augment.mean}, {augment.std}")
+    if min(augment.std) <= 0:
+        raise ValueError(f"std must be positive, got {augment.std}")
 
 
 def random_resized_crop_box(
