@@ -645,12 +645,15 @@ def pooled_size(n: int, kernel: int, stride: int) -> int:
 
 
 def _check(qkv: torch.Tensor, member: int, weight: torch.Tensor, thw: Sequence[int],
-           stride: Sequence[int], has_cls: bool) -> tuple[int, ...]:
-    """Validate one member's input; returns (T, H, W, kt, kh, kw, sT, sH, sW, To, Ho, Wo)."""
+           stride: Sequence[int], has_cls: bool, **params: torch.Tensor) -> tuple[int, ...]:
+    """Validate one member's input and the named parameter tensors (conv weight included);
+    returns (T, H, W, kt, kh, kw, sT, sH, sW, To, Ho, Wo)."""
     if qkv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"fused pooling takes float32/float16/bfloat16 activations, got {qkv.dtype}")
-    if not weight.is_floating_point():
-        raise TypeError(f"conv weight must be floating point, got {weight.dtype}")
+    for name, tensor in {"conv weight": weight, **params}.items():
+        if not tensor.is_floating_point() or tensor.device != qkv.device:
+            raise TypeError(f"{name} must be floating point on qkv's device {qkv.device}, got "
+                            f"{tensor.dtype} on {tensor.device}")
     if not (qkv.is_cuda or INTERPRETED or compiling_only()):
         raise ValueError(f"fused pooling needs CUDA tensors (or TRITON_INTERPRET=1), got {qkv.device}")
     if qkv.ndim != 5:
@@ -717,7 +720,8 @@ def pool_norm_forward(
         eps: LayerNorm epsilon.
         wrap: applied to each kernel before launch (`torch.library.wrap_triton`).
     """
-    t, h, w, kt, kh, kw, st, sh, sw, to, ho, wo = _check(qkv, member, weight, thw, stride, has_cls)
+    t, h, w, kt, kh, kw, st, sh, sw, to, ho, wo = _check(qkv, member, weight, thw, stride, has_cls,
+                                                         norm_weight=norm_weight, norm_bias=norm_bias)
     batch, _, _, heads, d = qkv.shape
     if norm_weight.shape != (d,) or norm_bias.shape != (d,):
         raise ValueError(f"LayerNorm weight/bias must be ({d},), got "
@@ -748,7 +752,8 @@ def pool_norm_backward(
     is allocated (zeros) if not given. The parameter gradients are in their parameters'
     dtypes (dweight shaped like weight), summed from fp32 partials.
     """
-    t, h, w, kt, kh, kw, st, sh, sw, to, ho, wo = _check(qkv, member, weight, thw, stride, has_cls)
+    t, h, w, kt, kh, kw, st, sh, sw, to, ho, wo = _check(qkv, member, weight, thw, stride, has_cls,
+                                                         norm_weight=norm_weight, dy=dy)
     batch, n_in, _, heads, d = qkv.shape
     n_out = int(has_cls) + to * ho * wo
     if dy.shape != (batch, heads, n_out, d):

@@ -857,6 +857,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel: torch.Tensor,
     if not (q.is_cuda or INTERPRETED or compiling_only()):
         raise ValueError(f"triton pooled attention needs CUDA tensors (or TRITON_INTERPRET=1), "
                          f"got {q.device}")
+    if INTERPRETED and not q.is_cuda and q.dtype == torch.bfloat16:
+        raise TypeError("Triton's interpreter computes bfloat16 tl.dot wrongly (Triton 3.9): run the "
+                        "interpreted kernels in float16 or float32, bfloat16 on a GPU")
     if q.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"expected q (B, heads, Nq, d) and k, v (B, heads, Nk, d), got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")

@@ -334,6 +334,9 @@ def test_rejects_unsupported_inputs() -> None:
     q, k, v, *_ = _make_inputs(case, torch.float64)
     with pytest.raises(TypeError, match="float64"):
         pooled_attention(q, k, v, case.q_thw, case.k_thw, backend="triton")
+    if pooled_attention_kernels.INTERPRETED:
+        with pytest.raises(TypeError, match="interpreter computes bfloat16 tl.dot wrongly"):
+            pooled_attention(*(t.bfloat16() for t in (q, k, v)), case.q_thw, case.k_thw, backend="triton")
 
 
 def test_autocast_runs_the_kernel_in_the_autocast_dtype() -> None:

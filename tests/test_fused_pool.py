@@ -249,6 +249,23 @@ def test_rejects_unsupported_inputs() -> None:
         _fused(qkv, [torch.zeros(16, 1, 5, 5, 5)] * 3 + params[3:], case)
     with pytest.raises(ValueError, match=r"\(B, N, 3, heads, head_dim\)"):
         _fused(qkv[:, :, :2], params, case)
+    # A parameter on another device (the op's dispatcher would send a meta one to the fake
+    # implementation, so the launchers are called directly).
+    weight, gamma, beta = params[1], params[4], params[7]  # k's
+    args = (case.thw, case.stride_kv, case.has_cls, 1e-6)
+    forward, backward = pool_norm_kernels.pool_norm_forward, pool_norm_kernels.pool_norm_backward
+    y = forward(qkv, 1, weight, gamma, beta, *args)
+    meta = lambda t: t.to("meta")  # noqa: E731
+    for name, launch in (
+        ("conv weight", lambda: forward(qkv, 1, meta(weight), gamma, beta, *args)),
+        ("norm_weight", lambda: forward(qkv, 1, weight, meta(gamma), beta, *args)),
+        ("norm_bias", lambda: forward(qkv, 1, weight, gamma, meta(beta), *args)),
+        ("norm_weight", lambda: backward(y, qkv, 1, weight, meta(gamma), *args)),
+        ("dy", lambda: backward(meta(y), qkv, 1, weight, gamma, *args)),
+    ):
+        with pytest.raises(TypeError, match=f"{name} must be floating point on qkv's device cpu, got "
+                                            "torch.float32 on meta"):
+            launch()
 
 
 def _attention_pair(seed: int = 0, *, backend: str = "triton", pool_backend: str = "auto", **kwargs):
