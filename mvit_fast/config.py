@@ -42,6 +42,25 @@ class MViTConfig:
     head_dropout: float = 0.5
     norm_eps: float = 1e-6
 
+    def __post_init__(self):
+        for name in ("embed_dim", "num_heads", "num_frames", "crop_size", "num_classes", "in_chans"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.depths or min(self.depths) < 1:
+            raise ValueError(f"depths must be blocks per stage, each >= 1, got {self.depths}")
+        triples = ("patch_kernel", "patch_stride", "patch_padding", "pool_kernel", "stage_q_stride",
+                   "kv_stride_adaptive")
+        for name in triples:
+            value = getattr(self, name)
+            if len(value) != 3 or min(value) < (0 if name == "patch_padding" else 1):
+                raise ValueError(f"{name} must be three sizes (T, H, W), got {value}")
+        if any(k % 2 == 0 for k in self.pool_kernel):
+            raise ValueError(f"pool_kernel must be odd (its padding k // 2 keeps the grid), got "
+                             f"{self.pool_kernel}")
+        if not (0 <= self.drop_path_rate < 1 and 0 <= self.head_dropout < 1 and self.norm_eps > 0):
+            raise ValueError(f"drop_path_rate and head_dropout must be in [0, 1) and norm_eps > 0, got "
+                             f"{self.drop_path_rate}, {self.head_dropout}, {self.norm_eps}")
+
     @property
     def depth(self) -> int:
         return sum(self.depths)

@@ -97,3 +97,17 @@ def test_drop_path_is_linear_over_depth():
 def test_bad_config_names(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mvit_fast.build_model(**kwargs)
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(num_classes=0), "num_classes must be >= 1, got 0"),
+    (dict(num_heads=0), "num_heads must be >= 1"),
+    (dict(depths=()), "depths must be blocks per stage"),
+    (dict(kv_stride_adaptive=(1, 2)), r"kv_stride_adaptive must be three sizes \(T, H, W\), got \(1, 2\)"),
+    (dict(pool_kernel=(2, 2, 2)), "pool_kernel must be odd"),
+    (dict(drop_path_rate=1.0), r"drop_path_rate and head_dropout must be in \[0, 1\)"),
+    (dict(norm_eps=-1.0), "norm_eps > 0"),
+])
+def test_invalid_config_values_are_refused(override, message):
+    with pytest.raises(ValueError, match=message):
+        get_config("s", **override)

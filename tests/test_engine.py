@@ -214,6 +214,20 @@ def test_bad_command_lines_are_argparse_errors(capsys):
         (["--test-crops", "2"], "test_crops must be 1 or 3"),
         (["--warmup-epochs", "300", "--epochs", "200"], "warmup_epochs"),
         (["--pool-backend", "fused"], "pool_backend must be one of ('auto', 'eager', 'triton')"),
+        (["--attention-backend", "fast"], "attention_backend must be one of ('auto', 'eager', 'sdpa'"),
+        (["--base-lr", "-1"], "base_lr must be > 0, got -1.0"),
+        (["--weight-decay", "-0.1"], "weight_decay must be >= 0"),
+        (["--drop-path-rate", "1"], "drop_path_rate must be in [0, 1), got 1.0"),
+        (["--label-smoothing", "2"], "label_smoothing must be in [0, 1)"),
+        (["--erase-prob", "1.5"], "erase_prob must be in [0, 1]"),
+        (["--min-crop-area", "0"], "min_crop_area must be in (0, 1]"),
+        (["--betas", "0.9"], "betas must be two values in [0, 1)"),
+        (["--max-steps", "0"], "max_steps must be >= 1"),
+        (["--log-every", "0"], "log_every must be >= 1"),
+        (["--num-classes", "0"], "num_classes must be >= 1"),
+        (["--embed-dim", "0"], "embed_dim must be >= 1"),
+        (["--kv-stride-adaptive", "1", "2"], "kv_stride_adaptive must be three strides >= 1"),
+        (["--device", "tpu"], "argument --device: expected cpu, cuda or cuda:N, got 'tpu'"),
     ]:
         with pytest.raises(SystemExit):
             parse_args(argv)
@@ -262,6 +276,11 @@ def test_bad_main_arguments_raise_clear_value_errors(tmp_path):
     with pytest.raises(ValueError, match="--label-map .*classes.txt: 2 class names for a model of 400"):
         main(dataset="k400", train_list=str(lists["ok"]), val_list=str(lists["ok"]),
              label_map=str(lists["classes"]), device="cpu")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="--run-dir .*a_file is a file"):
+        main(run_dir=str(tmp_path / "a_file"), device="cpu")
+    with pytest.raises(ValueError, match="--dump .*preds.csv: cannot write there"):
+        main(eval_only=True, checkpoint=__file__, dump=str(tmp_path / "no" / "preds.csv"), device="cpu")
     with pytest.raises(ValueError, match="unknown recipe setting"):
         main(learning_rate=1.0, device="cpu")
     with pytest.raises(ValueError, match="unknown MViTv2 size 'xl'"):

@@ -261,3 +261,11 @@ def test_bf16_autocast_gradients_are_deterministic_and_close_to_float64():
         if ".pool_" in name:  # relative to the tensor's scale: bf16 rounds every activation
             scale = p.grad.abs().max()
             assert_close(runs[0][name] / scale, p.grad / scale, dtype=torch.bfloat16, kind="grad", name=name)
+
+
+def test_unknown_attention_backend_is_refused_when_set():
+    with pytest.raises(ValueError, match="unknown attention backend 'bogus'"):
+        mvit_fast.build_model("s", **TINY, attention_backend="bogus")
+    model = mvit_fast.build_model("s", **TINY)
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        model.set_attention_backend("flash")

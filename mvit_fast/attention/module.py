@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import autotune
-from .functional import pooled_attention
+from .functional import BACKENDS, pooled_attention
 
 try:
     from ..kernels.pool_norm import INTERPRETED, MAX_HEAD_DIM
@@ -187,6 +187,19 @@ class MultiScaleAttention(nn.Module):
             self.rel_pos_t = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
             if not rel_pos_zero_init:
                 nn.init.trunc_normal_(self.rel_pos_t, std=0.02)
+
+    @property
+    def backend(self) -> str:
+        """The `pooled_attention` implementation: "auto" or one of `functional.BACKENDS`."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        # Checked when set (constructor, `MViT.set_attention_backend`), not at the first forward.
+        if value != "auto" and value not in BACKENDS:
+            raise ValueError(f"unknown attention backend {value!r}: expected 'auto' or one of "
+                             f"{sorted(BACKENDS)}")
+        self._backend = value
 
     @property
     def pool_backend(self) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..attention.functional import BACKENDS
 from ..attention.module import POOL_BACKENDS
 from ..config import DATASETS, SIZES
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, K400_MEAN, K400_STD
@@ -193,6 +194,7 @@ def check_recipe(r: Recipe) -> None:
         optimizer=("adamw", "sgd"),
         precision=("auto", "bf16", "fp16", "fp32"),
         loader=("auto", "dali", "pyav"),
+        attention_backend=("auto", *BACKENDS),
         pool_backend=POOL_BACKENDS,
     )
     for name, allowed in choices.items():
@@ -209,10 +211,41 @@ def check_recipe(r: Recipe) -> None:
         "eval_batch_size",
         "base_lr_batch",
         "max_batch_per_device",
+        "num_classes",
+        "keep_checkpoints",
+        "max_bad_steps",
+        "log_every",
+        "embed_dim",  # None (the size's) is fine for these
+        "num_heads",
+        "max_steps",
+        "batch_per_device",
     )
     for name in positive:
-        if getattr(r, name) < 1:
+        if getattr(r, name) is not None and getattr(r, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(r, name)}")
+    fractions = dict(  # name -> whether 1 itself is allowed; None (the config's) is fine
+        drop_path_rate=False, head_dropout=False, label_smoothing=False, momentum=False,
+        erase_prob=True, mixup_switch_prob=True,
+    )
+    for name, one_ok in fractions.items():
+        value = getattr(r, name)
+        if value is not None and not (0 <= value <= 1 if one_ok else 0 <= value < 1):
+            raise ValueError(f"{name} must be in [0, 1{']' if one_ok else ')'}, got {value}")
+    if not 0 < r.min_crop_area <= 1:
+        raise ValueError(f"min_crop_area must be in (0, 1], got {r.min_crop_area}")
+    if not r.base_lr > 0:
+        raise ValueError(f"base_lr must be > 0, got {r.base_lr}")
+    for name in ("warmup_start_lr", "end_lr", "weight_decay", "grad_clip", "mixup_alpha", "cutmix_alpha",
+                 "eval_every"):
+        if getattr(r, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(r, name)}")
+    if len(r.betas) != 2 or not all(0 <= b < 1 for b in r.betas):
+        raise ValueError(f"betas must be two values in [0, 1), got {r.betas}")
+    if r.num_workers is not None and r.num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {r.num_workers}")
+    strides = r.kv_stride_adaptive
+    if strides is not None and (len(strides) != 3 or min(strides) < 1):
+        raise ValueError(f"kv_stride_adaptive must be three strides >= 1 (T, H, W), got {strides}")
     if r.test_crops not in (1, 3):
         raise ValueError(f"test_crops must be 1 or 3, got {r.test_crops}")
     if not 0 <= r.warmup_epochs < r.epochs:

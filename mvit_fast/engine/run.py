@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -216,6 +217,12 @@ def main(
         raise ValueError("--resume continues training; use --checkpoint with --eval")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise ValueError(f"--checkpoint {checkpoint}: no such file")
+    if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise ValueError(f"--run-dir {run_dir} is a file")
+    if dump is not None:  # checked now, not after the whole evaluation
+        folder = Path(dump).parent
+        if not (folder.is_dir() and os.access(folder, os.W_OK)) or Path(dump).is_dir():
+            raise ValueError(f"--dump {dump}: cannot write there ({folder} must be a writable folder)")
     d = init_distributed(device)
     try:
         data = resolve_data(
@@ -456,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", help="continue a run exactly: its run dir (newest checkpoint) or a checkpoint file"
     )
     p.add_argument("--dump", help="write test predictions (.csv per video, else a torch file of scores)")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", type=_device, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     recipe = p.add_argument_group("recipe (defaults: the published recipe of --size and --dataset)")
     hints = typing.get_type_hints(Recipe)
@@ -477,6 +484,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _RECIPE_FLAGS = {f.name for f in dataclasses.fields(Recipe)} - {"size", "dataset"}
+
+
+def _device(value: str) -> str:
+    """argparse type of --device: a torch device string of a CPU or CUDA device."""
+    try:
+        kind = torch.device(value).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {value!r}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> dict:
