@@ -25,7 +25,7 @@ from .config import MViTConfig, get_config
 
 __all__ = ["FORMATS", "CheckpointReadError", "LoadReport", "atomic_save", "detect_format",
            "export_state_dict", "infer_config", "load_checkpoint", "preset_name", "read_checkpoint",
-           "save_checkpoint", "to_native"]
+           "save_checkpoint", "to_native", "unwritable"]
 
 FORMAT_TAG = "mvit-fast"
 FORMATS = ("mvit_fast", "slowfast", "mmaction2", "torchvision")
@@ -92,14 +92,17 @@ class CheckpointReadError(ValueError):
 _TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
-def _load_file(path: Path, weights_only: bool) -> object:
+def load_file(path: Path, weights_only: bool = True, mmap: bool = False) -> object:
+    """`torch.load(path)` onto the CPU; CheckpointReadError saying what the file is when it
+    cannot be read. `mmap` maps the tensors of a zip archive instead of reading them."""
     with open(path, "rb") as f:
         head = f.read(4)
     if not head.startswith(_TORCH_FILE_MAGIC):
         raise CheckpointReadError(f"{path} is not a PyTorch checkpoint (neither torch.save's zip "
                                   f"archive nor a pickle: first bytes {head!r}); corrupt or another format")
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        return torch.load(path, map_location="cpu", weights_only=weights_only,
+                          mmap=mmap and head.startswith(b"PK"))
     except pickle.UnpicklingError as e:
         if weights_only and "Weights only load failed" in str(e):
             # torch's message: "... WeightsUnpickler error: <what> ... Check the documentation ..."
@@ -124,7 +127,7 @@ def read_checkpoint(path_or_state_dict: str | os.PathLike | Mapping,
         path = Path(obj)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        obj = _load_file(path, weights_only)
+        obj = load_file(path, weights_only)
     if not isinstance(obj, Mapping):
         raise ValueError(f"a checkpoint must be a dict, got {type(obj).__name__}")
     fmt = None
@@ -310,6 +313,23 @@ def preset_name(cfg: MViTConfig) -> str:
         if (ref.depths, ref.embed_dim, ref.num_heads) == (cfg.depths, cfg.embed_dim, cfg.num_heads):
             return f"MViTv2-{size.upper()}"
     return f"MViTv2 depths {cfg.depths}, width {cfg.embed_dim}, {cfg.num_heads} head(s)"
+
+
+def unwritable(path: str | os.PathLike, make_folders: bool = False) -> str | None:
+    """Why a file cannot be written at `path`, or None: checked before long work, not after.
+    With `make_folders` (as `atomic_save` does) missing folders are fine when the nearest
+    existing one is writable."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a folder"
+    folder = path.parent
+    while make_folders and not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK):
+        return f"{folder} is not writable"
+    return None
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:

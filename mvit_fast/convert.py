@@ -22,6 +22,7 @@ from .checkpoint import (
     read_checkpoint,
     save_checkpoint,
     to_native,
+    unwritable,
 )
 from .model import MViT
 
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read SRC with weights_only=False (only for files you trust)")
     args = parser.parse_args(argv)
-
+    if reason := unwritable(args.dst, make_folders=True):
+        parser.error(f"cannot write {args.dst}: {reason}")
     try:
         raw, fmt = read_checkpoint(args.src, weights_only=not args.allow_pickle)
         native, _ = to_native(raw, fmt)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import unwritable
 from .config import DATASETS, SIZES, block_specs, get_config
 from .model import MViT
 
@@ -656,6 +657,8 @@ def main(argv: list[str] | None = None) -> int:
         return throughput_main(args.json_files, results_dir=args.results_dir, plot_dir=args.plot_dir,
                                plots=not args.no_plots)
 
+    if args.json and (reason := unwritable(args.json)):
+        flops.error(f"cannot write {args.json}: {reason}")
     results = {}
     for size in args.sizes:
         rows = count_model(MViT(get_config(size, args.dataset), attention_backend="eager"))

@@ -165,6 +165,11 @@ def test_convert_cli(model, tmp_path, capsys):
     assert fmt == "mmaction2" and torch.equal(sd["cls_head.fc_cls.weight"], model.head.projection.weight)
     assert convert_main([str(tmp_path / "nope.pth"), str(tmp_path / "x.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # refused before SRC is read
+        convert_main([str(tmp_path / "nope.pth"), str(tmp_path)])
+    assert exit_.value.code == 2
+    assert f"cannot write {tmp_path}: {tmp_path} is a folder" in capsys.readouterr().err
+    assert convert_main([str(src), str(tmp_path / "new" / "ours.pt")]) == 0  # folders are made
 
 
 @pytest.mark.parametrize("size, dataset", [("s", "k400"), ("b", "ssv2"), ("l", "k400")])

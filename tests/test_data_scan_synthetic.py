@@ -75,7 +75,8 @@ def test_scan_command_line_errors(tmp_path, capsys):
         (["scan", str(good), "--root", str(tmp_path / "nowhere")], "nowhere: no such folder"),
         (["scan", str(malformed)], "malformed.txt:2: label must be an integer, got 'dog'"),
         (["scan", str(good), "--workers", "0"], "--min-frames and --workers must be >= 1"),
-        (["scan", str(good), "--frames-out", str(tmp_path / "no" / "f.txt")], "no is not a writable folder"),
+        (["scan", str(good), "--frames-out", str(tmp_path / "no" / "f.txt")], "no is not a folder"),
+        (["scan", str(good), "--bad-out", str(tmp_path)], f"cannot write {tmp_path}: {tmp_path} is a folder"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_:

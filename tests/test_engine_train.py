@@ -18,7 +18,7 @@ import torch
 from mvit_fast import build_model
 from mvit_fast.checkpoint import export_state_dict
 from mvit_fast.data import make_synthetic
-from mvit_fast.engine import TrainingDiverged, main
+from mvit_fast.engine import TrainingDiverged, get_recipe, main
 from mvit_fast.engine import trainer as trainer_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +53,13 @@ def tiny(tmp_path_factory):
         device="cpu",
         progress=False,
     )
+
+
+RUN_ARGS = ("data_root", "train_list", "val_list", "device", "progress")  # main's, not the recipe's
+
+
+def tiny_recipe(tiny: dict):
+    return get_recipe(None, **{k: v for k, v in tiny.items() if k not in RUN_ARGS})
 
 
 def tiny_model():
@@ -203,6 +210,34 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny, tmp_path, monkeypatc
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
     monkeypatch.setattr(trainer_module, "soft_cross_entropy", real)
     assert main(**tiny, resume=str(tmp_path / "run"))["step"] == 6
+
+
+def test_resume_takes_the_recipe_from_the_checkpoint_and_refuses_another(tiny, tmp_path):
+    run = tmp_path / "run"
+    main(**tiny, run_dir=str(run), max_steps=2)
+    with pytest.raises(ValueError, match=r"--resume .*step_000000002.pt: the run was trained with "
+                                         r"--depths 1 1 1 1, this command asks for --depths 1 1 2 1\. "):
+        main(**dict(tiny, depths=(1, 1, 2, 1)), resume=str(run))
+    with pytest.raises(ValueError, match="leave out --checkpoint"):
+        main(**tiny, resume=str(run), checkpoint=str(run / "checkpoints" / "step_000000002.pt"))
+    # only the data and how to run: the model, solver and schedule come from the checkpoint
+    out = main(**{k: tiny[k] for k in RUN_ARGS}, resume=str(run), max_steps=3)
+    assert out["status"] == "stopped" and out["step"] == 3
+    config = json.loads((run / "config.json").read_text())  # the resumed run's resolved config
+    trained = json.loads(json.dumps(dict(tiny_recipe(tiny).to_dict(), max_steps=3, batch_per_device=4)))
+    assert {k: config[k] for k in trained} == trained
+
+
+def test_a_state_that_does_not_fit_is_a_resume_error(tiny, tmp_path):
+    run = tmp_path / "run"
+    main(**tiny, run_dir=str(run), max_steps=1)
+    path = trainer_module.latest_checkpoint(run)
+    other = build_model("s", "k400", depths=(1, 1, 2, 1), embed_dim=16, num_frames=4, crop_size=32,
+                        num_classes=6)
+    with pytest.raises(ValueError, match=r"--resume .*: its state does not fit this model and optimizer: "
+                                         r"Error\(s\) in loading state_dict"):
+        trainer_module.load_training_state(path, other, torch.optim.AdamW(other.parameters()), None,
+                                           tiny_recipe(tiny), 3)
 
 
 def test_eval_loads_foreign_checkpoints_and_dumps_predictions(tiny, tmp_path):

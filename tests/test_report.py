@@ -1,5 +1,6 @@
 """FLOPs/params report: per-block counting equals fvcore on the whole model."""
 
+import pytest
 import torch
 from fvcore.nn import FlopCountAnalysis
 
@@ -25,6 +26,12 @@ def test_s_report_matches_the_published_table(capsys):
     out = capsys.readouterr().out
     assert "| total | 34,537,744 | 64.46 |" in out  # torchvision-built model under fvcore: 64.46G
     assert "Published: 64G, 34.5M; measured 64.46G (+0.71%)" in out
+
+
+def test_flops_json_that_cannot_be_written_is_refused_before_counting(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["flops", "--json", str(tmp_path / "missing" / "flops.json")])
+    assert exit_.value.code == 2 and "missing is not a folder" in capsys.readouterr().err
 
 
 def test_table_format():

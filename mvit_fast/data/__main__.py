@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "scan":
+        from ..checkpoint import unwritable
         from .lists import ListFormatError
         from .scan import main as scan_main
 
@@ -36,9 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.min_frames < 1 or args.workers < 1:
             scan.error("--min-frames and --workers must be >= 1")
         for out in (args.bad_out or f"{args.list}.bad.txt", args.frames_out):
-            folder = os.path.dirname(out or "") or "."
-            if out and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
-                scan.error(f"cannot write {out}: {folder} is not a writable folder (see --bad-out)")
+            if out and (reason := unwritable(out)):
+                scan.error(f"cannot write {out}: {reason} (see --bad-out)")
         try:
             result = scan_main(
                 args.list,

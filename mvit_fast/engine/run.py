@@ -3,6 +3,7 @@
     main(size, dataset, lists...) -> get_recipe -> build_model (+ --checkpoint weights)
         -> train (DDP or --fsdp under torchrun) -> multi-view test -> summary, run_dir/results.json
     main(eval_only=True, checkpoint=PATH) -> multi-view test only
+    main(resume=RUN_DIR) -> the recipe saved in its newest checkpoint -> train on from there
 
 Every `Recipe` field is a flag (`--base-lr`, `--batch-size`, `--no-mixup`, ...); flags left
 out keep the published recipe of the size and dataset. The resolved recipe is printed and
@@ -15,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -32,6 +32,7 @@ from ..checkpoint import (
     preset_name,
     read_checkpoint,
     to_native,
+    unwritable,
 )
 from ..config import SIZES
 from ..data import (
@@ -46,8 +47,15 @@ from ..data import (
 from ..model import MViT, build_model
 from .dist import Dist, barrier, cleanup, init_distributed
 from .evaluate import EvalResult, evaluate, write_per_class, write_predictions
-from .recipe import RECIPE_DATASETS, Recipe, get_recipe
-from .trainer import TrainingDiverged, accumulation, amp_dtype, latest_checkpoint, train
+from .recipe import RECIPE_DATASETS, Recipe, get_recipe, resume_recipe
+from .trainer import (
+    TrainingDiverged,
+    accumulation,
+    amp_dtype,
+    latest_checkpoint,
+    read_training_state,
+    train,
+)
 
 # The quickstart's synthetic dataset (generated once into the cache, ~1 min on 2 cores): enough
 # clips that a small model learns the motion instead of memorizing the appearance of each clip.
@@ -191,7 +199,7 @@ def model_tflops_per_clip(recipe: Recipe) -> float:
 def main(
     *,
     size: str | None = None,
-    dataset: str = "synthetic",
+    dataset: str | None = None,
     data_root: str | None = None,
     train_list: str | None = None,
     val_list: str | None = None,
@@ -206,23 +214,31 @@ def main(
     **overrides,
 ) -> dict:
     """Train (then test) or, with `eval_only`, test `checkpoint`. Returns the results dict that
-    is also written to `run_dir/results.json`. `overrides` are `Recipe` fields."""
+    is also written to `run_dir/results.json`. `overrides` are `Recipe` fields; `dataset`
+    defaults to "synthetic". With `resume`, the run goes on with the recipe saved in its
+    checkpoint (see `resume_recipe`)."""
     t_start = time.perf_counter()
-    recipe = get_recipe(size, dataset, **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     if eval_only and checkpoint is None:
         raise ValueError(
             "--eval needs --checkpoint PATH (a SlowFast, mmaction2, torchvision or mvit-fast file)"
         )
     if resume is not None and eval_only:
         raise ValueError("--resume continues training; use --checkpoint with --eval")
+    if resume is not None and checkpoint is not None:
+        raise ValueError("--resume continues a run from its own weights; leave out --checkpoint")
+    resume_path = latest_checkpoint(resume) if resume is not None else None
+    if resume_path is not None:
+        saved = read_training_state(resume_path, mmap=True)["recipe"]
+        recipe = resume_recipe(saved, f"--resume {resume_path}", size, dataset, **overrides)
+    else:
+        recipe = get_recipe(size, dataset or "synthetic", **overrides)
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise ValueError(f"--checkpoint {checkpoint}: no such file")
     if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise ValueError(f"--run-dir {run_dir} is a file")
-    if dump is not None:  # checked now, not after the whole evaluation
-        folder = Path(dump).parent
-        if not (folder.is_dir() and os.access(folder, os.W_OK)) or Path(dump).is_dir():
-            raise ValueError(f"--dump {dump}: cannot write there ({folder} must be a writable folder)")
+    if dump is not None and (reason := unwritable(dump)):  # now, not after the whole evaluation
+        raise ValueError(f"--dump {dump}: cannot write there ({reason})")
     d = init_distributed(device)
     try:
         data = resolve_data(
@@ -241,7 +257,6 @@ def main(
                 f"--label-map {label_map}: {len(data.class_names)} class names for a model of "
                 f"{recipe.num_classes} classes (--num-classes)"
             )
-        resume_path = latest_checkpoint(resume) if resume is not None else None
         if run_dir is None:
             run_dir = (
                 resume_path.parent.parent
@@ -440,7 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="MViTv2 size (default s; on synthetic, the narrow quickstart model unless given)",
     )
-    p.add_argument("--dataset", choices=RECIPE_DATASETS, default="synthetic")
+    p.add_argument(
+        "--dataset", choices=RECIPE_DATASETS, help="default synthetic (with --resume: the run's)"
+    )
     p.add_argument(
         "--data-root", help="folder the list paths are relative to (synthetic: where to generate it)"
     )

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import load_file, save_checkpoint
 from ..data import MixupCutmix
 from ..data.mixup import smooth_one_hot
 from .dist import Dist, all_reduce_sum, barrier
@@ -201,6 +201,18 @@ def save_training_state(
     barrier()
 
 
+def read_training_state(path: Path, mmap: bool = False) -> dict:
+    """A checkpoint written by `save_training_state`; ValueError (CheckpointReadError for an
+    unreadable file) when `path` is anything else. `mmap` leaves the tensors on disk until used."""
+    state = load_file(path, weights_only=True, mmap=mmap)
+    if not isinstance(state, dict) or state.get("kind") != "train":
+        raise ValueError(
+            f"--resume {path}: not a training checkpoint of this engine (no optimizer state); "
+            "to start from its weights use --checkpoint"
+        )
+    return state
+
+
 def load_training_state(
     path: Path,
     model: nn.Module,
@@ -210,12 +222,7 @@ def load_training_state(
     steps_per_epoch: int,
     sharded: Sharded | None = None,
 ) -> Position:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("kind") != "train":
-        raise ValueError(
-            f"--resume {path}: not a training checkpoint of this engine (no optimizer state); "
-            "to start from its weights use --checkpoint"
-        )
+    state = read_training_state(path)
     saved = state["recipe"]
     if saved["batch_size"] != recipe.batch_size or state["steps_per_epoch"] != steps_per_epoch:
         raise ValueError(
@@ -223,11 +230,15 @@ def load_training_state(
             f"({state['steps_per_epoch']} steps per epoch), this run has batch_size "
             f"{recipe.batch_size} ({steps_per_epoch}): the data order would not continue"
         )
-    if sharded is not None:
-        sharded.load(state["model"], state["optimizer"], optimizer)
-    else:
-        _unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    try:
+        if sharded is not None:
+            sharded.load(state["model"], state["optimizer"], optimizer)
+        else:
+            _unwrap(model).load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as e:  # a recipe that does not match the run's
+        raise ValueError(f"--resume {path}: its state does not fit this model and optimizer: "
+                         f"{str(e).strip().splitlines()[0]}") from e
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
     return Position(state["epoch"], state["step"], state["best_top1"])
