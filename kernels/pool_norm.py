@@ -636,7 +636,7 @@ def _split(positions: tuple[bool, int, int], programs: int, block_d: int) -> int
     metas = [cfg] if cfg is not None else [c.all_kwargs() for c in _configs(block_d, "dz")]
     blocks = max(_blocks(positions, meta) for meta in metas)
     cap = _INTERPRETER_SPLIT if INTERPRETED else _MAX_SPLIT
-    return max(1, min(cap, triton.cdiv(_SPLIT_TARGET, programs), blocks))
+    return max(1, min(cap, triton.cdiv(_SPLIT_TARGET, max(1, programs)), blocks))
 
 
 def pooled_size(n: int, kernel: int, stride: int) -> int:

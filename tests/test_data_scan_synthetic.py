@@ -1,14 +1,18 @@
 """The pre-flight scan and the built-in synthetic dataset."""
 
+import re
+
 import numpy as np
 import pytest
 
 from mvit_fast.data import ClipSampling, TrainAugment, build_loader, make_synthetic, read_list
 from mvit_fast.data.__main__ import main as cli
-from mvit_fast.data.lists import write_list
+from mvit_fast.data.lists import VideoRecord, write_list
+from mvit_fast.data.scan import check_file
 from mvit_fast.data.synthetic import CLASSES, render_clip
 from mvit_fast.data.video_io import decode_frames, probe
 from tests.test_data_pyav import bad_videos
+from tests.test_data_videos import write_test_video
 
 
 def test_scan_counts_every_kind_and_writes_bad_paths(tmp_path, capsys):
@@ -63,6 +67,25 @@ def test_scan_counts_every_kind_and_writes_bad_paths(tmp_path, capsys):
         ]
     )
     assert capsys.readouterr().out.splitlines()[4] == out.splitlines()[4]  # same fingerprint
+
+
+def test_decode_all_finds_what_the_first_frame_misses(tmp_path, capsys):
+    good = write_test_video(tmp_path / "good.mp4", 32)
+    data = bytearray((tmp_path / "good.mp4").read_bytes())
+    frames_at = data.index(b"mdat")  # after the index (faststart)
+    mid, run = (frames_at + len(data)) // 2, (len(data) - frames_at) // 8
+    data[mid : mid + run] = bytes(run)  # a run of zeros mid-stream
+    (tmp_path / "corrupt.mp4").write_bytes(data)
+    corrupt = str(tmp_path / "corrupt.mp4")
+    assert check_file(corrupt).status == "ok"  # the first frame and the packet count are fine
+    check = check_file(corrupt, decode_all=True)
+    assert check.status == "corrupt" and check.num_frames == 32
+    assert re.match(r"\d+ of 32 frames decoded: .*Invalid data", check.detail), check.detail
+    assert check_file(good, decode_all=True).status == "ok"
+    write_list(tmp_path / "list.txt", [VideoRecord(good, 0), VideoRecord(corrupt, 1)])
+    assert cli(["scan", str(tmp_path / "list.txt"), "--workers", "2", "--decode-all"]) == 1
+    assert "status: corrupt 1, ok 1" in capsys.readouterr().out
+    assert (tmp_path / "list.txt.bad.txt").read_text() == f"corrupt {corrupt}\n"
 
 
 def test_scan_command_line_errors(tmp_path, capsys):
@@ -123,3 +146,18 @@ def test_synthetic_is_deterministic_idempotent_and_loads(tmp_path):
         augment=TrainAugment(crop_size=32),
     )
     assert [b.clips.shape for b in loader] == [(4, 3, 4, 32, 32)] * 3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_train=0), "num_train must be an integer >= 1, got 0"),
+    (dict(num_val=2.5), "num_val must be an integer >= 1, got 2.5"),
+    (dict(num_frames=1), "num_frames must be an integer >= 2, got 1"),  # one frame shows no motion
+    (dict(size=8), "size must be an integer >= 16, got 8"),
+    (dict(size=33), "size must be even"),
+    (dict(fps=0), "fps must be an integer >= 1, got 0"),
+    (dict(codec="av1"), "unknown codec 'av1'"),
+])
+def test_synthetic_settings_are_checked_before_anything_is_written(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_synthetic(tmp_path / "ds", progress=False, **kwargs)
+    assert not (tmp_path / "ds").exists()

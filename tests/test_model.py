@@ -155,6 +155,34 @@ def test_bad_clips(clip, error, match):
         model(clip)
 
 
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "sdpa_aug", "flex", "triton"])
+def test_an_empty_batch_gives_empty_logits_and_zero_gradients(backend):
+    if backend not in mvit_fast.attention.BACKENDS:
+        pytest.skip(f"backend {backend} is not available here (triton not installed)")
+    model = mvit_fast.build_model("s", **TINY, attention_backend=backend)  # triton: attention + pooling
+    clip = torch.randn(0, 3, 4, 32, 32, requires_grad=True)
+    if backend == "flex":  # FlexAttention has no CPU backward
+        with torch.no_grad():
+            assert model(clip).shape == (0, 7)
+        return
+    logits = model(clip)
+    assert logits.shape == (0, 7)
+    logits.sum().backward()
+    assert clip.grad.shape == clip.shape
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+@pytest.mark.parametrize("x, thw, match", [
+    (torch.randn(2, 1 + 4 * 8 * 8, 48), [4, 8, 8], r"expected x of shape \(B, N, 96\), got \(2, 257, 48\)"),
+    (torch.randn(2, 1 + 4 * 8 * 8, 96), [4, 64], r"thw_shape must be 3 sizes >= 1 \(T, H, W\), got \(4, 64"),
+    (torch.randn(2, 1 + 4 * 8 * 8, 96), [4, 8, 4], r"x has 257 tokens but thw_shape=\(4, 8, 4\)"),
+])
+def test_multiscale_attention_rejects_inputs_that_do_not_fit(x, thw, match):
+    attn = MultiScaleAttention(96, 192, [8, 56, 56], num_heads=2, stride_q=[1, 2, 2], stride_kv=[1, 4, 4])
+    with pytest.raises(ValueError, match=match):
+        attn(x, thw)
+
+
 def test_multiscale_attention_is_a_slowfast_drop_in():
     # Block 1 of MViTv2-S, built with SlowFast's constructor arguments.
     attn = MultiScaleAttention(96, 192, [8, 56, 56], num_heads=2, qkv_bias=True,

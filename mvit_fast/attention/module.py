@@ -43,7 +43,7 @@ def attention_pool(
     x = x.reshape(batch * heads, *thw, dim).permute(0, 4, 1, 2, 3).contiguous()
     x = pool(x)
     thw = list(x.shape[2:])
-    x = x.reshape(batch, heads, dim, -1).transpose(2, 3)
+    x = x.reshape(batch, heads, dim, thw[0] * thw[1] * thw[2]).transpose(2, 3)
     if cls_tok is not None:
         x = torch.cat((cls_tok, x), dim=2)
     if norm is not None:
@@ -121,6 +121,7 @@ class MultiScaleAttention(nn.Module):
         self.separate_qkv = separate_qkv
         self.drop_rate = drop_rate
         self.num_heads = num_heads
+        self.dim = dim
         self.dim_out = dim_out
         head_dim = dim_out // num_heads
         self.scale = head_dim ** -0.5
@@ -221,23 +222,25 @@ class MultiScaleAttention(nn.Module):
 
     def forward(self, x: Tensor, thw_shape: Sequence[int]) -> tuple[Tensor, list[int]]:
         """x (B, cls + T*H*W, dim) on the grid `thw_shape` -> (B, Nq, dim_out), q grid."""
-        if x.ndim != 3:
-            raise ValueError(f"expected x of shape (B, N, C), got {tuple(x.shape)}")
+        if x.ndim != 3 or x.shape[2] != self.dim:
+            raise ValueError(f"expected x of shape (B, N, {self.dim}), got {tuple(x.shape)}")
+        if len(thw_shape) != 3 or min(thw_shape) < 1:
+            raise ValueError(f"thw_shape must be 3 sizes >= 1 (T, H, W), got {tuple(thw_shape)}")
         batch, n, _ = x.shape
         expected = int(self.has_cls_embed) + thw_shape[0] * thw_shape[1] * thw_shape[2]
         if n != expected:
             raise ValueError(f"x has {n} tokens but thw_shape={tuple(thw_shape)} with "
                              f"has_cls_embed={self.has_cls_embed} means {expected}")
-        heads = self.num_heads
+        heads, head_dim = self.num_heads, self.dim_out // self.num_heads
         cls = self.has_cls_embed
         pools = (self.pool_q, self.pool_k, self.pool_v)
         norms = tuple(getattr(self, name, None) for name in ("norm_q", "norm_k", "norm_v"))
         if self.separate_qkv:
-            q, k, v = (proj(x).reshape(batch, n, heads, -1).transpose(1, 2)
+            q, k, v = (proj(x).reshape(batch, n, heads, head_dim).transpose(1, 2)
                        for proj in (self.q, self.k, self.v))
             q, k, v, q_shape, k_shape = _pool_qkv_eager(q, k, v, thw_shape, cls, pools, norms)
         else:
-            qkv = self.qkv(x).reshape(batch, n, 3, heads, -1)
+            qkv = self.qkv(x).reshape(batch, n, 3, heads, head_dim)
             if self._fused_pool(qkv, thw_shape, pools, norms):
                 # One kernel per q/k/v: conv + LayerNorm straight from the projection's layout.
                 q, k, v, q_shape, k_shape = fused_pool_qkv(qkv, thw_shape, cls, pools, norms)
@@ -250,7 +253,7 @@ class MultiScaleAttention(nn.Module):
             self.rel_pos_w if self.rel_pos_spatial else None,
             has_cls=cls, residual_pooling=self.residual_pooling, scale=self.scale,
             backend=self.backend)
-        x = self.proj(x.transpose(1, 2).reshape(batch, -1, self.dim_out))
+        x = self.proj(x.transpose(1, 2).reshape(batch, x.shape[2], self.dim_out))
         if self.drop_rate > 0.0:
             x = self.proj_drop(x)
         return x, q_shape

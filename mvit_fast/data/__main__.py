@@ -15,6 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     scan.add_argument("--root", default="", help="folder the list's paths are relative to")
     scan.add_argument("--min-frames", type=int, default=1, help="fewer frames count as too short (16x4: 61)")
     scan.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    scan.add_argument("--decode-all", action="store_true",
+                      help="decode every frame, not only the first: finds data corrupted mid-stream")
     scan.add_argument("--bad-out", default=None, help="where to write bad paths (default LIST.bad.txt)")
     scan.add_argument("--frames-out", default=None, help="write 'path num_frames label' for the good files")
     synth = commands.add_parser("synthetic", help="generate the built-in synthetic dataset")
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                 root=args.root,
                 min_frames=args.min_frames,
                 workers=args.workers,
+                decode_all=args.decode_all,
                 bad_out=args.bad_out,
                 frames_out=args.frames_out,
             )

@@ -1,10 +1,13 @@
 """Pre-flight scan of a list: which files exist, decode, are long enough, and suit DALI.
 
-``python -m mvit_fast.data scan LIST --root DIR [--min-frames 64] [--workers N]``
+``python -m mvit_fast.data scan LIST --root DIR [--min-frames 64] [--workers N] [--decode-all]``
 
 Per file: open the container, count packets (demux only, no decode), decode the first
-frame. Status is the first problem found: missing, undecodable, zero_frames, truncated
-(fewer packets than the container header promises), too_short (< min_frames), else ok.
+frame, or with ``--decode-all`` every frame (slower: it finds data corrupted mid-stream,
+which the loaders would meet only when a clip lands there). Status is the first problem
+found: missing, undecodable, zero_frames, truncated (fewer packets than the container
+header promises), corrupt (a frame fails to decode; ``--decode-all`` only), too_short
+(< min_frames), else ok.
 Also tallied: codecs, and variable-frame-rate files and codecs the DALI GPU decoder
 does not take (it rejects both). Prints the counts and a fingerprint (the counts plus
 a hash of the list text), writes bad paths to ``--bad-out`` (default ``LIST.bad.txt``),
@@ -29,14 +32,14 @@ DALI_GPU_CODECS = {"h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mjpeg"}
 @dataclass(frozen=True)
 class FileCheck:
     path: str
-    status: str  # ok, missing, undecodable, zero_frames, truncated, too_short
+    status: str  # ok, missing, undecodable, zero_frames, truncated, corrupt, too_short
     codec: str = ""
     num_frames: int = 0
     variable_frame_rate: bool = False
     detail: str = ""
 
 
-def check_file(path: str, min_frames: int = 1) -> FileCheck:
+def check_file(path: str, min_frames: int = 1, decode_all: bool = False) -> FileCheck:
     """Check one video file (see the module docstring)."""
     from .video_io import import_av
 
@@ -45,15 +48,19 @@ def check_file(path: str, min_frames: int = 1) -> FileCheck:
     if not os.path.exists(path):
         return FileCheck(path, "missing")
     try:
-        with av.open(path) as container:  # decode the first frame...
+        with av.open(path) as container:  # decode the first (or every) frame...
             if not container.streams.video:
                 return FileCheck(path, "undecodable", detail="no video stream")
             stream = container.streams.video[0]
             promised, codec = stream.frames, stream.codec_context.name
+            decoded, decode_error = 0, ""
             try:
-                first = next(container.decode(stream), None)
-            except av.error.FFmpegError:
-                first = None  # no decodable frame: zero_frames below, if the file opened
+                for _ in container.decode(stream):
+                    decoded += 1
+                    if not decode_all:
+                        break
+            except av.error.FFmpegError as e:
+                decode_error = str(e)  # none decoded: zero_frames below, if the file opened
         with av.open(path) as container:  # ...and count packets, a fresh demuxer for each
             pts, truncated_by = [], ""
             try:
@@ -68,10 +75,12 @@ def check_file(path: str, min_frames: int = 1) -> FileCheck:
     vfr = bool(steps) and steps[-1] - steps[0] > 1
     n = len(pts)
     common = dict(codec=codec, num_frames=n, variable_frame_rate=vfr)
-    if n == 0 or first is None:
+    if n == 0 or decoded == 0:
         return FileCheck(path, "zero_frames", **common)
     if truncated_by or 0 < n < promised:
         return FileCheck(path, "truncated", **common, detail=truncated_by or f"{n} of {promised} frames")
+    if decode_error:
+        return FileCheck(path, "corrupt", **common, detail=f"{decoded} of {n} frames decoded: {decode_error}")
     if n < min_frames:
         return FileCheck(path, "too_short", **common, detail=f"{n} < {min_frames} frames")
     return FileCheck(path, "ok", **common)
@@ -118,6 +127,7 @@ def scan(
     list_text: str,
     min_frames: int = 1,
     workers: int = 1,
+    decode_all: bool = False,
     progress: bool = False,
 ) -> ScanResult:
     """Check every record's file (in `workers` processes), in list order."""
@@ -127,9 +137,10 @@ def scan(
     bar = dict(total=len(paths), desc="scan", unit="file", disable=not progress, dynamic_ncols=True)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            checks = list(tqdm(pool.map(check_file, paths, [min_frames] * len(paths), chunksize=16), **bar))
+            same = [min_frames] * len(paths), [decode_all] * len(paths)
+            checks = list(tqdm(pool.map(check_file, paths, *same, chunksize=16), **bar))
     else:
-        checks = [check_file(p, min_frames) for p in tqdm(paths, **bar)]
+        checks = [check_file(p, min_frames, decode_all) for p in tqdm(paths, **bar)]
     return ScanResult(checks, hashlib.sha256(list_text.encode()).hexdigest())
 
 
@@ -139,13 +150,14 @@ def main(
     root: str = "",
     min_frames: int = 1,
     workers: int = 1,
+    decode_all: bool = False,
     bad_out: str | None = None,
     frames_out: str | None = None,
 ) -> ScanResult:
     """Scan, print the summary, write the bad-path and (optional) frame-count lists."""
     records = read_list(list_path, root=root)
     result = scan(records, list_text=Path(list_path).read_text(), min_frames=min_frames, workers=workers,
-                  progress=True)
+                  decode_all=decode_all, progress=True)
     print(result.summary())
     bad_out = bad_out or f"{list_path}.bad.txt"
     bad = [c for c in result.checks if c.status != "ok" or c.variable_frame_rate]

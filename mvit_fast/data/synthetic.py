@@ -125,6 +125,10 @@ def make_synthetic(
 
     from .video_io import write_video
 
+    for name, value, least in (("num_train", num_train, 1), ("num_val", num_val, 1),
+                               ("num_frames", num_frames, 2), ("size", size, 16), ("fps", fps, 1)):
+        if not isinstance(value, int) or value < least:  # motion needs 2 frames; a disc needs pixels
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     if size % 2:
         raise ValueError(f"size must be even (yuv420p), got {size}")
     suffix = {"h264": ".mp4", "vp9": ".webm"}.get(codec)
