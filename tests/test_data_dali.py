@@ -9,7 +9,7 @@ import torch
 
 from mvit_fast.data import ClipSampling, TestAugment, TrainAugment, VideoRecord, build_loader
 from tests.test_data_pyav import PLAIN_TRAIN, decode_views
-from tests.test_data_videos import make_list
+from tests.test_data_videos import corrupt_frame, make_list
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'mvit-fast[dali]')")
 
@@ -99,6 +99,29 @@ def test_bad_files_are_replaced_and_reported(webm_videos, tmp_path):
     assert all(v == i for v, i in zip(ids, batch.video_index.tolist()))
 
 
+def test_a_file_the_decoder_fails_on_is_named_and_replaced(webm_videos, tmp_path, caplog):
+    corrupt = corrupt_frame(webm_videos[0].path, tmp_path / "corrupt.webm", frame=16)
+    records = webm_videos[3:] + [VideoRecord(corrupt, 4)]  # both good ones have 32 frames
+    loader = build_loader(
+        records,
+        backend="dali",
+        device="cpu",
+        train=False,
+        batch_size=3,
+        num_workers=2,
+        sampling=ClipSampling("k400", 8, 3, num_clips=2),  # the second clip starts past frame 16
+        augment=TestAugment(48, 48, 1),
+    )
+    (batch,) = list(loader)
+    assert loader.report.paths["undecodable"] == {corrupt} and loader.report.samples == 3
+    assert f"DALI cannot decode {corrupt} (DALI decoder: " in caplog.text
+    index = batch.video_index.tolist()  # two views per video; the third video was replaced
+    assert index[:4] == [0, 0, 1, 1] and index[4] == index[5] in (0, 1)
+    assert batch.labels.tolist() == [records[i].label for i in index]
+    _, ids = decode_views(batch)  # every view holds the frames of the video it is labelled with
+    assert ids == [3 + i for i in index]
+
+
 @pytest.mark.cuda
 def test_gpu_decoder_on_h264_matches_pyav(tmp_path):
     records = make_list(tmp_path, [32, 32, 32, 32])
@@ -130,3 +153,25 @@ def test_gpu_decoder_on_h264_matches_pyav(tmp_path):
         and batch.clips.shape == (4, 3, 4, 32, 32)
         and np.isfinite(batch.clips.sum().item())
     )
+
+
+@pytest.mark.cuda
+def test_gpu_decoder_survives_a_corrupt_h264_file(tmp_path):
+    """NVDEC may conceal the damage or fail; either way the epoch is delivered, and a failure
+    is reported against the file."""
+    records = make_list(tmp_path, [32, 32])
+    corrupt = corrupt_frame(records[0].path, tmp_path / "corrupt.mp4", frame=16)
+    loader = build_loader(
+        [*records, VideoRecord(corrupt, 4)],
+        backend="dali",
+        device="cuda",
+        train=True,
+        batch_size=3,
+        num_workers=2,
+        sampling=ClipSampling("k400", 8, 3),
+        augment=PLAIN_TRAIN,
+    )
+    (batch,) = list(loader)
+    assert batch.clips.is_cuda and len(batch.labels) == 3 * PLAIN_TRAIN.repeats
+    assert loader.report.samples == 3 and set(loader.report.paths) <= {"undecodable"}
+    assert loader.report.paths.get("undecodable", {corrupt}) == {corrupt}

@@ -8,6 +8,8 @@ Helpers here are shared by the other tests/test_data_*.py files.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -50,6 +52,18 @@ def unnormalize(clip, mean=(0.45,) * 3, std=(0.225,) * 3) -> np.ndarray:
     """Loader output (C, T, H, W) -> (T, H, W, C) in [0, 255]."""
     x = np.asarray(clip, dtype=np.float64).transpose(1, 2, 3, 0)
     return (x * np.array(std) + np.array(mean)) * 255
+
+
+def corrupt_frame(path, out, frame: int) -> str:
+    """A copy of video `path` at `out` whose `frame`-th packet starts with 4 flipped bytes: the
+    container and the packet count are intact, the decoder fails from that frame on."""
+    with av.open(str(path)) as container:
+        payload = [bytes(p) for p in container.demux(container.streams.video[0]) if p.size][frame]
+    data = bytearray(Path(path).read_bytes())
+    at = data.index(payload)
+    data[at : at + 4] = bytes(b ^ 0xFF for b in data[at : at + 4])
+    Path(out).write_bytes(data)
+    return str(out)
 
 
 def make_list(folder, counts: list[int], suffix: str = ".mp4") -> list[VideoRecord]:

@@ -9,6 +9,9 @@ how the tests check DALI against PyAV without a GPU.
 Python side, per sample: read the file's bytes and its frame count (PyAV probe, packets
 counted once per file and cached), pick the frame indices, replace missing or unreadable
 files with another sample and record padding, exactly as the PyAV backend reports it.
+A file the decoder fails on (data corrupted mid-stream) fails its whole batch, and
+DALI's error names no sample: the batch's samples are then run one by one on a rebuilt
+pipeline, the failing files reported as undecodable and replaced, and the batch run again.
 Graph side: decode -> random resized crop -> RandAugment -> flip + normalize (train), or
 short-side resize -> 1 or 3 crops + normalize (test). Random erasing runs on the
 output tensor with the same torch function the PyAV backend uses.
@@ -161,8 +164,9 @@ class DALILoader:
         self.views = views_per_video(train, sampling, augment)
         self.epoch, self.start_batch, self.report = 0, 0, DataReport()
         self._probed: dict[str, tuple[int, bool]] = {}  # path -> (frame count, landscape)
+        self._undecodable: dict[str, str] = {}  # path -> the decoder's error, found by `_find_undecodable`
         clips_per_video = 1 if train else sampling.num_clips
-        self.pipe = build_pipeline(
+        self._pipe_args = dict(
             train=train,
             augment=augment,
             batch_size=batch_size * clips_per_video,
@@ -170,6 +174,7 @@ class DALILoader:
             seed=seed + rank,
             device_id=self.device.index if self.device.type == "cuda" else None,
         )
+        self.pipe = build_pipeline(**self._pipe_args)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch (its shuffle); `start_batch` skips that many batches without
@@ -208,6 +213,8 @@ class DALILoader:
             rng = np.random.default_rng([self.seed, self.epoch, index, attempt])
             path = resolve_video_path(record.path)
             try:
+                if path in self._undecodable:
+                    raise RuntimeError(self._undecodable[path])
                 encoded = np.fromfile(path, dtype=np.uint8)
                 num_frames, landscape = self._probe(path)
                 if num_frames <= 0:
@@ -234,21 +241,18 @@ class DALILoader:
         shard, report = self._shard(), DataReport()
         erase_rng = np.random.default_rng([self.seed, self.epoch, self.rank, 1 << 20])
         for b in range(len(self)):
-            encoded, frames, landscape, labels, video_index = [], [], [], [], []
-            for i in shard[b * self.batch_size : (b + 1) * self.batch_size]:
-                record, index, data, clips, land = self._read(i, report)
-                for clip in clips:
-                    encoded.append(data)
-                    frames.append(clip.astype(np.int32))
-                    landscape.append(np.float32(land))
-                labels.append(record.label)
-                video_index.append(index)
+            batch = shard[b * self.batch_size : (b + 1) * self.batch_size]
+            samples = [self._read(i, report) for i in batch]
+            while True:
+                try:
+                    views = self._run(samples)
+                    break
+                except RuntimeError as error:  # names no sample; replace the ones that fail alone
+                    for j in self._find_undecodable(samples, error):
+                        samples[j] = self._read(batch[j], report)
+            labels = [record.label for record, *_ in samples]
+            video_index = [index for _, index, *_ in samples]
             report.add([], samples=len(labels))
-            self.pipe.feed_input("encoded", encoded)
-            self.pipe.feed_input("frames", frames)
-            if not self.train:  # only the test graph uses it (DALI prunes unused inputs)
-                self.pipe.feed_input("landscape", [np.array(x) for x in landscape])
-            views = [_to_torch(out, self.device) for out in self.pipe.run()]
             # views[v]: (samples, C, T, H, W); sample-major, then view -> adjacent views per video.
             clips = torch.stack(views, 1).flatten(0, 1)
             if self.train and self.augment.erase_prob > 0:
@@ -263,3 +267,43 @@ class DALILoader:
         if report.counts:
             log.warning("epoch data report (rank %d): %s", self.rank, report.summary())
         report.check(self.max_fail_fraction)
+
+    def _run(self, samples: list[tuple]) -> list[torch.Tensor]:
+        """One pipeline run over `samples` (from `_read`): one (clips, C, T, H, W) tensor per view."""
+        encoded, frames, landscape = [], [], []
+        for _, _, data, clips, land in samples:
+            for clip in clips:
+                encoded.append(data)
+                frames.append(clip.astype(np.int32))
+                landscape.append(np.array(np.float32(land)))
+        self.pipe.feed_input("encoded", encoded)
+        self.pipe.feed_input("frames", frames)
+        if not self.train:  # only the test graph uses it (DALI prunes unused inputs)
+            self.pipe.feed_input("landscape", landscape)
+        return [_to_torch(out, self.device) for out in self.pipe.run()]
+
+    def _find_undecodable(self, samples: list[tuple], error: RuntimeError) -> list[int]:
+        """Positions of the samples that fail alone, each run on a fresh pipeline (an error
+        leaves a DALI pipeline unusable); their files are remembered as undecodable.
+        Re-raises `error` when none fails alone: then it was not a file's fault."""
+        bad = []
+        self.pipe = build_pipeline(**self._pipe_args)
+        for j, sample in enumerate(samples):
+            try:
+                self._run([sample])
+            except RuntimeError as e:
+                path = resolve_video_path(sample[0].path)
+                self._undecodable[path] = reason = _decoder_message(e)
+                log.warning("DALI cannot decode %s (%s); replacing it from now on", path, reason)
+                bad.append(j)
+                self.pipe = build_pipeline(**self._pipe_args)
+        if not bad:
+            raise error
+        return bad
+
+
+def _decoder_message(error: RuntimeError) -> str:
+    """The line of a DALI pipeline error that says what failed (DALI wraps it in a traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    after = lines.index("encountered:") + 1 if "encountered:" in lines else 0
+    return f"DALI decoder: {lines[after] if after < len(lines) else 'error'}"
