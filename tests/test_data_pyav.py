@@ -248,9 +248,9 @@ def test_bad_loader_arguments_fail_before_any_decoding():
     """Checked when the loader is built, each naming the argument, not at the first batch."""
     records = [VideoRecord("a.mp4", 0)]
     cases = [
-        (dict(batch_size=0), ValueError, "batch_size must be a positive int, got 0"),
-        (dict(batch_size=2.0), ValueError, "batch_size must be a positive int, got 2.0"),
-        (dict(num_workers=-1), ValueError, "num_workers must be an int >= 0, got -1"),
+        (dict(batch_size=0), ValueError, "batch_size must be an integer >= 1, got 0"),
+        (dict(batch_size=2.0), ValueError, "batch_size must be an integer >= 1, got 2.0"),
+        (dict(num_workers=-1), ValueError, "num_workers must be an integer >= 0, got -1"),
         (dict(rank=1), ValueError, r"give rank and world_size together \(got rank=1, world_size=None\)"),
         (dict(rank=2, world_size=2), ValueError, "rank 2 is outside world_size 2"),
         (dict(augment=TestAugment()), TypeError, "train=True needs a TrainAugment"),
@@ -268,14 +268,14 @@ def test_bad_loader_arguments_fail_before_any_decoding():
 @pytest.mark.parametrize(
     "augment,message",
     [
-        (lambda: TrainAugment(crop_size=0), "crop_size must be a positive int, got 0"),
-        (lambda: TrainAugment(crop_size=True), "crop_size must be a positive int, got True"),
-        (lambda: TrainAugment(repeats=0), "repeats must be a positive int"),
+        (lambda: TrainAugment(crop_size=0), "crop_size must be an integer >= 1, got 0"),
+        (lambda: TrainAugment(crop_size=True), "crop_size must be an integer >= 1, got True"),
+        (lambda: TrainAugment(repeats=0), "repeats must be an integer >= 1"),
         (lambda: TrainAugment(scale=(1.0, 0.08)), r"scale must be an area fraction range"),
         (lambda: TrainAugment(ratio=(0, 1)), "ratio must be an aspect range"),
         (lambda: TrainAugment(erase_prob=2), r"erase_prob must be in \[0, 1\]"),
         (lambda: TrainAugment(std=(0.2, 0.2, 0.0)), "std must be positive"),
-        (lambda: TestAugment(short_side=0), "short_side must be a positive int"),
+        (lambda: TestAugment(short_side=0), "short_side must be an integer >= 1"),
         (lambda: TestAugment(mean=(0.5,) * 4), "one value per RGB channel"),
         (lambda: TestAugment(num_crops="3"), "num_crops must be 1 or 3, got '3'"),
     ],

@@ -30,7 +30,7 @@ from .lists import VideoRecord, read_list
 from .pyav_dataset import VideoDataset, collate
 from .report import DataReport
 from .sampling import ClipSampling
-from .transforms import TestAugment, TrainAugment, check_augment
+from .transforms import TestAugment, TrainAugment, check_augment, check_int
 
 log = logging.getLogger("mvit_fast.data")
 Backend = Literal["auto", "dali", "pyav"]
@@ -188,11 +188,9 @@ def build_loader(
         raise ValueError("build_loader: no records")
     augment = augment if augment is not None else (TrainAugment() if train else TestAugment())
     check_augment(train, augment)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
-                                    or num_workers < 0):
-        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    check_int("batch_size", batch_size)
+    if num_workers is not None:
+        check_int("num_workers", num_workers, least=0)
     rank, world_size = dist_rank_world(rank, world_size)
     if num_workers is None:
         num_workers = max(1, len(os.sched_getaffinity(0)) // max(1, torch.cuda.device_count() or 1))

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .lists import VideoRecord, write_list
+from .transforms import check_int
 
 # Part of the cache folder's name: bump it whenever `render_clip` changes its output.
 GENERATOR_VERSION = 4
@@ -127,8 +128,7 @@ def make_synthetic(
 
     for name, value, least in (("num_train", num_train, 1), ("num_val", num_val, 1),
                                ("num_frames", num_frames, 2), ("size", size, 16), ("fps", fps, 1)):
-        if not isinstance(value, int) or value < least:  # motion needs 2 frames; a disc needs pixels
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        check_int(name, value, least)  # motion needs 2 frames; a disc needs pixels
     if size % 2:
         raise ValueError(f"size must be even (yuv420p), got {size}")
     suffix = {"h264": ".mp4", "vp9": ".webm"}.get(codec)

@@ -42,7 +42,8 @@ class TrainAugment:
     std: tuple[float, float, float] = K400_STD
 
     def __post_init__(self):
-        _check_positive_ints(self, "crop_size", "repeats")
+        check_int("crop_size", self.crop_size)
+        check_int("repeats", self.repeats)
         low, high = self.scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"scale must be an area fraction range 0 < low <= high <= 1, got {self.scale}")
@@ -67,7 +68,8 @@ class TestAugment:
     std: tuple[float, float, float] = K400_STD
 
     def __post_init__(self):
-        _check_positive_ints(self, "short_side", "crop_size")
+        check_int("short_side", self.short_side)
+        check_int("crop_size", self.crop_size)
         if not _is_int(self.num_crops) or self.num_crops not in (1, 3):
             raise ValueError(f"num_crops must be 1 or 3, got {self.num_crops!r}")
         _check_mean_std(self)
@@ -80,11 +82,10 @@ def check_augment(train: bool, augment: TrainAugment | TestAugment) -> None:
         raise TypeError(f"train={train} needs a {wanted}, got {augment!r}")
 
 
-def _check_positive_ints(augment, *names: str) -> None:
-    for name in names:
-        value = getattr(augment, name)
-        if not _is_int(value) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+def check_int(name: str, value, least: int = 1) -> None:
+    """ValueError naming `name` unless `value` is an integer (not a bool) >= `least`."""
+    if not _is_int(value) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
 def _is_int(value) -> bool:
