@@ -18,7 +18,8 @@ output tensor with the same torch function the PyAV backend uses.
 
 Known differences from the PyAV/timm path: DALI's RandAugment applies every one of its
 `n` ops (timm applies each with p=0.5) and has no magnitude noise (mstd); resize and
-crop rounding may differ by a pixel.
+crop rounding may differ by a pixel. A file whose data is corrupted mid-stream is replaced
+here (undecodable), where PyAV keeps the frames before the damage and pads (truncated).
 """
 
 from __future__ import annotations
