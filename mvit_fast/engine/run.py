@@ -477,7 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
         "to test (--eval): SlowFast .pyth, mmaction2 .pth, torchvision, mvit-fast",
     )
     p.add_argument(
-        "--resume", help="continue a run exactly: its run dir (newest checkpoint) or a checkpoint file"
+        "--resume",
+        help="continue a run exactly, with the recipe saved in it: its run dir (newest checkpoint) "
+        "or a checkpoint file; give the data flags again",
     )
     p.add_argument("--dump", help="write test predictions (.csv per video, else a torch file of scores)")
     p.add_argument("--device", type=_device, help="cuda or cpu (default: cuda when available)")
