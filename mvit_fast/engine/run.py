@@ -456,7 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="MViTv2 size (default s; on synthetic, the narrow quickstart model unless given)",
     )
     p.add_argument(
-        "--dataset", choices=RECIPE_DATASETS, help="default synthetic (with --resume: the run's)"
+        "--dataset",
+        choices=RECIPE_DATASETS,
+        default=argparse.SUPPRESS,
+        help="default synthetic (with --resume: the run's)",
     )
     p.add_argument(
         "--data-root", help="folder the list paths are relative to (synthetic: where to generate it)"
