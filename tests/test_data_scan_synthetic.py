@@ -156,3 +156,12 @@ def test_synthetic_settings_are_checked_before_anything_is_written(tmp_path, kwa
     with pytest.raises(ValueError, match=re.escape(message)):
         make_synthetic(tmp_path / "ds", progress=False, **kwargs)
     assert not (tmp_path / "ds").exists()
+
+
+def test_a_file_in_place_of_the_synthetic_folder_is_an_error(tmp_path, capsys):
+    (tmp_path / "ds").write_text("")
+    with pytest.raises(ValueError, match="the synthetic dataset's folder .*ds is a file"):
+        make_synthetic(tmp_path / "ds", progress=False)
+    with pytest.raises(SystemExit) as exit_:
+        cli(["synthetic", "--root", str(tmp_path / "ds")])
+    assert exit_.value.code == 2 and "ds is a file" in capsys.readouterr().err

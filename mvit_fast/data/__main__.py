@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if result.status["ok"] == len(result.checks) else 1
     from .synthetic import make_synthetic
 
-    dataset = make_synthetic(args.root, codec=args.codec, seed=args.seed)
+    try:
+        dataset = make_synthetic(args.root, codec=args.codec, seed=args.seed)
+    except ValueError as e:
+        synth.error(str(e))
     print(f"train: {dataset.train_list}\nval: {dataset.val_list}\nclasses: {dataset.label_map}")
     return 0
 

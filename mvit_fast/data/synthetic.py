@@ -136,6 +136,8 @@ def make_synthetic(
         raise ValueError(f"unknown codec {codec!r}; use 'h264' or 'vp9'")
     name = f"v{GENERATOR_VERSION}_{codec}_s{size}_f{num_frames}_n{num_train}-{num_val}_fps{fps}_seed{seed}"
     root = Path(root) if root is not None else default_cache_dir() / name
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"the synthetic dataset's folder {root} is a file")
     jobs = []
     for split_id, (split, count) in enumerate((("train", num_train), ("val", num_val))):
         (root / split).mkdir(parents=True, exist_ok=True)
