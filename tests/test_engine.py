@@ -24,7 +24,7 @@ from mvit_fast.engine import (
     topk_hits,
 )
 from mvit_fast.engine.dist import Dist
-from mvit_fast.engine.recipe import resume_recipe
+from mvit_fast.engine.recipe import saved_recipe
 from mvit_fast.engine.run import build
 from mvit_fast.engine.trainer import accumulation
 
@@ -205,29 +205,29 @@ def test_evaluate_counts_every_listed_video_once():
     assert result.per_class[0] == 50.0 and result.per_class[1] == 100.0
 
 
-def test_resume_keeps_the_saved_recipe_and_names_each_setting_a_command_changes():
+def test_a_saved_run_keeps_its_recipe_and_each_setting_a_command_changes_is_named():
     trained = get_recipe(None, "synthetic", depths=(1, 1, 1, 1), epochs=3, num_workers=1)
     saved = {**trained.to_dict(), "depths": [1, 1, 1, 1]}  # as read back from a JSON config
-    assert resume_recipe(saved, "--resume R") == trained
+    assert saved_recipe(saved, "--resume R") == trained
     same = dict(dataset="synthetic", size="s", depths=(1, 1, 1, 1), epochs=3)  # the first command again
-    assert resume_recipe(saved, "--resume R", **same, num_workers=4, max_steps=5) == dataclasses.replace(
+    assert saved_recipe(saved, "--resume R", **same, num_workers=4, max_steps=5) == dataclasses.replace(
         trained, num_workers=4, max_steps=5)  # how it runs may change
-    assert resume_recipe({**saved, "max_steps": 4}, "--resume R") == trained  # a stop, not the run's
+    assert saved_recipe({**saved, "max_steps": 4}, "--resume R") == trained  # a stop, not the run's
     del saved["log_every"]  # a file from before the setting existed: its default
-    assert resume_recipe(saved, "--resume R").log_every == Recipe.log_every
+    assert saved_recipe(saved, "--resume R").log_every == Recipe.log_every
     with pytest.raises(ValueError) as e:
-        resume_recipe(saved, "--resume R", size="b", depths=(1, 2, 1, 1), num_workers=4, base_lr=2e-3)
+        saved_recipe(saved, "--resume R", size="b", depths=(1, 2, 1, 1), num_workers=4, base_lr=2e-3)
     assert str(e.value).startswith(
         "--resume R: the run was trained with --size s, --depths 1 1 1 1, --base-lr 0.001, this command "
-        "asks for --size b, --depths 1 2 1 1, --base-lr 0.002. A resumed run keeps its recipe; it may "
+        "asks for --size b, --depths 1 2 1 1, --base-lr 0.002. A saved run keeps its recipe; a command may "
         "change only --attention-backend ")
-    assert "--num-workers" in str(e.value) and str(e.value).endswith("with --checkpoint.")
+    assert "--num-workers" in str(e.value) and str(e.value).endswith("from its weights with --checkpoint.")
     with pytest.raises(ValueError, match=r"trained with --no-mixup, this command asks for --mixup\. "):
-        resume_recipe({**saved, "mixup": False}, "--resume R", mixup=True)
+        saved_recipe({**saved, "mixup": False}, "--resume R", mixup=True)
     with pytest.raises(ValueError, match="unknown recipe setting"):
-        resume_recipe(saved, "--resume R", learning_rate=1.0)
+        saved_recipe(saved, "--resume R", learning_rate=1.0)
     with pytest.raises(ValueError, match="max_steps must be >= 1"):
-        resume_recipe(saved, "--resume R", max_steps=0)
+        saved_recipe(saved, "--resume R", max_steps=0)
 
 
 # ---- errors --------------------------------------------------------------------------------------

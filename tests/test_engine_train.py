@@ -212,7 +212,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny, tmp_path, monkeypatc
     assert main(**tiny, resume=str(tmp_path / "run"))["step"] == 6
 
 
-def test_resume_takes_the_recipe_from_the_checkpoint_and_refuses_another(tiny, tmp_path):
+def test_resume_and_eval_take_the_recipe_from_the_checkpoint_and_refuse_another(tiny, tmp_path):
     run = tmp_path / "run"
     main(**tiny, run_dir=str(run), max_steps=2)
     with pytest.raises(ValueError, match=r"--resume .*step_000000002.pt: the run was trained with "
@@ -226,6 +226,13 @@ def test_resume_takes_the_recipe_from_the_checkpoint_and_refuses_another(tiny, t
     config = json.loads((run / "config.json").read_text())  # the resumed run's resolved config
     trained = json.loads(json.dumps(dict(tiny_recipe(tiny).to_dict(), max_steps=3, batch_per_device=4)))
     assert {k: config[k] for k in trained} == trained
+    # testing the run's checkpoint takes its recipe too
+    data = {k: tiny[k] for k in RUN_ARGS if k != "train_list"}
+    tested = main(**data, eval_only=True, checkpoint=out["checkpoint"], run_dir=str(tmp_path / "test"))
+    assert tested["test"]["num_videos"] == 6
+    with pytest.raises(ValueError, match=r"--checkpoint .*step_000000003.pt: the run was trained with "
+                                         r"--embed-dim 16, this command asks for --embed-dim 32\. "):
+        main(**data, eval_only=True, checkpoint=out["checkpoint"], embed_dim=32)
 
 
 def test_a_state_that_does_not_fit_is_a_resume_error(tiny, tmp_path):

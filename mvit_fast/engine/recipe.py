@@ -191,9 +191,9 @@ def _check_names(overrides: dict) -> None:
         raise ValueError(f"unknown recipe setting(s) {unknown}: expected some of {sorted(fields)}")
 
 
-# What a resumed run may change: how it runs and how it is tested, never the model, the
-# optimizer, the data order or the updates (those are the checkpoint's).
-RESUME_MAY_CHANGE = (
+# What a command resuming or testing a saved run may change: how it runs and how it is
+# tested, never the model, the optimizer, the data order or the updates (the checkpoint's).
+RUN_MAY_CHANGE = (
     "attention_backend", "pool_backend", "checkpoint_activations", "batch_per_device",
     "max_batch_per_device", "precision", "compile", "fsdp", "eval_every", "eval_batch_size",
     "test_clips", "test_crops", "test_short_side", "num_workers", "loader", "keep_checkpoints",
@@ -209,10 +209,10 @@ def _flag(name: str, value) -> str:
     return f"{flag} {' '.join(map(str, value)) if isinstance(value, tuple) else value}"
 
 
-def resume_recipe(saved: dict, where: str, size: str | None = None, dataset: str | None = None,
-                  **overrides) -> Recipe:
-    """The recipe a resumed run continues with: `saved` (a checkpoint's `recipe`, without its
-    `max_steps`), with the `RESUME_MAY_CHANGE` settings among `overrides` applied. Any other
+def saved_recipe(saved: dict, where: str, size: str | None = None, dataset: str | None = None,
+                 **overrides) -> Recipe:
+    """The recipe a saved run resumes or is tested with: `saved` (a checkpoint's `recipe`, without its
+    `max_steps`), with the `RUN_MAY_CHANGE` settings among `overrides` applied. Any other
     setting given (size and dataset included) must equal the saved one: ValueError naming
     each that differs (`where` starts the message)."""
     _check_names(overrides)
@@ -221,19 +221,19 @@ def resume_recipe(saved: dict, where: str, size: str | None = None, dataset: str
     run = Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
     asked = {k: tuple(v) if isinstance(v, list) else v
              for k, v in dict(size=size, dataset=dataset, **overrides).items() if v is not None}
-    differ = [k for k, v in asked.items() if k not in RESUME_MAY_CHANGE and v != getattr(run, k)]
+    differ = [k for k, v in asked.items() if k not in RUN_MAY_CHANGE and v != getattr(run, k)]
     if differ:
         raise ValueError(
             f"{where}: the run was trained with "
             + ", ".join(_flag(k, getattr(run, k)) for k in differ)
             + ", this command asks for "
             + ", ".join(_flag(k, asked[k]) for k in differ)
-            + ". A resumed run keeps its recipe; it may change only "
-            + " ".join(f"--{k.replace('_', '-')}" for k in RESUME_MAY_CHANGE)
-            + ". Leave the others out, or start a new run from its weights with --checkpoint."
+            + ". A saved run keeps its recipe; a command may change only "
+            + " ".join(f"--{k.replace('_', '-')}" for k in RUN_MAY_CHANGE)
+            + ". Leave the others out; a new run can start from its weights with --checkpoint."
         )
     # max_steps stops one command (like SIGTERM): the run it stopped goes on to its end
-    changes = {"max_steps": None, **{k: v for k, v in asked.items() if k in RESUME_MAY_CHANGE}}
+    changes = {"max_steps": None, **{k: v for k, v in asked.items() if k in RUN_MAY_CHANGE}}
     run = dataclasses.replace(run, **changes)
     check_recipe(run)
     return run

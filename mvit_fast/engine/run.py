@@ -2,7 +2,7 @@
 
     main(size, dataset, lists...) -> get_recipe -> build_model (+ --checkpoint weights)
         -> train (DDP or --fsdp under torchrun) -> multi-view test -> summary, run_dir/results.json
-    main(eval_only=True, checkpoint=PATH) -> multi-view test only
+    main(eval_only=True, checkpoint=PATH) -> multi-view test only (a run's checkpoint: its recipe)
     main(resume=RUN_DIR) -> the recipe saved in its newest checkpoint -> train on from there
 
 Every `Recipe` field is a flag (`--base-lr`, `--batch-size`, `--no-mixup`, ...); flags left
@@ -29,6 +29,7 @@ from ..checkpoint import (
     CheckpointReadError,
     infer_config,
     load_checkpoint,
+    load_file,
     preset_name,
     read_checkpoint,
     to_native,
@@ -47,7 +48,7 @@ from ..data import (
 from ..model import MViT, build_model
 from .dist import Dist, barrier, cleanup, init_distributed
 from .evaluate import EvalResult, evaluate, write_per_class, write_predictions
-from .recipe import RECIPE_DATASETS, Recipe, get_recipe, resume_recipe
+from .recipe import RECIPE_DATASETS, Recipe, get_recipe, saved_recipe
 from .trainer import (
     TrainingDiverged,
     accumulation,
@@ -170,6 +171,15 @@ def build(recipe: Recipe, checkpoint: str | None, d: Dist, *, reinit_head: bool)
     return model.to(d.device)
 
 
+def _run_recipe(checkpoint: str) -> dict | None:
+    """The recipe a training checkpoint of this engine was saved with; None for other files."""
+    try:
+        state = load_file(Path(checkpoint), weights_only=True, mmap=True)
+    except CheckpointReadError:  # `build` says what is wrong with it
+        return None
+    return state.get("recipe") if isinstance(state, dict) and state.get("kind") == "train" else None
+
+
 def _describe(checkpoint: str) -> str:
     try:
         raw, fmt = read_checkpoint(checkpoint)
@@ -215,8 +225,8 @@ def main(
 ) -> dict:
     """Train (then test) or, with `eval_only`, test `checkpoint`. Returns the results dict that
     is also written to `run_dir/results.json`. `overrides` are `Recipe` fields; `dataset`
-    defaults to "synthetic". With `resume`, the run goes on with the recipe saved in its
-    checkpoint (see `resume_recipe`)."""
+    defaults to "synthetic". With `resume`, or `eval_only` and a training checkpoint of this
+    engine, the recipe is the one saved in the checkpoint (see `saved_recipe`)."""
     t_start = time.perf_counter()
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if eval_only and checkpoint is None:
@@ -227,14 +237,19 @@ def main(
         raise ValueError("--resume continues training; use --checkpoint with --eval")
     if resume is not None and checkpoint is not None:
         raise ValueError("--resume continues a run from its own weights; leave out --checkpoint")
-    resume_path = latest_checkpoint(resume) if resume is not None else None
-    if resume_path is not None:
-        saved = read_training_state(resume_path, mmap=True)["recipe"]
-        recipe = resume_recipe(saved, f"--resume {resume_path}", size, dataset, **overrides)
-    else:
-        recipe = get_recipe(size, dataset or "synthetic", **overrides)
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise ValueError(f"--checkpoint {checkpoint}: no such file")
+    resume_path = latest_checkpoint(resume) if resume is not None else None
+    if resume_path is not None:
+        saved, where = read_training_state(resume_path, mmap=True)["recipe"], f"--resume {resume_path}"
+    elif eval_only:  # testing a run of this engine: its recipe, as for --resume
+        saved, where = _run_recipe(checkpoint), f"--checkpoint {checkpoint}"
+    else:
+        saved = None
+    if saved is not None:
+        recipe = saved_recipe(saved, where, size, dataset, **overrides)
+    else:
+        recipe = get_recipe(size, dataset or "synthetic", **overrides)
     if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise ValueError(f"--run-dir {run_dir} is a file")
     if dump is not None and (reason := unwritable(dump)):  # now, not after the whole evaluation
