@@ -221,16 +221,18 @@ def test_resume_and_eval_take_the_recipe_from_the_checkpoint_and_refuse_another(
     with pytest.raises(ValueError, match="leave out --checkpoint"):
         main(**tiny, resume=str(run), checkpoint=str(run / "checkpoints" / "step_000000002.pt"))
     # only the data and how to run: the model, solver and schedule come from the checkpoint
-    out = main(**{k: tiny[k] for k in RUN_ARGS}, resume=str(run), max_steps=3)
-    assert out["status"] == "stopped" and out["step"] == 3
+    out = main(**{k: tiny[k] for k in RUN_ARGS}, resume=str(run), num_workers=1)
+    assert out["status"] == "finished" and out["step"] == 6
     config = json.loads((run / "config.json").read_text())  # the resumed run's resolved config
-    trained = json.loads(json.dumps(dict(tiny_recipe(tiny).to_dict(), max_steps=3, batch_per_device=4)))
+    trained = json.loads(json.dumps(dict(tiny_recipe(tiny).to_dict(), num_workers=1, batch_per_device=4)))
     assert {k: config[k] for k in trained} == trained
-    # testing the run's checkpoint takes its recipe too
+    # testing the run's checkpoints (the last; best.pt, from the validation after the last
+    # epoch) takes its recipe too
     data = {k: tiny[k] for k in RUN_ARGS if k != "train_list"}
-    tested = main(**data, eval_only=True, checkpoint=out["checkpoint"], run_dir=str(tmp_path / "test"))
-    assert tested["test"]["num_videos"] == 6
-    with pytest.raises(ValueError, match=r"--checkpoint .*step_000000003.pt: the run was trained with "
+    for checkpoint in (out["checkpoint"], str(run / "best.pt")):
+        tested = main(**data, eval_only=True, checkpoint=checkpoint, run_dir=str(tmp_path / "test"))
+        assert tested["test"]["num_videos"] == 6
+    with pytest.raises(ValueError, match=r"--checkpoint .*step_000000006.pt: the run was trained with "
                                          r"--embed-dim 16, this command asks for --embed-dim 32\. "):
         main(**data, eval_only=True, checkpoint=out["checkpoint"], embed_dim=32)
 

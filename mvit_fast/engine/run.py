@@ -172,12 +172,13 @@ def build(recipe: Recipe, checkpoint: str | None, d: Dist, *, reinit_head: bool)
 
 
 def _run_recipe(checkpoint: str) -> dict | None:
-    """The recipe a training checkpoint of this engine was saved with; None for other files."""
+    """The recipe a checkpoint of this engine's runs (step_*.pt, best.pt) was saved with; None
+    for other files."""
     try:
         state = load_file(Path(checkpoint), weights_only=True, mmap=True)
     except CheckpointReadError:  # `build` says what is wrong with it
         return None
-    return state.get("recipe") if isinstance(state, dict) and state.get("kind") == "train" else None
+    return state.get("recipe") if isinstance(state, dict) else None
 
 
 def _describe(checkpoint: str) -> str:
@@ -242,7 +243,7 @@ def main(
     resume_path = latest_checkpoint(resume) if resume is not None else None
     if resume_path is not None:
         saved, where = read_training_state(resume_path, mmap=True)["recipe"], f"--resume {resume_path}"
-    elif eval_only:  # testing a run of this engine: its recipe, as for --resume
+    elif eval_only:  # testing a run's checkpoint: its recipe, as for --resume
         saved, where = _run_recipe(checkpoint), f"--checkpoint {checkpoint}"
     else:
         saved = None

@@ -509,7 +509,8 @@ def train(
             if is_best:
                 plain = sharded.full(rank0_cpu=True) if sharded is not None else _unwrap(model)
                 if d.is_main:
-                    save_checkpoint(run_dir / "best.pt", plain, epoch=pos.epoch, step=pos.step, val_top1=top1)
+                    save_checkpoint(run_dir / "best.pt", plain, epoch=pos.epoch, step=pos.step, val_top1=top1,
+                                    recipe=recipe.to_dict())
                 if sharded is not None:
                     sharded.release()
             _prune(run_dir, recipe.keep_checkpoints)
