@@ -154,5 +154,30 @@ def test_pooled_attention_rejects_bad_tables_and_backend():
     q, k, v = _inputs()
     with pytest.raises(ValueError, match="rel_pos_h"):
         pooled_attention(q, k, v, (1, 3, 3), (1, 2, 2), rel_pos_h=torch.randn(5, 3), backend="eager")
+    with pytest.raises(TypeError, match="rel_pos_w must be a tensor or None, got list"):
+        pooled_attention(q, k, v, (1, 3, 3), (1, 2, 2), rel_pos_w=[[0.0] * 4], backend="eager")
     with pytest.raises(ValueError, match="unknown attention backend"):
         pooled_attention(q, k, v, (1, 3, 3), (1, 2, 2), backend="cuda-magic")
+
+
+@pytest.mark.parametrize("options, error, match", [
+    ({"has_cls": "yes"}, TypeError, "has_cls must be a bool, got 'yes'"),
+    ({"has_cls": 1}, TypeError, "has_cls must be a bool"),
+    ({"residual_pooling": "false"}, TypeError, "residual_pooling must be a bool"),
+    ({"scale": 0.0}, ValueError, "scale must be a positive finite number"),
+    ({"scale": float("nan")}, ValueError, "scale must be"),
+    ({"scale": "0.5"}, ValueError, "scale must be"),
+])
+def test_pooled_attention_rejects_bad_options(options, error, match):
+    q, k, v = _inputs()
+    with pytest.raises(error, match=match):
+        pooled_attention(q, k, v, (1, 3, 3), (1, 2, 2), backend="eager", **options)
+
+
+def test_pooled_attention_accepts_numpy_and_int_scales():
+    q, k, v = _inputs()
+    def attend(scale):
+        return pooled_attention(q, k, v, (1, 3, 3), (1, 2, 2), scale=scale, backend="eager")
+
+    for scale, same_as in ((np.float32(0.5), 0.5), (np.float64(0.5), 0.5), (1, 1.0)):
+        assert torch.equal(attend(scale), attend(same_as))

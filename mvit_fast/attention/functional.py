@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from numbers import Real
 
 from torch import Tensor
 
@@ -41,7 +43,13 @@ def _resolve_backend(backend: str, args: tuple) -> str:
     return backend
 
 
-def _check_inputs(q, k, v, q_thw, k_thw, tables, has_cls):
+def _check_inputs(q, k, v, q_thw, k_thw, tables, has_cls, residual_pooling, scale):
+    for name, flag in (("has_cls", has_cls), ("residual_pooling", residual_pooling)):
+        if not isinstance(flag, bool):  # a truthy string would silently change the math
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, Real)
+                              or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.ndim != 4:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
@@ -65,6 +73,8 @@ def _check_inputs(q, k, v, q_thw, k_thw, tables, has_cls):
     for name, table in zip(("rel_pos_t", "rel_pos_h", "rel_pos_w"), tables):
         if table is None:
             continue
+        if not isinstance(table, Tensor):
+            raise TypeError(f"{name} must be a tensor or None, got {type(table).__name__}")
         if table.ndim != 2 or table.shape[1] != q.shape[-1] or table.shape[0] < 1:
             raise ValueError(f"{name} must be (L, head_dim={q.shape[-1]}), got {tuple(table.shape)}")
         if not table.is_floating_point() or table.device != q.device:
@@ -107,7 +117,7 @@ def pooled_attention(
         (B, heads, Nq, d) in q's dtype.
     """
     tables = (rel_pos_t, rel_pos_h, rel_pos_w)
-    _check_inputs(q, k, v, q_thw, k_thw, tables, has_cls)
+    _check_inputs(q, k, v, q_thw, k_thw, tables, has_cls, residual_pooling, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     args = (q, k, v, tuple(int(x) for x in q_thw), tuple(int(x) for x in k_thw), *tables, has_cls,
             residual_pooling, scale)

@@ -125,9 +125,9 @@ class MultiScaleAttention(nn.Module):
         self.dim_out = dim_out
         head_dim = dim_out // num_heads
         self.scale = head_dim ** -0.5
-        self.has_cls_embed = has_cls_embed
+        self.has_cls_embed = bool(has_cls_embed)
         self.mode = mode
-        self.residual_pooling = residual_pooling
+        self.residual_pooling = bool(residual_pooling)
         self.rel_pos_spatial = rel_pos_spatial
         self.rel_pos_temporal = rel_pos_temporal
         self.backend = backend
