@@ -127,8 +127,8 @@ def test_synthetic_is_deterministic_idempotent_and_loads(tmp_path):
     other = make_synthetic(tmp_path / "b", **kw)
     idx = np.arange(16)
     for name in ("train/000003.mp4", "val/000005.mp4"):
-        a, _ = decode_frames(str(ds.root / name), idx)
-        b, _ = decode_frames(str(other.root / name), idx)
+        a, *_ = decode_frames(str(ds.root / name), idx)
+        b, *_ = decode_frames(str(other.root / name), idx)
         assert np.array_equal(a, b)
     loader = build_loader(
         ds.train_list,

@@ -80,8 +80,8 @@ def test_pixel_code_survives_coding(tmp_path, suffix, codec):
     info = probe(path, count_packets=True)
     assert (info.num_frames, info.codec, info.width, info.height) == (32, codec, 64, 48)
     assert not info.variable_frame_rate
-    frames, decoded = decode_frames(path, np.array([31, 0, 7, 7]))
-    assert decoded == 32
+    frames, decoded, error = decode_frames(path, np.array([31, 0, 7, 7]))
+    assert decoded == 32 and error is None
     index, vid = read_codes(frames)
     assert index.tolist() == [31, 0, 7, 7] and vid.tolist() == [5] * 4
     error = np.abs(frames.astype(int) - make_frames(32, 5)[[31, 0, 7, 7]].astype(int))
@@ -90,9 +90,16 @@ def test_pixel_code_survives_coding(tmp_path, suffix, codec):
 
 def test_decode_pads_past_the_end_with_the_last_frame(tmp_path):
     path = write_test_video(tmp_path / "a.mp4", 6)
-    frames, decoded = decode_frames(path, np.array([4, 9, 5, 6]))
-    assert decoded == 6
+    frames, decoded, error = decode_frames(path, np.array([4, 9, 5, 6]))
+    assert decoded == 6 and error is None  # a file that simply ends is no decoder error
     assert read_codes(frames)[0].tolist() == [4, 5, 5, 5]
+
+
+def test_decode_names_the_error_that_stopped_it(tmp_path):
+    path = corrupt_frame(write_test_video(tmp_path / "a.webm", 32), tmp_path / "corrupt.webm", frame=16)
+    frames, decoded, error = decode_frames(path, np.array([3, 30]))
+    assert 3 < decoded < 31 and error is not None and "Error" in error
+    assert read_codes(frames)[0].tolist()[0] == 3
 
 
 def test_write_is_atomic_and_rejects_unknown_codecs(tmp_path):

@@ -108,7 +108,7 @@ class VideoDataset(torch.utils.data.Dataset):
             if num_frames <= 0:
                 raise BadVideo(path, "zero_frames", "the container has no video frames")
             clips = self.sampling.indices(num_frames, train=self.train, rng=rng)
-            frames, decoded = decode_frames(path, np.concatenate(clips))
+            frames, decoded, decode_error = decode_frames(path, np.concatenate(clips))
         except NoFrames as e:
             raise BadVideo(path, "zero_frames", str(e)) from e
         except (av.error.FFmpegError, OSError, ValueError, IndexError) as e:
@@ -118,7 +118,8 @@ class VideoDataset(torch.utils.data.Dataset):
             issues.append(Issue(path, "too_short", f"{num_frames} < {self.sampling.min_frames} frames"))
         needed = int(max(c.max() for c in clips)) + 1
         if decoded < needed:
-            issues.append(Issue(path, "truncated", f"decoded {decoded} of {num_frames} frames"))
+            stopped_by = f"; decoding stopped at {decode_error}" if decode_error else ""
+            issues.append(Issue(path, "truncated", f"decoded {decoded} of {num_frames} frames{stopped_by}"))
         video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (T_all, C, H, W)
         per_clip = np.cumsum([len(c) for c in clips])[:-1]
         parts = torch.tensor_split(video, per_clip.tolist())

@@ -65,20 +65,21 @@ def probe(path: str, *, count_packets: bool = False) -> VideoInfo:
         )
 
 
-def decode_frames(path: str, indices: np.ndarray) -> tuple[np.ndarray, int]:
+def decode_frames(path: str, indices: np.ndarray) -> tuple[np.ndarray, int, str | None]:
     """Decode the frames at `indices` (any order, repeats allowed) as uint8 (T, H, W, 3) RGB.
 
     Decodes sequentially from the start up to the largest index (K400-length clips are
     short; exact frame counting beats timestamp seeking on damaged files). An index past
     the last decodable frame gets the last decoded frame, as SlowFast pads. Returns the
-    frames and the number of frames actually decoded (< max index + 1 means truncated).
-    Raises `NoFrames` when no frame decodes.
+    frames, the number of frames actually decoded (< max index + 1 means truncated) and
+    the decoder error that stopped it early, if one did (data corrupted mid-stream, not a
+    file that simply ends). Raises `NoFrames` when no frame decodes.
     """
     av = import_av()
     wanted = set(int(i) for i in indices)
     last_wanted = max(wanted)
     got: dict[int, np.ndarray] = {}
-    decoded, last_frame = 0, None
+    decoded, last_frame, error = 0, None, None
     with av.open(path) as container:
         stream = container.streams.video[0]
         try:
@@ -89,8 +90,8 @@ def decode_frames(path: str, indices: np.ndarray) -> tuple[np.ndarray, int]:
                 decoded += 1
                 if decoded > last_wanted:
                     break
-        except av.error.FFmpegError:
-            pass  # a damaged tail: keep what decoded, the caller reports the shortfall
+        except av.error.FFmpegError as e:  # a damaged tail: keep what decoded, the caller reports it
+            error = f"{type(e).__name__}: {e}"
     if last_frame is None:
         raise NoFrames(f"{path}: no decodable frame")
     if decoded <= last_wanted:
@@ -100,7 +101,7 @@ def decode_frames(path: str, indices: np.ndarray) -> tuple[np.ndarray, int]:
         for i in wanted:
             if i >= decoded:
                 got[i] = last
-    return np.stack([got[int(i)] for i in indices]), decoded
+    return np.stack([got[int(i)] for i in indices]), decoded, error
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, *, fps: int = 30, codec: str = "h264") -> None:
