@@ -114,6 +114,8 @@ def test_a_file_the_decoder_fails_on_is_named_and_replaced(webm_videos, tmp_path
     )
     (batch,) = list(loader)
     assert loader.report.paths["undecodable"] == {corrupt} and loader.report.samples == 3
+    (issue,) = loader.report.issues  # the detail names the decoder's error, for data_issues.csv
+    assert (issue.kind, issue.path) == ("undecodable", corrupt) and "DALI decoder: " in issue.detail
     assert f"DALI cannot decode {corrupt} (DALI decoder: " in caplog.text
     index = batch.video_index.tolist()  # two views per video; the third video was replaced
     assert index[:4] == [0, 0, 1, 1] and index[4] == index[5] in (0, 1)

@@ -244,6 +244,20 @@ def test_mostly_missing_list_raises_a_clear_error(tmp_path):
         list(loader)
 
 
+def test_a_pass_stopped_early_is_closed_by_end_epoch(tmp_path, caplog):
+    records = [VideoRecord(str(tmp_path / "gone.mp4"), 0)] + make_list(tmp_path, [8, 8, 8])
+    loader = build_loader(records, train=False, batch_size=2, backend="pyav", num_workers=0,
+                          sampling=ClipSampling("k400", 2, 2), augment=TestAugment(48, 48, 1))
+    next(iter(loader))  # the missing file's batch, then the consumer stops
+    assert loader.epoch == 0 and "epoch data report" not in caplog.text
+    report = loader.end_epoch()
+    assert report.samples == 2 and [(i.kind, i.path, i.detail) for i in report.issues] == [
+        ("missing", str(tmp_path / "gone.mp4"), "no such file")]
+    assert loader.epoch == 1 and caplog.text.count("epoch data report (rank 0): 2 samples; replaced 1") == 1
+    assert loader.end_epoch() is report and caplog.text.count("epoch data report") == 1  # closed once
+    assert len(list(loader)) == 2 and loader.epoch == 2  # a full pass closes itself
+
+
 def test_bad_loader_arguments_fail_before_any_decoding():
     """Checked when the loader is built, each naming the argument, not at the first batch."""
     records = [VideoRecord("a.mp4", 0)]

@@ -212,6 +212,41 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny, tmp_path, monkeypatc
     assert main(**tiny, resume=str(tmp_path / "run"))["step"] == 6
 
 
+def _with_missing(listing: str, out: Path, line: int) -> str:
+    """A copy of `listing` (paths relative to the dataset root) whose `line` names a missing file."""
+    lines = Path(listing).read_text().splitlines()
+    lines[line] = "train/gone.mp4 " + lines[line].split()[-1]
+    out.write_text("\n".join(lines) + "\n")
+    return str(out)
+
+
+def test_bad_videos_of_every_epoch_are_reported_with_their_paths(tiny, tmp_path, caplog):
+    # 12 train videos, 3 steps of 4 per epoch: the whole shuffled list is used in every epoch,
+    # the missing file included, yet no pass runs past its last batch (whole optimizer steps).
+    bad = dict(tiny, train_list=_with_missing(tiny["train_list"], tmp_path / "train.csv", 5),
+               val_list=_with_missing(tiny["val_list"], tmp_path / "val.csv", 2), eval_every=1)
+    out = main(**bad, run_dir=str(tmp_path / "run"))
+    assert out["status"] == "finished"
+    with open(tmp_path / "run" / "data_issues.csv") as f:
+        rows = list(csv.DictReader(f))
+    gone = str(Path(tiny["data_root"]) / "train" / "gone.mp4")
+    assert {(r["split"], r["epoch"]) for r in rows} == {("train", "0"), ("train", "1"), ("val", "0"),
+                                                       ("val", "1"), ("test", "")}
+    assert all((r["kind"], r["path"], r["rank"], r["detail"]) == ("missing", gone, "0", "no such file")
+               for r in rows)
+    assert caplog.text.count("epoch data report (rank 0)") == 5  # 2 train, 2 val, 1 test passes
+
+    # stopped at the last step of epoch 0, before its validation: what it saw is kept, and the
+    # resumed run adds the rest without repeating it
+    assert main(**bad, run_dir=str(tmp_path / "cut"), max_steps=3)["status"] == "stopped"
+    with open(tmp_path / "cut" / "data_issues.csv") as f:
+        assert [(r["split"], r["epoch"]) for r in csv.DictReader(f)] == [("train", "0")]
+    assert main(**bad, resume=str(tmp_path / "cut"))["status"] == "finished"
+    with open(tmp_path / "cut" / "data_issues.csv") as f:
+        resumed = sorted((r["split"], r["epoch"]) for r in csv.DictReader(f))
+    assert resumed == sorted((r["split"], r["epoch"]) for r in rows)
+
+
 def test_resume_and_eval_take_the_recipe_from_the_checkpoint_and_refuse_another(tiny, tmp_path):
     run = tmp_path / "run"
     main(**tiny, run_dir=str(run), max_steps=2)

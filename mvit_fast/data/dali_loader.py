@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .lists import VideoRecord, resolve_video_path
-from .loader import Batch, shard_indices, views_per_video
+from .loader import Batch, EpochLoader, shard_indices, views_per_video
 from .report import DataReport, Issue
 from .sampling import ClipSampling
 from .transforms import TestAugment, TrainAugment, random_erase
@@ -135,8 +135,8 @@ def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
     return torch.from_dlpack(tensor_list.as_tensor()).to(device)
 
 
-class DALILoader:
-    """DALI backend with the `PyAVLoader` interface (set_epoch, len, iter -> Batch, report)."""
+class DALILoader(EpochLoader):
+    """DALI backend with the `PyAVLoader` interface (set_epoch, len, iter -> Batch, report, end_epoch)."""
 
     def __init__(
         self,
@@ -176,11 +176,6 @@ class DALILoader:
             device_id=self.device.index if self.device.type == "cuda" else None,
         )
         self.pipe = build_pipeline(**self._pipe_args)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch (its shuffle); `start_batch` skips that many batches without
-        decoding them, to resume mid-epoch."""
-        self.epoch, self.start_batch = epoch, start_batch
 
     def _shard(self) -> list[int]:
         shard = shard_indices(
@@ -239,7 +234,7 @@ class DALILoader:
         raise RuntimeError(f"{self.max_retries + 1} reads in a row failed near list entry {index}")
 
     def __iter__(self):
-        shard, report = self._shard(), DataReport()
+        shard, report = self._shard(), self._begin_epoch()
         erase_rng = np.random.default_rng([self.seed, self.epoch, self.rank, 1 << 20])
         for b in range(len(self)):
             batch = shard[b * self.batch_size : (b + 1) * self.batch_size]
@@ -264,10 +259,7 @@ class DALILoader:
                 torch.repeat_interleave(torch.tensor(labels), repeat).to(self.device),
                 torch.repeat_interleave(torch.tensor(video_index), repeat).to(self.device),
             )
-        self.report, self.epoch, self.start_batch = report, self.epoch + 1, 0
-        if report.counts:
-            log.warning("epoch data report (rank %d): %s", self.rank, report.summary())
-        report.check(self.max_fail_fraction)
+        self.end_epoch()
 
     def _run(self, samples: list[tuple]) -> list[torch.Tensor]:
         """One pipeline run over `samples` (from `_read`): one (clips, C, T, H, W) tensor per view."""

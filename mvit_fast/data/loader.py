@@ -11,9 +11,10 @@ Output contract, both backends: iterating yields `Batch(clips, labels, video_ind
 
 DALI batches are CUDA tensors; PyAV batches are CPU tensors, moved to `device` when
 given. Mixup/CutMix is not part of the loader: apply `MixupCutmix` to the batch on the
-device. Bad videos are replaced or padded, never fatal; each epoch's `DataReport` is
-logged at the end of the epoch and kept as `loader.report`; `DataError` is raised when
-more than `max_fail_fraction` of the reads failed.
+device. Bad videos are replaced or padded, never fatal; each epoch's `DataReport` (every
+issue with its file and detail) is kept as `loader.report` and logged at the end of the
+epoch: after the last batch, or at `loader.end_epoch()` for a consumer that stops before
+it; `DataError` is raised then when more than `max_fail_fraction` of the reads failed.
 """
 
 from __future__ import annotations
@@ -80,7 +81,43 @@ def views_per_video(train: bool, sampling: ClipSampling, augment: TrainAugment |
     return augment.repeats if train else sampling.num_clips * augment.num_crops
 
 
-class PyAVLoader:
+class EpochLoader:
+    """What both backends share: epochs, and each pass's bad-data report.
+
+    A pass fills `report` as its batches are delivered. `end_epoch` closes it: logs the
+    report, raises `DataError` when more than `max_fail_fraction` of the reads failed, and
+    moves on to the next epoch. A full pass closes itself; a consumer that stops before the
+    last batch (training takes whole optimizer steps) calls `end_epoch` itself.
+    """
+
+    epoch: int
+    start_batch: int
+    rank: int
+    max_fail_fraction: float
+    report: DataReport
+    _open: bool = False
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch (its shuffle); `start_batch` skips that many batches without
+        decoding them, to resume mid-epoch."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _begin_epoch(self) -> DataReport:
+        self.report, self._open = DataReport(), True
+        return self.report
+
+    def end_epoch(self) -> DataReport:
+        """Close the current pass (once; later calls return its report) and return its report."""
+        if self._open:
+            self._open = False
+            self.epoch, self.start_batch = self.epoch + 1, 0
+            if self.report.counts:
+                log.warning("epoch data report (rank %d): %s", self.rank, self.report.summary())
+            self.report.check(self.max_fail_fraction)
+        return self.report
+
+
+class PyAVLoader(EpochLoader):
     """CPU backend: `VideoDataset` in a DataLoader over this rank's shard."""
 
     def __init__(
@@ -101,11 +138,6 @@ class PyAVLoader:
         self.max_fail_fraction = max_fail_fraction
         self.views = views_per_video(dataset.train, dataset.sampling, dataset.augment)
         self.epoch, self.start_batch, self.report = 0, 0, DataReport()
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch (its shuffle); `start_batch` skips that many batches without
-        decoding them, to resume mid-epoch."""
-        self.epoch, self.start_batch = epoch, start_batch
 
     def _shard(self) -> list[int]:
         shard = shard_indices(
@@ -133,16 +165,13 @@ class PyAVLoader:
             drop_last=self.dataset.train,
             pin_memory=self.device is not None and self.device.type == "cuda",
         )
-        report = DataReport()
+        report = self._begin_epoch()
         for clips, labels, index, issues in loader:
             report.add(issues, samples=len(labels) // self.views)
             if self.device is not None:
                 clips, labels, index = (t.to(self.device, non_blocking=True) for t in (clips, labels, index))
             yield Batch(clips, labels, index)
-        self.report, self.epoch, self.start_batch = report, self.epoch + 1, 0
-        if report.counts:
-            log.warning("epoch data report (rank %d): %s", self.rank, report.summary())
-        report.check(self.max_fail_fraction)
+        self.end_epoch()
 
 
 def choose_backend(backend: Backend) -> str:

@@ -35,9 +35,11 @@ class DataReport:
     samples: int = 0
     counts: Counter = field(default_factory=Counter)
     paths: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    issues: list[Issue] = field(default_factory=list)  # every one, in order, with its detail
 
     def add(self, issues: list[Issue], samples: int = 0) -> None:
         self.samples += samples
+        self.issues.extend(issues)
         for issue in issues:
             self.counts[issue.kind] += 1
             self.paths[issue.kind].add(issue.path)

@@ -55,6 +55,7 @@ from .trainer import (
     amp_dtype,
     latest_checkpoint,
     read_training_state,
+    record_data_issues,
     train,
 )
 
@@ -333,10 +334,12 @@ def main(
             )
             val_loader = eval_loader(val_records, recipe, d, num_clips=1, num_crops=1)
 
-            def validate(m) -> float:
-                return evaluate(
+            def validate(m, epoch: int) -> float:
+                top1 = evaluate(
                     m, val_loader, labels, recipe.num_classes, 1, device=d.device, amp_dtype=dtype
                 ).view_top1
+                record_data_issues(run_dir, "val", epoch, val_loader.report, d)
+                return top1
 
             out = train(
                 model,
@@ -379,6 +382,7 @@ def main(
             amp_dtype=dtype,
             progress=progress and d.is_main,
         )
+        record_data_issues(run_dir, "test", None, loader.report, d)
         results.update(
             test={
                 **result.metrics(),

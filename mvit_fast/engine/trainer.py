@@ -34,7 +34,8 @@ from torch.distributed.tensor import DTensor
 from ..checkpoint import load_file, save_checkpoint
 from ..data import MixupCutmix
 from ..data.mixup import smooth_one_hot
-from .dist import Dist, all_reduce_sum, barrier
+from ..data.report import DataReport
+from .dist import Dist, all_gather_objects, all_reduce_sum, barrier
 from .fsdp import Sharded
 from .recipe import Recipe, build_optimizer, lr_at
 
@@ -153,6 +154,27 @@ class CsvLog:
 
 def _fmt(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def record_data_issues(run_dir: Path, split: str, epoch: int | None, report: DataReport, d: Dist) -> None:
+    """Append every rank's bad-video issues of one pass (file, kind, detail) to
+    `run_dir/data_issues.csv` and say so; every rank calls it, rank 0 writes. `epoch` is the
+    training epoch (from 0) the pass belongs to, None for the final test."""
+    from tqdm import tqdm
+
+    per_rank = all_gather_objects(report.issues)
+    if not d.is_main or not any(per_rank):
+        return
+    path = run_dir / "data_issues.csv"
+    log = CsvLog(path, ["split", "epoch", "rank", "kind", "path", "detail"], True)
+    for rank, issues in enumerate(per_rank):
+        for issue in issues:
+            log.write(split=split, epoch="" if epoch is None else epoch, rank=rank, kind=issue.kind,
+                      path=issue.path, detail=issue.detail)
+    events = [issue for issues in per_rank for issue in issues]
+    when = split if epoch is None else f"{split} epoch {epoch}"
+    tqdm.write(f"{when}: {len(events)} bad-video events in {len({i.path for i in events})} "
+               f"files (replaced or padded), listed in {path}")
 
 
 def _tensorboard(run_dir: Path, enabled: bool):
@@ -277,8 +299,9 @@ def train(
 ) -> TrainResult:
     """Train `model` (on `d.device`) by `recipe` over `train_loader` (this rank's shard).
 
-    `validate(model) -> top-1 %` runs every `recipe.eval_every` epochs and after the last; the
-    best score's checkpoint is kept as `best.pt`. Checkpoints: `run_dir/checkpoints/step_*.pt`
+    `validate(model, epoch) -> top-1 %` runs every `recipe.eval_every` epochs and after the
+    last; the best score's checkpoint is kept as `best.pt`. Bad videos of each epoch go to
+    `run_dir/data_issues.csv`. Checkpoints: `run_dir/checkpoints/step_*.pt`
     every epoch and on a stop, the last `keep_checkpoints` kept.
     """
     from tqdm import tqdm
@@ -471,6 +494,7 @@ def train(
                     status = "stopped"
                     break
             if status == "stopped":
+                record_data_issues(run_dir, "train", epoch, train_loader.report, d)  # so far: resume goes on
                 pos.epoch = epoch
                 last_ckpt = checkpoint_dir(run_dir) / f"step_{pos.step:09d}.pt"
                 save_training_state(
@@ -488,13 +512,15 @@ def train(
                         f"continue with --resume {run_dir}"
                     )
                 break
+            # Whole optimizer steps leave the loader's pass short of its end: close it here.
+            record_data_issues(run_dir, "train", epoch, train_loader.end_epoch(), d)
             pos.epoch = epoch + 1
             last_epoch = epoch + 1 == recipe.epochs
             top1 = None
             if validate is not None and (
                 last_epoch or (recipe.eval_every and pos.epoch % recipe.eval_every == 0)
             ):
-                top1 = validate(sharded.full() if sharded is not None else model)
+                top1 = validate(sharded.full() if sharded is not None else model, epoch)
                 if sharded is not None:
                     sharded.release()
                 if d.is_main:
