@@ -11,6 +11,7 @@ from mvit_fast.data import (
     TrainAugment,
     VideoRecord,
     build_loader,
+    choose_backend,
     shard_indices,
 )
 from tests.test_data_videos import av, make_list, read_codes, unnormalize, write_test_video
@@ -256,6 +257,19 @@ def test_a_pass_stopped_early_is_closed_by_end_epoch(tmp_path, caplog):
     assert loader.epoch == 1 and caplog.text.count("epoch data report (rank 0): 2 samples; replaced 1") == 1
     assert loader.end_epoch() is report and caplog.text.count("epoch data report") == 1  # closed once
     assert len(list(loader)) == 2 and loader.epoch == 2  # a full pass closes itself
+
+
+def test_auto_backend_decodes_with_dali_only_for_batches_on_a_gpu(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object())  # DALI "installed"
+    assert choose_backend("auto") == choose_backend("auto", "cuda:0") == "dali"
+    # a CPU run on a GPU machine: DALI's CPU decoder cannot read H.264, PyAV can
+    assert choose_backend("auto", "cpu") == choose_backend("auto", torch.device("cpu")) == "pyav"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_backend("auto") == choose_backend("auto", "cuda") == "pyav"
+    assert choose_backend("dali", "cpu") == "dali"  # asked for by name: DALI's CPU pipeline
 
 
 def test_bad_loader_arguments_fail_before_any_decoding():

@@ -174,14 +174,16 @@ class PyAVLoader(EpochLoader):
         self.end_epoch()
 
 
-def choose_backend(backend: Backend) -> str:
-    """ "auto": DALI when CUDA is available and DALI is installed, else PyAV."""
+def choose_backend(backend: Backend, device: torch.device | str | None = None) -> str:
+    """ "auto": DALI when the batches go to a CUDA device (`device`, or None with CUDA
+    available) and DALI is installed, else PyAV: DALI's CPU decoder cannot read H.264."""
     if backend == "auto":
         has_dali = (
             importlib.util.find_spec("nvidia") is not None
             and importlib.util.find_spec("nvidia.dali") is not None
         )
-        return "dali" if torch.cuda.is_available() and has_dali else "pyav"
+        on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        return "dali" if on_cuda and torch.cuda.is_available() and has_dali else "pyav"
     if backend not in ("dali", "pyav"):
         raise ValueError(f"unknown backend {backend!r}; use 'auto', 'dali' or 'pyav'")
     return backend
@@ -223,7 +225,7 @@ def build_loader(
     rank, world_size = dist_rank_world(rank, world_size)
     if num_workers is None:
         num_workers = max(1, len(os.sched_getaffinity(0)) // max(1, torch.cuda.device_count() or 1))
-    chosen = choose_backend(backend)
+    chosen = choose_backend(backend, device)
     wants_cuda = torch.device(device).type == "cuda" if device is not None else chosen == "dali"
     if wants_cuda and not torch.cuda.is_available():
         where = "backend='dali' decodes on the GPU by default" if device is None else f"device={device!r}"
