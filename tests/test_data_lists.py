@@ -65,6 +65,14 @@ def test_write_then_read_round_trips(tmp_path):
     assert read_list(tmp_path / "l.txt", root=tmp_path) == records
 
 
+@pytest.mark.parametrize("first_counted", [True, False])
+def test_a_list_with_some_frame_counts_is_written_in_one_format(tmp_path, first_counted):
+    records = [VideoRecord(str(tmp_path / "a.mp4"), 0), VideoRecord(str(tmp_path / "b.mp4"), 1, 30)]
+    records = records[::-1] if first_counted else records
+    write_list(tmp_path / "l.txt", records, root=tmp_path)
+    assert read_list(tmp_path / "l.txt", root=tmp_path) == [VideoRecord(r.path, r.label) for r in records]
+
+
 def test_label_maps_txt_and_json(tmp_path):
     (tmp_path / "k.txt").write_text("abseiling\nair drumming\n\n")
     assert read_label_map(tmp_path / "k.txt") == ["abseiling", "air drumming"]

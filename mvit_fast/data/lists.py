@@ -118,10 +118,11 @@ def _read_text(path: str | os.PathLike) -> str:
 def write_list(path: str | os.PathLike, records: list[VideoRecord], *, root: str | os.PathLike = "") -> None:
     """Write `records` as ``path label`` (paths relative to `root` when given), or as
     ``video_id num_frames label`` when every record has a frame count."""
+    with_counts = bool(records) and all(r.num_frames is not None for r in records)  # one format per list
     lines = []
     for r in records:
         name = os.path.relpath(r.path, root) if root else r.path
-        lines.append(f"{name} {r.num_frames} {r.label}" if r.num_frames is not None else f"{name} {r.label}")
+        lines.append(f"{name} {r.num_frames} {r.label}" if with_counts else f"{name} {r.label}")
     Path(path).write_text("\n".join(lines) + "\n")
 
 
