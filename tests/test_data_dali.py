@@ -95,8 +95,9 @@ def test_bad_files_are_replaced_and_reported(webm_videos, tmp_path):
     assert loader.report.paths["undecodable"] == {str(tmp_path / "garbage.webm")}
     assert loader.report.paths["too_short"] == {webm_videos[2].path}
     frames, ids = decode_views(batch)
-    assert batch.labels.tolist() == [records[i].label for i in batch.video_index.tolist()]
-    assert all(v == i for v, i in zip(ids, batch.video_index.tolist()))
+    index = batch.video_index.tolist()  # the stand-ins for the two bad files are marked -1
+    assert index[:5] == [0, 1, 2, 3, 4] and index[5:] == [-1, -1]
+    assert batch.labels.tolist() == [records[v].label for v in ids]  # each stand-in has its own label
 
 
 def test_a_file_the_decoder_fails_on_is_named_and_replaced(webm_videos, tmp_path, caplog):
@@ -117,11 +118,11 @@ def test_a_file_the_decoder_fails_on_is_named_and_replaced(webm_videos, tmp_path
     (issue,) = loader.report.issues  # the detail names the decoder's error, for data_issues.csv
     assert (issue.kind, issue.path) == ("undecodable", corrupt) and "DALI decoder: " in issue.detail
     assert f"DALI cannot decode {corrupt} (DALI decoder: " in caplog.text
-    index = batch.video_index.tolist()  # two views per video; the third video was replaced
-    assert index[:4] == [0, 0, 1, 1] and index[4] == index[5] in (0, 1)
-    assert batch.labels.tolist() == [records[i].label for i in index]
+    index = batch.video_index.tolist()  # two views per video; the third video's stand-in is marked
+    assert index == [0, 0, 1, 1, -1, -1]
     _, ids = decode_views(batch)  # every view holds the frames of the video it is labelled with
-    assert ids == [3 + i for i in index]
+    assert ids[:4] == [3, 3, 4, 4] and ids[4] == ids[5] in (3, 4)
+    assert batch.labels.tolist() == [records[v - 3].label for v in ids]
 
 
 @pytest.mark.cuda

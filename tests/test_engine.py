@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import math
 
@@ -24,6 +25,7 @@ from mvit_fast.engine import (
     topk_hits,
 )
 from mvit_fast.engine.dist import Dist
+from mvit_fast.engine.evaluate import write_predictions
 from mvit_fast.engine.recipe import saved_recipe
 from mvit_fast.engine.run import build
 from mvit_fast.engine.trainer import accumulation
@@ -171,8 +173,9 @@ class _FakeModel(torch.nn.Module):
         return x[:, :, 0, 0, 0]
 
 
-def test_evaluate_counts_every_listed_video_once():
-    # 4 videos, 2 views each; video 3's file is unreadable: its views went to video 1.
+def test_evaluate_counts_every_listed_video_once(tmp_path):
+    # 4 videos, 2 views each; video 3's file is unreadable: the loader's stand-in views (video 1's
+    # frames, its label) are marked -1 and must not be scored, neither for video 1 nor alone.
     def clip(*values):
         c = torch.zeros(1, 3, 1, 1, 1)
         c[0, :, 0, 0, 0] = torch.tensor(values)
@@ -185,24 +188,35 @@ def test_evaluate_counts_every_listed_video_once():
         (1, clip(0, 0, 5)),
         (2, clip(0, 0, 5)),
         (2, clip(0, 0, 5)),
-        (1, clip(0, 5, 0)),
-        (1, clip(0, 5, 0)),
+        (-1, clip(0, 0, 5)),
+        (-1, clip(0, 0, 5)),
     ]
     labels = [0, 1, 2, 0]
     batches = [
         Batch(
             torch.cat([c for _, c in views[i : i + 3]]),
-            torch.tensor([labels[v] for v, _ in views[i : i + 3]]),
+            torch.tensor([labels[v if v >= 0 else 1] for v, _ in views[i : i + 3]]),
             torch.tensor([v for v, _ in views[i : i + 3]]),
         )
         for i in range(0, 8, 3)
     ]
     result = evaluate(_FakeModel(), batches, labels, 3, 2, device=torch.device("cpu"))
-    assert result.num_videos == 4 and result.num_views == 8
+    assert result.num_videos == 4 and result.num_views == 6 and result.views.tolist() == [2, 2, 2, 0]
     assert result.top1 == 75.0  # videos 0, 1, 2 right; video 3 (no views) wrong, not class 0 by default
-    assert result.view_top1 == 100 * 7 / 8
-    assert result.incomplete == [3]
+    assert result.view_top1 == 100 * 5 / 6  # video 1's second view is wrong; the stand-ins not counted
+    assert result.incomplete == [3] and result.metrics()["incomplete"] == [3]
     assert result.per_class[0] == 50.0 and result.per_class[1] == 100.0
+
+    paths = [f"v{i}.mp4" for i in range(4)]
+    write_predictions(tmp_path / "preds.csv", result, paths)
+    with open(tmp_path / "preds.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["views"], r["top5"].split()[:1]) for r in rows] == [("2", ["0"]), ("2", ["1"]), ("2", ["2"]),
+                                                                ("0", [])]
+    assert rows[3]["top1_prob"] == ""  # no prediction invented for a video that was never seen
+    write_predictions(tmp_path / "preds.pt", result, paths)
+    dump = torch.load(tmp_path / "preds.pt", weights_only=False)
+    assert dump["views"].tolist() == [2, 2, 2, 0] and dump["incomplete"] == [3] and dump["paths"] == paths
 
 
 def test_a_saved_run_keeps_its_recipe_and_each_setting_a_command_changes_is_named():

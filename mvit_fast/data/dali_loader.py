@@ -244,10 +244,12 @@ class DALILoader(EpochLoader):
                     views = self._run(samples)
                     break
                 except RuntimeError as error:  # names no sample; replace the ones that fail alone
-                    for j in self._find_undecodable(samples, error):
-                        samples[j] = self._read(batch[j], report)
+                    for j in self._find_undecodable(samples, error):  # on from the failing file
+                        samples[j] = self._read(samples[j][1], report)
             labels = [record.label for record, *_ in samples]
-            video_index = [index for _, index, *_ in samples]
+            # a test stand-in for an unreadable video is marked, not scored (see loader.py)
+            video_index = [index if self.train or index == asked else -1
+                           for asked, (_, index, *_) in zip(batch, samples)]
             report.add([], samples=len(labels))
             # views[v]: (samples, C, T, H, W); sample-major, then view -> adjacent views per video.
             clips = torch.stack(views, 1).flatten(0, 1)

@@ -8,6 +8,8 @@ Output contract, both backends: iterating yields `Batch(clips, labels, video_ind
   `sampling.num_clips * augment.num_crops` (clip-major, crop-minor).
 - labels: int64 (N,), the list's label of the video each view came from.
 - video_index: int64 (N,), that video's position in the list (aggregate test views by it).
+  A bad video is replaced by another entry; in a test pass (train=False) the stand-in's
+  views carry video_index -1 instead: they keep the batch's shape and are not to be scored.
 
 DALI batches are CUDA tensors; PyAV batches are CPU tensors, moved to `device` when
 given. Mixup/CutMix is not part of the loader: apply `MixupCutmix` to the batch on the

@@ -3,9 +3,9 @@
 Views of one video (K400: temporal clips x spatial crops; SSv2: 1 x 3 crops) arrive with
 the video's list position in `Batch.video_index`; each rank scores its disjoint shard of
 the list (test shards are not padded), and the per-video score sums are all-reduced, so
-accuracies are over the list exactly once. A video whose file could not be read is
-replaced by the loader with another one: it ends with fewer views than the protocol (counted
-wrong when it has none) and is listed in `EvalResult.incomplete`.
+accuracies are over the list exactly once. A video whose file could not be read gets no
+views (the loader's stand-in views carry video_index -1 and are not scored): it is counted
+wrong and listed in `EvalResult.incomplete`, as is any video with fewer views than the protocol.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class EvalResult:
     per_class: list[float] = field(repr=False)  # percent per class, NaN for absent classes
     scores: Tensor = field(repr=False)  # (num_videos, C) summed softmax, CPU float64
     labels: Tensor = field(repr=False)  # (num_videos,)
+    views: Tensor = field(repr=False)  # (num_videos,) views scored per video
     incomplete: list[int] = field(default_factory=list)  # videos with fewer views than the protocol
 
     def summary(self) -> str:
@@ -85,6 +86,7 @@ class EvalResult:
                 "num_videos",
                 "num_views",
                 "views_per_video",
+                "incomplete",
             )
         }
 
@@ -118,7 +120,8 @@ def evaluate(
         clips, view_labels, index = (t.to(device, non_blocking=True) for t in batch)
         with autocast:
             logits = model(clips)
-        probs = logits.float().softmax(-1)
+        scored = index >= 0  # -1: a stand-in for an unreadable video
+        probs, view_labels, index = logits.float().softmax(-1)[scored], view_labels[scored], index[scored]
         s, c = aggregate_views(probs, index, num_videos)
         scores += s
         counts += c
@@ -147,6 +150,7 @@ def evaluate(
         per_class=per_class.tolist(),
         scores=scores,
         labels=target,
+        views=counts,
         incomplete=torch.nonzero(counts < views_per_video).flatten().tolist(),
     )
 
@@ -154,8 +158,10 @@ def evaluate(
 def write_predictions(
     path: str | os.PathLike, result: EvalResult, paths: list[str], class_names: list[str] | None = None
 ) -> None:
-    """`.csv`: one row per video (index, path, label, top-5 predictions, top-1 probability);
-    anything else: a torch file with the summed softmax scores, labels, paths and view counts."""
+    """`.csv`: one row per video (index, path, label, views scored, top-5 predictions, top-1
+    probability; the last two empty for a video with no view); anything else: a torch file with
+    the per-video mean softmax scores (zeros: no view), labels, paths, view counts, the
+    incomplete videos and the metrics."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     probs = result.scores / result.scores.sum(1, keepdim=True).clamp(min=1e-12)
@@ -163,15 +169,17 @@ def write_predictions(
         top = probs.topk(min(5, probs.shape[1]), dim=1)
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["index", "path", "label", "top5", "top1_prob"])
+            w.writerow(["index", "path", "label", "views", "top5", "top1_prob"])
             for i, p in enumerate(paths):
+                views = int(result.views[i])
                 w.writerow(
                     [
                         i,
                         p,
                         int(result.labels[i]),
-                        " ".join(map(str, top.indices[i].tolist())),
-                        f"{top.values[i, 0].item():.5f}",
+                        views,
+                        " ".join(map(str, top.indices[i].tolist())) if views else "",
+                        f"{top.values[i, 0].item():.5f}" if views else "",
                     ]
                 )
         return
@@ -181,6 +189,8 @@ def write_predictions(
         {
             "scores": probs.float(),
             "labels": result.labels,
+            "views": result.views,
+            "incomplete": result.incomplete,
             "paths": list(paths),
             "class_names": class_names,
             "metrics": result.metrics(),
