@@ -3,6 +3,8 @@
 DALI's CPU pipeline on VP9 everywhere; its GPU decoder on H.264 where CUDA is.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -40,6 +42,22 @@ def test_same_frames_and_pixels_as_pyav_test_protocol(webm_videos):
         assert torch.equal(d.labels, p.labels) and torch.equal(d.video_index, p.video_index)
         # Same decoder family (FFmpeg's VP9), same crops: pixels agree to a few levels of 255.
         assert (d.clips - p.clips).abs().mean() * 0.225 * 255 < 2
+
+
+def test_both_backends_sample_over_the_frames_a_file_holds_whatever_the_list_says(webm_videos):
+    # 32-frame files listed with 16 (another copy's count) and 40 (more than the file holds)
+    records = [dataclasses.replace(webm_videos[0], num_frames=16),
+               dataclasses.replace(webm_videos[1], num_frames=40)]
+    kw = dict(train=False, batch_size=2, sampling=ClipSampling("k400", 4, 4, num_clips=2),
+              augment=TestAugment(48, 48, 1))
+    loaders = [build_loader(records, backend="dali", device="cpu", num_workers=1, **kw),
+               build_loader(records, backend="pyav", num_workers=0, **kw)]
+    for loader in loaders:
+        (batch,) = list(loader)
+        frames, _ = decode_views(batch)  # 2 clips over 32 frames: starts 0 and 32 - 16 = 16
+        assert frames == [[0, 4, 8, 12], [16, 20, 24, 28]] * 2
+        assert [(i.kind, i.path, i.detail) for i in loader.report.issues] == [
+            ("truncated", webm_videos[1].path, "32 of 40 frames")]
 
 
 def test_same_train_positions_as_pyav(webm_videos):

@@ -230,8 +230,10 @@ def test_bad_videos_are_replaced_or_padded_and_reported(tmp_path, caplog):
                 assert v == i or i == -1
             if v == 4:  # 5 frames, 4x4: centre clip 0 4 8 12 -> padded to the last frame
                 assert f == [0, 4, 4, 4]
-            if v == 6:  # the list claims 32 frames, the file has 20: padded with frame 19
-                assert f[-1] == 19
+            if v == 5:  # cut: the header claims 32 frames, 16 are there; the centre clip of those 16
+                assert f == [0, 4, 8, 12]
+            if v == 6:  # the list claims 32 frames, the file has 20: the centre clip of the 20 (as DALI)
+                assert f == [2, 6, 10, 14]
 
 
 def test_mostly_missing_list_raises_a_clear_error(tmp_path):

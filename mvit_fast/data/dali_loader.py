@@ -35,6 +35,7 @@ from .loader import Batch, EpochLoader, shard_indices, views_per_video
 from .report import DataReport, Issue
 from .sampling import ClipSampling
 from .transforms import TestAugment, TrainAugment, random_erase
+from .video_io import VideoInfo, probe
 
 log = logging.getLogger("mvit_fast.data")
 
@@ -164,7 +165,7 @@ class DALILoader(EpochLoader):
         self.max_fail_fraction, self.max_retries = max_fail_fraction, max_retries
         self.views = views_per_video(train, sampling, augment)
         self.epoch, self.start_batch, self.report = 0, 0, DataReport()
-        self._probed: dict[str, tuple[int, bool]] = {}  # path -> (frame count, landscape)
+        self._probed: dict[str, VideoInfo] = {}  # path -> its frames counted
         self._undecodable: dict[str, str] = {}  # path -> the decoder's error, found by `_find_undecodable`
         clips_per_video = 1 if train else sampling.num_clips
         self._pipe_args = dict(
@@ -192,12 +193,9 @@ class DALILoader(EpochLoader):
         n = len(self._shard())
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def _probe(self, path: str) -> tuple[int, bool]:
-        if path not in self._probed:
-            from .video_io import probe
-
-            info = probe(path, count_packets=True)  # real count: a truncated file's header overstates it
-            self._probed[path] = (info.num_frames, info.width >= info.height)
+    def _probe(self, path: str) -> VideoInfo:
+        if path not in self._probed:  # the frames counted, as the PyAV backend samples over them
+            self._probed[path] = probe(path, count_packets=True)
         return self._probed[path]
 
     def _read(
@@ -212,7 +210,8 @@ class DALILoader(EpochLoader):
                 if path in self._undecodable:
                     raise RuntimeError(self._undecodable[path])
                 encoded = np.fromfile(path, dtype=np.uint8)
-                num_frames, landscape = self._probe(path)
+                info = self._probe(path)
+                num_frames, landscape = info.num_frames, info.width >= info.height
                 if num_frames <= 0:
                     raise ValueError("zero_frames")
             except Exception as e:  # any failure to read a file means "replace it"
@@ -227,8 +226,8 @@ class DALILoader(EpochLoader):
                 continue
             if num_frames < self.sampling.min_frames:
                 report.add([Issue(path, "too_short", f"{num_frames} < {self.sampling.min_frames} frames")])
-            if record.num_frames is not None and num_frames < record.num_frames:
-                report.add([Issue(path, "truncated", f"{num_frames} of {record.num_frames} frames")])
+            if shortfall := info.shortfall(record.num_frames):
+                report.add([Issue(path, "truncated", shortfall)])
             clips = self.sampling.indices(num_frames, train=self.train, rng=rng)
             return record, index, encoded, clips, landscape
         raise RuntimeError(f"{self.max_retries + 1} reads in a row failed near list entry {index}")

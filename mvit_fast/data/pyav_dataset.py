@@ -104,7 +104,10 @@ class VideoDataset(torch.utils.data.Dataset):
         if not os.path.exists(path):
             raise BadVideo(record.path, "missing", "no such file")
         try:
-            num_frames = record.num_frames if record.num_frames is not None else probe(path).num_frames
+            # Sample over the frames the file holds, counted, as the DALI backend does: the
+            # list's count may be of another copy, a truncated file's header overstates it.
+            info = probe(path, count_packets=True)
+            num_frames = info.num_frames
             if num_frames <= 0:
                 raise BadVideo(path, "zero_frames", "the container has no video frames")
             clips = self.sampling.indices(num_frames, train=self.train, rng=rng)
@@ -117,7 +120,9 @@ class VideoDataset(torch.utils.data.Dataset):
         if num_frames < self.sampling.min_frames:
             issues.append(Issue(path, "too_short", f"{num_frames} < {self.sampling.min_frames} frames"))
         needed = int(max(c.max() for c in clips)) + 1
-        if decoded < needed:
+        if shortfall := info.shortfall(record.num_frames):
+            issues.append(Issue(path, "truncated", shortfall))
+        elif decoded < needed:  # data that stops decoding before the frames the file holds
             stopped_by = f"; decoding stopped at {decode_error}" if decode_error else ""
             issues.append(Issue(path, "truncated", f"decoded {decoded} of {num_frames} frames{stopped_by}"))
         video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (T_all, C, H, W)

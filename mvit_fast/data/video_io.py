@@ -37,6 +37,13 @@ class VideoInfo:
     width: int
     height: int
     variable_frame_rate: bool  # packet durations differ (only known when packets were counted)
+    header_frames: int = 0  # what the container's header claims (0: it claims nothing, e.g. webm)
+
+    def shortfall(self, listed: int | None = None) -> str | None:
+        """"N of M frames" when the list entry or the header claims M frames, more than the N
+        this file holds (a truncated or lying file: padded, reported); None otherwise."""
+        claimed = max(listed or 0, self.header_frames)
+        return f"{self.num_frames} of {claimed} frames" if claimed > self.num_frames else None
 
 
 def probe(path: str, *, count_packets: bool = False) -> VideoInfo:
@@ -62,6 +69,7 @@ def probe(path: str, *, count_packets: bool = False) -> VideoInfo:
             stream.codec_context.width,
             stream.codec_context.height,
             vfr,
+            max(stream.frames, 0),
         )
 
 
