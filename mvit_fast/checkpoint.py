@@ -228,7 +228,9 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     With `strict`, missing or unexpected keys raise a ValueError listing them;
     otherwise they are only reported. A model built on the meta device
     (`with torch.device("meta"): build_model("l")`) is loaded with `assign=True`:
-    no init, no copy. Returns the `LoadReport`.
+    no init, and no copy of a file's tensors (a state_dict passed in is copied, so the two
+    never share storage); its tensors take the dtypes the model was built with either way.
+    Returns the `LoadReport`.
     """
     raw, fmt = read_checkpoint(path_or_state_dict, weights_only=weights_only)
     sd, renamed = to_native(raw, fmt)
@@ -260,8 +262,12 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
         to_load[key] = value
         if key in renamed:
             report.mapped[key] = renamed[key]
-    # A model built on the meta device (no init, no memory) takes the checkpoint's tensors.
-    on_meta = any(t.is_meta for t in model.state_dict().values())
+    # A model built on the meta device (no init, no memory) takes the checkpoint's tensors,
+    # in its own dtypes; the caller's tensors are copied: a model must not share them.
+    on_meta = any(t.is_meta for t in target.values())
+    if on_meta:
+        private = not isinstance(path_or_state_dict, Mapping)  # read from a file here
+        to_load = {k: v.to(dtype=target[k].dtype, copy=not private) for k, v in to_load.items()}
     model.load_state_dict(to_load, strict=False, assign=on_meta)
     still_meta = sorted(k for k, t in model.state_dict().items() if t.is_meta)
     if still_meta:

@@ -185,7 +185,7 @@ def test_infer_config_recognizes_published_models(size, dataset):
     assert preset_name(cfg) == f"MViTv2-{size.upper()}"
 
 
-def test_model_built_on_meta_device_is_assigned(model):
+def test_model_built_on_meta_device_is_assigned(model, tmp_path):
     with torch.device("meta"):
         empty = mvit_fast.build_model("s", **MINI)
     load_checkpoint(empty, model.state_dict())
@@ -193,6 +193,21 @@ def test_model_built_on_meta_device_is_assigned(model):
     clip = torch.randn(1, 3, 4, 32, 32)
     with torch.no_grad():
         assert torch.equal(empty.eval()(clip), model(clip))
+    # the caller's tensors are copied: the two models do not share weights
+    weight = model.blocks[0].attn.qkv.weight
+    assert empty.blocks[0].attn.qkv.weight.data_ptr() != weight.data_ptr()
+    # a half-precision checkpoint gives the float32 model a normal build would
+    half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    with torch.device("meta"):
+        from_half = mvit_fast.build_model("s", **MINI)
+    load_checkpoint(from_half, half)
+    assert {p.dtype for p in from_half.parameters()} == {torch.float32}
+    torch.save(half, tmp_path / "half.pt")
+    with torch.device("meta"):
+        from_file = mvit_fast.build_model("s", **MINI)
+    load_checkpoint(from_file, tmp_path / "half.pt")
+    pairs = zip(from_half.state_dict().values(), from_file.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in pairs)
     with torch.device("meta"):
         ssv2 = mvit_fast.build_model("s", "ssv2", **MINI)
     with pytest.raises(ValueError, match="meta device"):
