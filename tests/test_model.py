@@ -203,6 +203,16 @@ def test_multiscale_attention_is_a_slowfast_drop_in():
     torch.testing.assert_close(copy(x, [4, 8, 8])[0], out, rtol=0, atol=0)
     with pytest.raises(ValueError, match="tokens"):
         attn(x[:, 1:], [4, 8, 8])
+    # a frozen double-precision module in eval mode with dropout is copied as it is
+    attn = MultiScaleAttention(96, 192, [4, 8, 8], num_heads=2, drop_rate=0.5, kernel_q=[3, 3, 3],
+                               kernel_kv=[3, 3, 3], stride_q=[1, 2, 2], stride_kv=[1, 4, 4],
+                               rel_pos_spatial=True, rel_pos_temporal=True).double().eval()
+    attn.qkv.requires_grad_(False)
+    copy = MultiScaleAttention.from_module(attn, backend="eager")
+    assert not copy.training and copy.qkv.weight.dtype == torch.float64
+    assert [p.requires_grad for p in copy.parameters()] == [p.requires_grad for p in attn.parameters()]
+    assert not copy.qkv.weight.requires_grad and copy.proj.weight.requires_grad
+    torch.testing.assert_close(copy(x.double(), [4, 8, 8])[0], attn(x.double(), [4, 8, 8])[0], rtol=0, atol=0)
 
 
 def test_multiscale_attention_unsupported_modes():

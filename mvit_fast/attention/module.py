@@ -301,7 +301,8 @@ class MultiScaleAttention(nn.Module):
         """A copy of a SlowFast or mmaction2 MViTv2 `MultiScaleAttention`, weights included.
 
         Reads the geometry from the module's layers, so any instance of either
-        codebase's class (same state_dict keys as ours) can be swapped in place;
+        codebase's class (same state_dict keys as ours) can be swapped in place: the copy
+        has the module's device, dtype, train/eval mode and frozen parameters.
         `backend` and `pool_backend` are the new module's (see the class docstring).
         """
         sd = module.state_dict()
@@ -330,5 +331,10 @@ class MultiScaleAttention(nn.Module):
             has_cls_embed=has_cls, rel_pos_spatial=rel_sp, rel_pos_temporal=rel_t,
             residual_pooling=bool(module.residual_pooling), backend=backend,
             pool_backend=pool_backend)
+        weight = module.qkv.weight
+        new = new.to(device=weight.device, dtype=weight.dtype)
         new.load_state_dict(sd)
-        return new.to(sd["qkv.weight"].device)
+        frozen = dict(module.named_parameters())
+        for name, p in new.named_parameters():
+            p.requires_grad_(frozen.get(name, p).requires_grad)
+        return new.train(module.training)
