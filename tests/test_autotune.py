@@ -274,3 +274,30 @@ def test_cuda_auto_measures_the_pooling_and_matches_eager(quick):
     ops = {key.split("|")[3] for key in autotune.choices()}
     assert ops == {"attention", "pool"}
     assert_close(out, eager(x, (2, 4, 4))[0], dtype=torch.float32, name="auto module output")
+
+
+def test_auto_never_offers_triton_inputs_its_kernels_refuse(monkeypatch):
+    """float64 (under autocast too), head_dim > 256, a rel-pos key axis > 256: `auto` chooses among
+    the other backends, so even its untimed default (MVIT_FAST_AUTOTUNE=0, compile) cannot be triton."""
+    offered = []
+    monkeypatch.setattr(autotune, "choose", lambda backends, args: offered.append(set(backends)) or "eager")
+
+    def offers_triton(q, k_thw=(1, 2, 2), rel_w=None):
+        k = torch.randn(*q.shape[:2], 1 + k_thw[0] * k_thw[1] * k_thw[2], q.shape[-1], dtype=q.dtype)
+        pooled_attention(q, k, k, (1, 2, 2), k_thw, rel_pos_w=rel_w, backend="auto")
+        return "triton" in offered[-1]
+
+    assert offers_triton(torch.randn(1, 1, 5, 8))
+    assert not offers_triton(torch.randn(1, 1, 5, 8, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert offers_triton(torch.randn(1, 1, 5, 8))
+        assert not offers_triton(torch.randn(1, 1, 5, 8, dtype=torch.float64))
+        q = torch.randn(1, 1, 5, 8, dtype=torch.float64)  # asked for by name: refused, as without autocast
+        with pytest.raises(TypeError, match="float32/float16/bfloat16, got torch.float64"):
+            pooled_attention(q, q[:, :, :5], q[:, :, :5], (1, 2, 2), (1, 2, 2), backend="triton")
+    monkeypatch.setattr(mvit_fast.attention.fused, "MAX_HEAD_DIM", 8)  # the limits, made small
+    monkeypatch.setattr(mvit_fast.attention.fused, "MAX_GRID_AXIS", 2)
+    assert offers_triton(torch.randn(1, 1, 5, 8))
+    assert not offers_triton(torch.randn(1, 1, 5, 16))
+    assert offers_triton(torch.randn(1, 1, 5, 8), k_thw=(1, 1, 3))  # the long axis has no table
+    assert not offers_triton(torch.randn(1, 1, 5, 8), k_thw=(1, 1, 3), rel_w=torch.randn(5, 8))

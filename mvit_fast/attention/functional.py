@@ -13,9 +13,9 @@ from .peers import flex_rel_pos_attention, sdpa_attention, sdpa_aug_attention
 from .reference import eager_attention
 
 try:
-    from .fused import triton_attention
+    from .fused import triton_attention, triton_takes
 except ImportError:  # triton is a Linux-only dependency
-    triton_attention = None
+    triton_attention = triton_takes = None
 
 __all__ = ["BACKENDS", "pooled_attention"]
 
@@ -39,7 +39,11 @@ def _resolve_backend(backend: str, args: tuple) -> str:
         # empty output and zero table gradients; kernel grids and flex's block mask cannot be empty.
         return "eager"
     if backend == "auto":
-        return autotune.choose(BACKENDS, args)
+        q, _, _, _, k_thw, *tables = args[:8]
+        candidates = BACKENDS
+        if triton_takes is not None and not triton_takes(q, k_thw, tables):  # not even as a default
+            candidates = {name: fn for name, fn in BACKENDS.items() if name != "triton"}
+        return autotune.choose(candidates, args)
     return backend
 
 

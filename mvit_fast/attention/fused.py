@@ -21,11 +21,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mvit_fast.kernels.pooled_attention import INTERPRETED, attention_backward, attention_forward
+from mvit_fast.kernels.pooled_attention import (
+    INTERPRETED,
+    MAX_GRID_AXIS,
+    MAX_HEAD_DIM,
+    attention_backward,
+    attention_forward,
+)
 
 from .reference import decomposed_rel_pos
 
-__all__ = ["triton_attention"]
+__all__ = ["triton_attention", "triton_takes"]
 
 _HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 
@@ -97,6 +103,14 @@ def _backward(ctx, dout: Tensor, _dlse: Tensor | None):
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def triton_takes(q: Tensor, k_thw: Sequence[int], rel_tables: Sequence[Tensor | None]) -> bool:
+    """Whether the kernels take these inputs (what `backend="auto"` may choose from): a
+    float32/16/bf16 q (float64 never, autocast or not), head_dim <= MAX_HEAD_DIM, and each
+    key-grid axis with a rel-pos table at most MAX_GRID_AXIS long."""
+    return (q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.shape[-1] <= MAX_HEAD_DIM
+            and all(n <= MAX_GRID_AXIS for n, t in zip(k_thw, rel_tables) if t is not None))
+
+
 def triton_attention(
     q: Tensor,
     k: Tensor,
@@ -124,9 +138,10 @@ def triton_attention(
     Returns:
         (B, heads, Nq, d) in q's dtype, contiguous.
     """
-    if torch.is_autocast_enabled(q.device.type):
+    if torch.is_autocast_enabled(q.device.type) and q.dtype == torch.float32:
         # Like SDPA under autocast: the matmuls run in the autocast dtype. Pooled q, k, v
         # leave LayerNorm in fp32 under autocast, which would otherwise pick the fp32 kernel.
+        # (autocast leaves float64 alone: the kernels refuse it, as outside autocast)
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     # The per-query tables in float32 whatever q's dtype: they are small, and the kernel
