@@ -289,8 +289,10 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> MViTConfig:
     (lengths 2*T-1 and 2*H-1 at the stem's grid, since block 0 does not stride q).
     """
     blocks = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
-    if "cls_token" not in state_dict or not blocks or "head.projection.weight" not in state_dict:
-        raise ValueError("not an MViTv2 state_dict: expected cls_token, blocks.* and head.projection.*")
+    needed = ("cls_token", "head.projection.weight", "blocks.0.attn.pool_q.weight")
+    if not blocks or any(key not in state_dict for key in needed):
+        raise ValueError("not an MViTv2 state_dict with conv pooling: expected cls_token, "
+                         "blocks.* (with blocks.0.attn.pool_q.weight) and head.projection.*")
     starts = [0] + [i for i in blocks if f"blocks.{i}.proj.weight" in state_dict] + [len(blocks)]
     embed_dim = state_dict["cls_token"].shape[-1]
     base = MViTConfig()

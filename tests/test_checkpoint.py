@@ -170,6 +170,10 @@ def test_convert_cli(model, tmp_path, capsys):
     assert exit_.value.code == 2
     assert f"cannot write {tmp_path}: {tmp_path} is a folder" in capsys.readouterr().err
     assert convert_main([str(src), str(tmp_path / "new" / "ours.pt")]) == 0  # folders are made
+    pooling_less = {k: v for k, v in model.state_dict().items() if ".pool_" not in k}  # e.g. avg pooling
+    torch.save(pooling_less, tmp_path / "avg.pt")
+    assert convert_main([str(tmp_path / "avg.pt"), str(tmp_path / "y.pt")]) == 2
+    assert "not an MViTv2 state_dict with conv pooling" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("size, dataset", [("s", "k400"), ("b", "ssv2"), ("l", "k400")])

@@ -158,6 +158,11 @@ def test_pooled_attention_rejects_bad_tables_and_backend():
         pooled_attention(q, k, v, (1, 3, 3), (1, 2, 2), rel_pos_w=[[0.0] * 4], backend="eager")
     with pytest.raises(ValueError, match="unknown attention backend"):
         pooled_attention(q, k, v, (1, 3, 3), (1, 2, 2), backend="cuda-magic")
+    q11 = torch.randn(1, 2, 11, 4)  # 1 + 2.5 * 2 * 2 tokens
+    with pytest.raises(ValueError, match=r"q_thw must be three positive sizes \(T, H, W\), got \(2.5, 2"):
+        pooled_attention(q11, k, v, (2.5, 2, 2), (1, 2, 2), backend="eager")
+    with pytest.raises(ValueError, match="head_dim must be >= 1"):
+        pooled_attention(q[..., :0], k[..., :0], v[..., :0], (1, 3, 3), (1, 2, 2), backend="eager")
 
 
 @pytest.mark.parametrize("options, error, match", [

@@ -67,8 +67,10 @@ def _check_inputs(q, k, v, q_thw, k_thw, tables, has_cls, residual_pooling, scal
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError("expected q (B, heads, Nq, d) and k, v (B, heads, Nk, d), got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[-1] < 1:
+        raise ValueError(f"head_dim must be >= 1, got q {tuple(q.shape)}")
     for name, thw, n in (("q_thw", q_thw, q.shape[2]), ("k_thw", k_thw, k.shape[2])):
-        if len(thw) != 3 or any(int(x) < 1 for x in thw):
+        if len(thw) != 3 or any(isinstance(x, bool) or int(x) != x or x < 1 for x in thw):
             raise ValueError(f"{name} must be three positive sizes (T, H, W), got {tuple(thw)}")
         expected = int(has_cls) + thw[0] * thw[1] * thw[2]
         if n != expected:
