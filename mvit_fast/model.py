@@ -103,7 +103,7 @@ class MultiScaleBlock(nn.Module):
         x_attn, q_thw = self.attn(x_norm, thw)
         skip = self.proj(x_norm) if hasattr(self, "proj") else x
         if self.pool_skip is not None:
-            skip = attention_pool(skip.unsqueeze(1), self.pool_skip, thw, self.has_cls)[0].squeeze(1)
+            skip = attention_pool(skip, self.pool_skip, thw, self.has_cls)[0]
         x = skip + self.drop_path(x_attn)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x, q_thw
@@ -153,9 +153,12 @@ class MViT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """SlowFast's init: trunc-normal(0.02) weights, Linear and LayerNorm biases 0.02."""
+        """SlowFast's init: trunc-normal(0.02) weights, Linear and LayerNorm biases 0.02,
+        conv biases at PyTorch's default."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv3d)):
+                if isinstance(m, nn.Conv3d):
+                    m.reset_parameters()
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if isinstance(m, nn.Linear) and m.bias is not None:
                     nn.init.constant_(m.bias, 0.02)

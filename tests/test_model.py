@@ -7,6 +7,7 @@ import torch
 
 import mvit_fast
 from mvit_fast import MultiScaleAttention, load_checkpoint
+from mvit_fast.attention import attention_pool
 from mvit_fast.checkpoint import export_state_dict
 from tests.home import mmaction2_mvit, torchvision_mvit_v2_s
 
@@ -79,6 +80,49 @@ def test_multiscale_attention_from_mmaction2_module():
         out, q_shape = ours(x, [4, 8, 8])
     assert list(q_shape) == list(expected_shape) == [4, 4, 4]
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 1 + 4 * 6 * 6, 8), (2, 3, 1 + 4 * 6 * 6, 8)], ids=["3d", "4d"])
+@pytest.mark.parametrize("has_cls", [True, False])
+def test_attention_pool_matches_mmaction2(shape, has_cls):
+    home_classes = mmaction2_mvit()
+    if home_classes is None:
+        pytest.skip("mmaction2 is not installed")
+    home_pool = sys.modules[home_classes[0].__module__].attention_pool
+    torch.manual_seed(0)
+    shape = shape[:-2] + (shape[-2] - (not has_cls), shape[-1])
+    x = torch.randn(shape, dtype=torch.float64)
+    pool = torch.nn.Conv3d(8, 8, 3, (1, 2, 2), 1, groups=8, bias=False).double()
+    norm = torch.nn.LayerNorm(8).double()
+    expected, expected_thw = home_pool(x, pool, (4, 6, 6), with_cls_token=has_cls, norm=norm)
+    out, thw = attention_pool(x, pool, [4, 6, 6], has_cls, norm)
+    assert out.shape == expected.shape and list(thw) == list(expected_thw) == [4, 3, 3]
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    skip, thw = attention_pool(x, torch.nn.MaxPool3d(3, (1, 2, 2), 1), [4, 6, 6], has_cls)
+    assert skip.shape == expected.shape and thw == [4, 3, 3]
+
+
+def test_attention_pool_rejects_tokens_that_do_not_fit():
+    pool = torch.nn.MaxPool3d(3, (1, 2, 2), 1)
+    with pytest.raises(ValueError, match="do not fit the grid"):
+        attention_pool(torch.randn(2, 4 * 6 * 6, 8), pool, [4, 6, 6], True)
+    with pytest.raises(ValueError, match="got shape"):
+        attention_pool(torch.randn(1 + 4 * 6 * 6, 8), pool, [4, 6, 6], True)
+
+
+def test_reset_parameters_initializes_every_tensor():
+    """A model materialized with to_empty holds garbage until reset_parameters: every
+    parameter must be reinitialized, conv biases included (PyTorch's default, as SlowFast)."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = mvit_fast.build_model("s", **TINY)
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.data.fill_(float("nan"))
+    model.reset_parameters()
+    assert not any(p.isnan().any() for p in model.parameters())
+    bias, fan_in = model.patch_embed.proj.bias, model.patch_embed.proj.weight[0].numel()
+    assert bias.abs().max() <= fan_in ** -0.5 and bias.std() > 0
 
 
 def test_slowfast_init():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -30,13 +31,23 @@ def attention_pool(
     has_cls: bool = True,
     norm: nn.Module | None = None,
 ) -> tuple[Tensor, list[int]]:
-    """Pool (B, heads, N, d) tokens on their (T, H, W) grid; the cls token skips the pool.
+    """Pool (B, heads, N, d) or (B, N, d) tokens on their (T, H, W) grid; the cls token
+    skips the pool. Returns the pooled tokens in the input's layout and their grid.
 
     The norm, if any, runs over all tokens, cls included (SlowFast's `attention_pool`).
     """
     if pool is None:
         return x, list(thw)
-    batch, heads, _, dim = x.shape
+    if x.ndim == 3:
+        pooled, thw = attention_pool(x.unsqueeze(1), pool, thw, has_cls, norm)
+        return pooled.squeeze(1), thw
+    if x.ndim != 4:
+        raise ValueError(f"attention_pool takes (B, heads, N, d) or (B, N, d) tokens, "
+                         f"got shape {tuple(x.shape)}")
+    batch, heads, tokens, dim = x.shape
+    if tokens != int(has_cls) + math.prod(thw):
+        raise ValueError(f"attention_pool: {tokens} tokens do not fit the grid {list(thw)}"
+                         f"{' plus the cls token' if has_cls else ''}")
     cls_tok, x = (x[:, :, :1], x[:, :, 1:]) if has_cls else (None, x)
     # Contiguous, as in SlowFast: torch 2.13's CPU bf16 depthwise Conv3d returns a wrong
     # weight gradient for a channels-last input (off by its own magnitude, run to run).
