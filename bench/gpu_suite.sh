@@ -31,6 +31,8 @@
 #   data_pip, data      DALI GPU decoding vs PyAV (bench/test_data.py), only where the wheel
 #                       parts came along (bench/fetch_wheels.sh data)   bench_data.json
 #   report              python -m mvit_fast.report throughput           throughput.md (+ PNGs)
+# A step gets at most the time left to the deadline minus what the report and the packing
+# need, so the report runs however long the steps before it took.
 # Each compiled case compiles the whole model cold (about a minute or more per case on the
 # first run, estimated, not measured yet), so one call is expected to get through
 # train_compiled, model_eager, warm and attention_S16x224, which already give the headline
@@ -44,12 +46,14 @@
 # eager launch (the op benchmarks), hence the `warm` step before them. A compiled model does
 # not launch these kernels: Inductor re-emits their source in its own module and compiles the
 # configs in its parallel compile workers (torch/_inductor/codegen/wrapper.py,
-# define_user_defined_triton_kernel), so `warm` comes after the compiled headline steps and
-# is left out of the profile call.
+# define_user_defined_triton_kernel), and the model benchmarks' batch probe of a Triton
+# variant runs SDPA and the plain pooling (bench/test_model.py), so `warm` comes after the
+# compiled headline steps and is left out of the profile call.
 # Every step also leaves NAME.log and NAME.cmd (its command line). run_info.json (with
-# STEPS: run_info-<first step>.json): device, commit, command, versions, nvidia-smi and
-# every step's exit code (124: timed out, 125: not started). Each bench_*.json is
-# pytest-benchmark's, with the row fields of
+# STEPS: run_info-<first step after pip>.json; likewise pip's and report's logs and
+# throughput.md, so that the calls' archives unpack into one folder): device, commit,
+# command, versions, nvidia-smi and every step's exit code (124: timed out, 125: not
+# started). Each bench_*.json is pytest-benchmark's, with the row fields of
 # bench/conftest.py `record_run` (device, versions, commit, dtype, batch, shape, TFLOP/s,
 # peak memory) in every extra_info and, added at the end, "command" and "run_info" at the
 # top level. A suite cut by its timeout keeps the cases it finished (pytest-benchmark
@@ -64,11 +68,12 @@
 # The device tool brings back at most 8 files from $OUT, and its copy of the repo has no
 # .git; there, run it as
 #   PACK=1 MVIT_FAST_COMMIT=<sha of HEAD> bash bench/gpu_suite.sh
-# PACK=1 packs everything under $OUT into gpu_suite.tar.gz (gpu_suite-<first step> with
-# STEPS), leaving the run info and throughput.md beside it.
-# Commit the results (development machine; the device tool copies $OUT to its files_at):
+# PACK=1 packs everything under $OUT into gpu_suite.tar.gz (gpu_suite-<first step after pip>
+# with STEPS), leaving the run info and throughput.md beside it.
+# Commit the results (development machine; the device tool copies $OUT to its files_at,
+# which holds the latest call's files only, so unpack after every call):
 #   run=bench/results/$(date +%F)-<gpu, e.g. h100>-$(git rev-parse --short HEAD)
-#   mkdir -p "$run" && for a in <files_at>/gpu_suite*.tar.gz; do tar xzf "$a" -C "$run"; done
+#   mkdir -p "$run" && tar xzf <files_at>/gpu_suite*.tar.gz -C "$run"
 #   python -m mvit_fast.report throughput   # reads the newest GPU run under bench/results/
 #   git add "$run"   # then list it in README.md "Performance"
 # MVIT_FAST_COMMIT names the commit when the copy has no .git (the device tool's copy).
@@ -94,7 +99,10 @@ START=$SECONDS
 EXIT_CODES=()
 
 STEPS=${STEPS:-}
-RUN_INFO="$OUT/run_info${STEPS:+-${STEPS%% *}}.json"  # calls with STEPS go in one folder too
+# Calls with STEPS share one results folder: what every call writes (run_info, the archive,
+# pip's and report's logs, throughput.md) is tagged with the call's first step after pip.
+TAG=$(for s in $STEPS; do [ "$s" = pip ] || { echo "-$s"; break; }; done)
+RUN_INFO="$OUT/run_info$TAG.json"
 
 run_info() {  # $RUN_INFO: what ran where; exit codes as name=rc arguments once known
   "$PY" - "$@" > "$RUN_INFO" <<'PY'
@@ -129,16 +137,22 @@ step() {  # step NAME BUDGET_S CMD...: CMD under min(BUDGET_S, time to the deadl
   local name=$1 budget=$2
   shift 2
   if [ -n "$STEPS" ] && [[ " $STEPS " != *" $name "* ]]; then return 0; fi
-  local left=$((DEADLINE - (SECONDS - START) - 20))  # 20 s: the KILL grace and the last run_info
+  local file=$name
+  case $name in pip|report) file=$name$TAG ;; esac  # every call runs these
+  # Held back from the deadline: 20 s for the last run_info and packing; for every step but
+  # the report also the report's 30 s and the 15 s a cut step may take to exit (INT, KILL).
+  local reserve=20
+  [ "$name" = report ] || reserve=65
+  local left=$((DEADLINE - (SECONDS - START) - reserve))
   if [ "$left" -lt 30 ]; then
-    echo "== $name: not started, ${left}s to the deadline" | tee "$OUT/$name.log"
+    echo "== $name: not started, ${left}s to the deadline" | tee "$OUT/$file.log"
     EXIT_CODES+=("$name=125")
     return 0
   fi
   local limit=$((budget < left ? budget : left))
   echo "== $name: timeout ${limit}s at $((SECONDS - START))s"
-  printf '%q ' "$@" > "$OUT/$name.cmd"
-  timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  printf '%q ' "$@" > "$OUT/$file.cmd"
+  timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee "$OUT/$file.log"
   EXIT_CODES+=("$name=${PIPESTATUS[0]}")
 }
 
@@ -162,7 +176,8 @@ step pip 90 bash -c 'if [ -d .whl ]; then
     fi
     "$PY" -m pip install --no-index --no-deps $(ls .whl/*.whl | grep -v /setuptools-) || exit
   fi
-  "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .'
+  "$PY" -m pip install --no-index --no-deps --no-build-isolation -e . || exit
+  "$PY" -c "import fvcore, mvit_fast.kernels" || { echo "fvcore (FLOP counts) is missing: carry .whl"; exit 1; }'
 # The numerics tests pin one launch config per kernel: autotuning every shape, dtype and
 # head-dim layout of the suite would compile for many minutes (the benchmarks autotune).
 # 32 x 32 tiles because they fit every case in shared memory: an sm_90 compile of the fp32
@@ -242,15 +257,15 @@ shopt -s nullglob  # a glob that matches nothing expands to nothing
 RESULTS=("$OUT"/bench_*.json "$OUT"/profile_*.json)
 shopt -u nullglob
 if [ "${#RESULTS[@]}" -gt 0 ]; then
-  step report 30 sh -c '"$PY" -m mvit_fast.report throughput "$@" > "$0/throughput.md"; rc=$?; cat "$0/throughput.md"; exit $rc' \
-    "$OUT" "${RESULTS[@]}" "${PLOTS[@]}"
+  step report 30 sh -c '"$PY" -m mvit_fast.report throughput "$@" > "$0"; rc=$?; cat "$0"; exit $rc' \
+    "$OUT/throughput$TAG.md" "${RESULTS[@]}" "${PLOTS[@]}"
 fi
 
 run_info "${EXIT_CODES[@]}"
 if [ "${PACK:-0}" = 1 ]; then  # for the device tool, which brings back at most 8 files
-  ARCHIVE=gpu_suite${STEPS:+-${STEPS%% *}}.tar.gz
+  ARCHIVE=gpu_suite$TAG.tar.gz
   tar czf "/tmp/$ARCHIVE" -C "$OUT" . && find "$OUT" -mindepth 1 \
-    ! -name "$(basename "$RUN_INFO")" ! -name throughput.md ! -name 'gpu_suite*.tar.gz' -delete \
+    ! -name "$(basename "$RUN_INFO")" ! -name "throughput$TAG.md" ! -name 'gpu_suite*.tar.gz' -delete \
     && mv "/tmp/$ARCHIVE" "$OUT/"
 fi
 echo "exit codes: ${EXIT_CODES[*]} (124: timed out, 125: not started); $((SECONDS - START))s"

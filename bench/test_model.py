@@ -21,9 +21,13 @@ Batch size (per case, found once): the largest of `BATCH_LADDER` that fits. A pr
 runs the case's step uncompiled at batch 1 and 2, fits peak memory as fixed + per_clip
 * batch, and keeps the largest rung whose prediction is within `MEMORY_FRACTION` of the
 device memory (an uncompiled step stores at least as many activations as a compiled
-one). A rung that still runs out of memory in its first steps falls back to the next
-smaller one; a case that does not fit at its smallest rung is skipped with the numbers.
-`MVIT_BENCH_BATCHES` replaces the probe by a fixed list (one case per batch).
+one). The Triton variants probe with attention through SDPA and the plain pooling ops:
+launched uncompiled, the Triton kernels would autotune every config of every block shape
+one compile after another (minutes) before the case starts, and SDPA's materialized bias
+only adds to the peak, so the probe errs towards a smaller batch. A rung that still runs
+out of memory in its first steps falls back to the next smaller one; a case that does not
+fit at its smallest rung is skipped with the numbers. `MVIT_BENCH_BATCHES` replaces the
+probe by a fixed list (one case per batch).
 
 Compilation: the whole model, `model.compile(fullgraph=True, dynamic=False)`: one graph
 (checked: no graph break). Compiling block by block would not save time here: every block
@@ -275,13 +279,18 @@ def test_model_step(benchmark, record_run, suite: ModelSuite, variant: Variant, 
     try:
         if fixed_batch is None:
             batch = None
+            if variant.backend == "triton":  # no Triton autotuning before the case (docstring)
+                model.set_attention_backend("sdpa", pool_backend="eager")
             try:
                 batch, probe = largest_fitting_batch(step, cfg, suite.batches, device)
             except torch.OutOfMemoryError:
                 pass  # skipped below, once the error (and the tensors its traceback holds) is gone
+            model.set_attention_backend(variant.backend, variant.pool_backend)
             if batch is None:
                 pytest.skip(f"{suite.name} {mode} {variant.name}: out of memory at batch 1 "
                             "(uncompiled probe)")
+            if variant.backend == "triton" and probe["batch_rule"] != "fixed":
+                probe["probe_backends"] = "sdpa attention, plain pooling"
             candidates = [b for b in suite.batches if b <= batch][::-1]
         else:
             probe, candidates = {"batch_rule": "MVIT_BENCH_BATCHES"}, [fixed_batch]

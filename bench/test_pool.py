@@ -7,9 +7,10 @@ Providers: `triton` (the fused `pool_norm_qkv`, straight from the (B, N, 3, head
 projection output), `eager` (the module's plain path: permute + three `attention_pool`
 calls with nn.Conv3d + nn.LayerNorm) and `compile` (that eager path under torch.compile).
 Shapes are every distinct pooling shape (input grid, strides, heads, head_dim) of the
-blocks of `block_specs`, MViTv2-S 16x224 and B 32x224, batch 8, bf16 activations and
-parameters, on CUDA. Without CUDA the GPU suites skip and the CPU smoke suite (S 4x64)
-times the eager provider on its first shape only.
+blocks of `block_specs`, MViTv2-S 16x224 and B 32x224, batch 8, on CUDA, as the model
+runs them in bf16 training: bf16 activations, fp32 parameters (the master weights), the
+eager and compile providers under bf16 autocast. Without CUDA the GPU suites skip and the
+CPU smoke suite (S 4x64) times the eager provider on its first shape only.
 
 Bytes (one documented function, `pool_bytes`): the op's unavoidable HBM traffic, with C =
 heads * head_dim per token and the dtype's item size:
@@ -129,14 +130,15 @@ def _skip_reason(provider: str, device: torch.device) -> str | None:
     return None
 
 
-def _modules(shape: PoolShape, dtype: torch.dtype, device: torch.device):
-    """(pool_q, pool_k, pool_v), (norm_q, norm_k, norm_v) as MultiScaleAttention builds them."""
+def _modules(shape: PoolShape, device: torch.device):
+    """(pool_q, pool_k, pool_v), (norm_q, norm_k, norm_v) as MultiScaleAttention builds them
+    (float32, the model's master weights)."""
     d = shape.head_dim
     pad = [k // 2 for k in shape.kernel]
     pools = [nn.Conv3d(d, d, shape.kernel, stride=s, padding=pad, groups=d, bias=False)
              for s in (shape.stride_q, shape.stride_kv, shape.stride_kv)]
     norms = [nn.LayerNorm(d, eps=1e-6) for _ in range(3)]
-    return [m.to(device, dtype) for m in pools], [m.to(device, dtype) for m in norms]
+    return [m.to(device) for m in pools], [m.to(device) for m in norms]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -148,7 +150,7 @@ def test_pool_qkv(benchmark, run_info, time_op, pool_shape, provider, mode, devi
     if reason:
         pytest.skip(reason)
     torch.manual_seed(0)
-    pools, norms = _modules(shape, dtype, device)
+    pools, norms = _modules(shape, device)
     c = shape.heads * shape.head_dim
     qkv = torch.randn(batch, shape.n, 3 * c, device=device, dtype=dtype)
     leaves = [qkv] + [p.weight for p in pools] + [m.weight for m in norms] + [m.bias for m in norms]
@@ -158,7 +160,8 @@ def test_pool_qkv(benchmark, run_info, time_op, pool_shape, provider, mode, devi
 
     def eager():
         q, k, v = qkv.reshape(batch, shape.n, 3, shape.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        return tuple(attention_pool(x, p, thw, True, m)[0] for x, p, m in zip((q, k, v), pools, norms))
+        with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+            return tuple(attention_pool(x, p, thw, True, m)[0] for x, p, m in zip((q, k, v), pools, norms))
 
     if provider == "triton":
         from mvit_fast.attention.fused_pool import fused_pool_qkv
