@@ -22,23 +22,26 @@
 #   warm                every kernel config at the S and B shapes compiled into Triton's
 #                       cache in parallel (bench/kernel_resources.py)   warm.log
 #   attention_S16x224   bench/test_attention.py, MViTv2-S shapes        bench_attention_S16x224.json
-#   model_compiled_S16x224  the other compiled S cases (SDPA; Triton inference)
 #   pool                bench/test_pool.py (fused pooling), if present  bench_pool.json
-#   attention_B32x224, model_compiled_B32x224: as for S
+#   attention_B32x224   as for S
+#   model_compiled_S16x224  the other compiled S cases (SDPA; Triton inference)
 #   profile_S16x224     bench/profile_step.py: the compiled S training step, fused vs plain
 #                       pooling, kernel time by category               profile_*.json
+#   model_compiled_B32x224  as for S
 #   profile_B32x224     the same for B, compiled Triton vs eager bf16   profile_*.json
 #   data_pip, data      DALI GPU decoding vs PyAV (bench/test_data.py), only where the wheel
 #                       parts came along (bench/fetch_wheels.sh data)   bench_data.json
 #   report              python -m mvit_fast.report throughput           throughput.md (+ PNGs)
 # A step gets at most the time left to the deadline minus what the report and the packing
 # need, so the report runs however long the steps before it took.
-# Each compiled case compiles the whole model cold (about a minute or more per case on the
-# first run, estimated, not measured yet), so one call is expected to get through
-# train_compiled, model_eager, warm and attention_S16x224, which already give the headline
-# (compiled Triton vs eager training); the rest in two more calls (a fresh machine, hence pip):
-#   STEPS="pip warm model_compiled_S16x224 pool attention_B32x224 model_compiled_B32x224 report"
-#   STEPS="pip profile_S16x224 profile_B32x224 report"
+# The budgets add up to four calls. Each compiled case compiles the whole model cold (a
+# minute or more per case, estimated, not measured yet). A call without STEPS gets through
+# pip, tests, train_compiled and model_eager (the numerics and the headline: compiled
+# Triton vs eager training) before the deadline stops it; then one call per line (each may
+# land on a fresh machine, hence pip):
+#   STEPS="pip warm attention_S16x224 pool attention_B32x224 report"      # the op targets
+#   STEPS="pip model_compiled_S16x224 profile_S16x224 report"
+#   STEPS="pip model_compiled_B32x224 profile_B32x224 report"
 # Autotuning compiles every config of a pass at each new specialization: the attention
 # passes ~1-3 s per config, the pooling passes ~1-10 s (sm_90 compiles timed on a 2-core CPU;
 # `python bench/kernel_resources.py` lists them), 7 + 7 + 7 and 5 + 3 + 5 configs: for S and B
@@ -203,21 +206,22 @@ bench model_eager 100 bench/test_model.py -k "(S16x224 or B32x224) and eager-" "
 # one core busy, inside their warm-up (bench/kernel_resources.py --warm; the log has each
 # config's registers, spills, shared memory and MMA instruction from this machine's Triton).
 step warm 150 "$PY" bench/kernel_resources.py --sizes s b --warm --jobs 16
-bench attention_S16x224 90 bench/test_attention.py -k S16x224 "${OP_ROUNDS[@]}"
-# The plain-pooling variant is timed by the profile steps (with the fused one, side by side).
+bench attention_S16x224 120 bench/test_attention.py -k S16x224 "${OP_ROUNDS[@]}"
+if [ -f bench/test_pool.py ]; then
+  bench pool 120 bench/test_pool.py -k "S16x224 or B32x224" "${OP_ROUNDS[@]}"
+fi
+bench attention_B32x224 90 bench/test_attention.py -k B32x224 "${OP_ROUNDS[@]}"
+# The other compiled cases (the plain-pooling variant is timed by the profile steps, with
+# the fused one, side by side), and where the time goes (bench/profile_step.py:
+# torch.profiler, kernels by category): the compiled S training step with the fused vs the
+# plain pooling (what the fused kernel saves), and the B training step compiled vs eager
+# bf16. `report` tabulates the profile_*.json.
 bench model_compiled_S16x224 200 bench/test_model.py \
   -k "S16x224 and compile- and not ($HEADLINE) and not plainpool" "${MODEL_ROUNDS[@]}"
-if [ -f bench/test_pool.py ]; then
-  bench pool 50 bench/test_pool.py -k "S16x224 or B32x224" "${OP_ROUNDS[@]}"
-fi
-bench attention_B32x224 70 bench/test_attention.py -k B32x224 "${OP_ROUNDS[@]}"
-bench model_compiled_B32x224 250 bench/test_model.py \
-  -k "B32x224 and compile- and not ($HEADLINE) and not plainpool" "${MODEL_ROUNDS[@]}"
-# Where the time goes (bench/profile_step.py: torch.profiler, kernels by category): the compiled
-# S training step with the fused vs the plain pooling (what the fused kernel saves), and the
-# B training step compiled vs eager bf16. `report` tabulates the profile_*.json.
 step profile_S16x224 240 "$PY" bench/profile_step.py --suite S16x224 --mode train \
   --variants compile-triton-bf16 compile-triton-plainpool-bf16 --batch 8 --steps 5 --out "$OUT"
+bench model_compiled_B32x224 250 bench/test_model.py \
+  -k "B32x224 and compile- and not ($HEADLINE) and not plainpool" "${MODEL_ROUNDS[@]}"
 step profile_B32x224 200 "$PY" bench/profile_step.py --suite B32x224 --mode train \
   --variants compile-triton-bf16 eager-bf16 --batch 4 --steps 5 --out "$OUT"
 
