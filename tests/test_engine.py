@@ -98,6 +98,15 @@ def test_ssv2_and_l_recipes():
     lssv2 = get_recipe("l", "ssv2")
     assert (lssv2.mixup, lssv2.grad_clip, lssv2.epochs, lssv2.lr) == (False, 2.0, 40, pytest.approx(1.25e-3))
     assert get_recipe("b", "ssv2").drop_path_rate is None  # the model config's: one table, config.py
+    # ... which the engine's model takes per dataset (SlowFast's SSv2 configs: 0.4)
+    pairs = (("s", "k400"), ("s", "ssv2"), ("b", "k400"), ("b", "ssv2"))
+    drop_path = [get_recipe(size, data).model_config().drop_path_rate for size, data in pairs]
+    assert drop_path == [0.2, 0.4, 0.3, 0.4]
+    assert get_recipe("s", "ssv2").model_config().num_classes == 174
+    assert get_recipe(None, "synthetic").model_config().drop_path_rate == 0.1
+    ssv2 = get_recipe("s", "ssv2", depths=(1, 1, 1, 1), embed_dim=16)
+    one_cpu = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert build(ssv2, None, one_cpu, reinit_head=False).cfg == ssv2.model_config()
 
 
 def test_param_groups_follow_slowfast_zero_decay():

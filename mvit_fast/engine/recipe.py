@@ -23,7 +23,7 @@ from torch import nn
 
 from ..attention.functional import BACKENDS
 from ..attention.module import POOL_BACKENDS
-from ..config import DATASETS, SIZES
+from ..config import DATASETS, SIZES, MViTConfig, get_config
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, K400_MEAN, K400_STD
 
 RECIPE_DATASETS = (*DATASETS, "synthetic")
@@ -103,6 +103,16 @@ class Recipe:
     def lr(self) -> float:
         """Peak lr at this global batch (linear scaling from `base_lr` per `base_lr_batch`)."""
         return self.base_lr * self.batch_size / self.base_lr_batch
+
+    @property
+    def model_dataset(self) -> str:
+        """The published architecture this recipe's model starts from: its dataset's, K400's
+        for another dataset (then `model_overrides` sets the class count)."""
+        return self.dataset if self.dataset in DATASETS else "k400"
+
+    def model_config(self) -> MViTConfig:
+        """The resolved model config (`build_model(size, model_dataset, **model_overrides())`)."""
+        return get_config(self.size, self.model_dataset, **self.model_overrides())
 
     def model_overrides(self) -> dict:
         """`build_model` keyword overrides of the published architecture."""

@@ -150,7 +150,7 @@ def build(recipe: Recipe, checkpoint: str | None, d: Dist, *, reinit_head: bool)
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank and every run
     model = build_model(
         recipe.size,
-        "k400",
+        recipe.model_dataset,
         attention_backend=recipe.attention_backend,
         pool_backend=recipe.pool_backend,
         checkpoint_activations=recipe.checkpoint_activations,
@@ -203,8 +203,7 @@ def model_tflops_per_clip(recipe: Recipe) -> float:
         from ..report import count_model
     except ImportError:
         return math.nan
-    cfg = build_model(recipe.size, "k400", attention_backend="eager", **recipe.model_overrides()).cfg
-    macs = sum(r.macs for r in count_model(MViT(cfg, attention_backend="eager")))
+    macs = sum(r.macs for r in count_model(MViT(recipe.model_config(), attention_backend="eager")))
     return 6 * macs / 1e12
 
 
@@ -290,6 +289,7 @@ def main(
             torch.backends.cudnn.allow_tf32 = True
         resolved = {
             **recipe.to_dict(),
+            "model": dataclasses.asdict(recipe.model_config()),
             "data": {k: str(v) for k, v in dataclasses.asdict(data).items() if k != "class_names"},
             "world_size": d.world_size,
             "device": str(d.device),
