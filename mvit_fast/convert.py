@@ -1,14 +1,21 @@
 """python -m mvit_fast.convert SRC DST: a foreign MViTv2 checkpoint into our format.
 
-Builds the model the checkpoint describes, loads it strictly and prints what was
-loaded, renamed, interpolated and left out. `--to slowfast|mmaction2|torchvision`
-writes DST in that codebase's keys instead.
+Builds the model the checkpoint describes, loads it and prints what was loaded, renamed,
+interpolated and left out (checkpoint tensors the model has no place for). `--to
+slowfast|mmaction2|torchvision` writes DST in that codebase's keys instead.
+
+The architecture comes from the weights (stages, widths, heads, classes, clip size), the
+settings they do not show (pooling strides, patch stride, drop path) are the published
+MViTv2's; a checkpoint of ours carries its config (and a run's recipe), which are kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -18,12 +25,14 @@ from .checkpoint import (
     export_state_dict,
     infer_config,
     load_checkpoint,
+    load_file,
     preset_name,
     read_checkpoint,
     save_checkpoint,
     to_native,
     unwritable,
 )
+from .config import MViTConfig
 from .model import MViT
 
 
@@ -39,26 +48,49 @@ def main(argv: list[str] | None = None) -> int:
     if reason := unwritable(args.dst, make_folders=True):
         parser.error(f"cannot write {args.dst}: {reason}")
     try:
-        raw, fmt = read_checkpoint(args.src, weights_only=not args.allow_pickle)
-        native, _ = to_native(raw, fmt)
-        cfg = infer_config(native)
+        src = args.src
+        if not Path(src).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {src}")
+        container = load_file(Path(src), weights_only=not args.allow_pickle)
+        raw, fmt = read_checkpoint(container)
+        native = to_native(raw, fmt)[0]
+        saved_cfg = _stored_config(container) if fmt == "mvit_fast" else None
+        cfg = saved_cfg or infer_config(native)
         with torch.device("meta"):  # every tensor comes from the checkpoint: skip the init
             model = MViT(cfg)
-        report = load_checkpoint(model, raw, strict=True)
+        if missing := sorted(set(model.state_dict()) - set(native)):
+            raise ValueError(f"{src} lacks tensors of the model it describes: {missing[:8]}"
+                             + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+        report = load_checkpoint(model, container, strict=False)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.src}: {preset_name(cfg)}, {cfg.num_classes} classes, "
-          f"{cfg.num_frames}x{cfg.crop_size}")
+    print(f"{src}: {preset_name(cfg)}, {cfg.num_classes} classes, "
+          f"{cfg.num_frames}x{cfg.crop_size}"
+          + (" (its saved config)" if saved_cfg else ""))
     print(report.summary())
     if args.to == "mvit_fast":
-        save_checkpoint(args.dst, model, source=str(args.src), source_format=fmt)
+        recipe = {"recipe": container["recipe"]} if container.get("recipe") else {}
+        save_checkpoint(args.dst, model, source=str(src), source_format=fmt, **recipe)
     else:
         state = export_state_dict(model.state_dict(), args.to)
-        container = {"slowfast": "model_state", "mmaction2": "state_dict"}.get(args.to)
-        atomic_save({container: state} if container else state, args.dst)
+        wrapper = {"slowfast": "model_state", "mmaction2": "state_dict"}.get(args.to)
+        atomic_save({wrapper: state} if wrapper else state, args.dst)
     print(f"wrote {args.dst} ({args.to})")
     return 0
+
+
+def _stored_config(container: Mapping) -> MViTConfig | None:
+    """The config a checkpoint of ours was saved with, or None (absent, or from another version)."""
+    saved = container.get("config")
+    if not isinstance(saved, Mapping):
+        return None
+    fields = {f.name for f in dataclasses.fields(MViTConfig)}
+    try:
+        return MViTConfig(**{k: tuple(v) if isinstance(v, list) else v
+                             for k, v in saved.items() if k in fields})
+    except (TypeError, ValueError):
+        return None
 
 
 if __name__ == "__main__":

@@ -176,6 +176,37 @@ def test_convert_cli(model, tmp_path, capsys):
     assert "not an MViTv2 state_dict with conv pooling" in capsys.readouterr().err
 
 
+def test_convert_keeps_the_config_and_recipe_of_our_checkpoints(tmp_path, capsys):
+    from mvit_fast.config import MViTConfig
+
+    torch.manual_seed(0)
+    # unpooled k/v (as the quickstart model): the weights cannot show it, the saved config does
+    narrow = mvit_fast.build_model("s", **MINI, kv_stride_adaptive=(1, 1, 1)).eval()
+    save_checkpoint(tmp_path / "run.pt", narrow, recipe={"size": "s", "dataset": "synthetic"})
+    assert convert_main([str(tmp_path / "run.pt"), str(tmp_path / "copy.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "(its saved config)" in out and "format: mvit_fast" in out
+    copy = torch.load(tmp_path / "copy.pt", weights_only=True)
+    assert copy["config"]["kv_stride_adaptive"] == (1, 1, 1)
+    assert copy["recipe"] == {"size": "s", "dataset": "synthetic"}
+    rebuilt = mvit_fast.MViT(MViTConfig(**copy["config"])).eval()
+    load_checkpoint(rebuilt, tmp_path / "copy.pt")
+    clip = torch.randn(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(clip), narrow(clip))
+    # a tensor the model has no place for is left out and named, not an error
+    state = export_state_dict(narrow.state_dict(), "slowfast")
+    torch.save({"model_state": {**state, "ema.decay": torch.ones(1)}}, tmp_path / "extra.pyth")
+    assert convert_main([str(tmp_path / "extra.pyth"), str(tmp_path / "extra.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "format: slowfast" in out and "left out (not in model): ema.decay" in out
+    # a tensor the model needs and the checkpoint lacks is an error
+    del state["norm.weight"]
+    torch.save({"model_state": state}, tmp_path / "short.pyth")
+    assert convert_main([str(tmp_path / "short.pyth"), str(tmp_path / "short.pt")]) == 2
+    assert "short.pyth lacks tensors of the model it describes: ['norm.weight']" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("size, dataset", [("s", "k400"), ("b", "ssv2"), ("l", "k400")])
 def test_infer_config_recognizes_published_models(size, dataset):
     from mvit_fast.checkpoint import infer_config, preset_name
