@@ -26,8 +26,10 @@ from .checkpoint import unwritable
 from .config import DATASETS, SIZES, block_specs, get_config
 from .model import MViT
 
-# The MViTv2 results table (seed document): GFLOPs (multiply-adds) and params (M), K400.
-PUBLISHED = {"s": (64.0, 34.5), "b": (225.0, 51.2), "l": (2828.0, 213.0)}
+# The MViTv2 results table (seed document): GFLOPs (multiply-adds) and params (M) per
+# (size, dataset); SSv2's head has 174 classes, not 400.
+PUBLISHED = {("s", "k400"): (64.0, 34.5), ("b", "k400"): (225.0, 51.2), ("l", "k400"): (2828.0, 213.0),
+             ("s", "ssv2"): (64.0, 34.4), ("b", "ssv2"): (225.0, 51.1), ("l", "ssv2"): (2828.0, 213.0)}
 
 # Submodules of an attention block that are not the attention op itself.
 _ATTN_LAYERS = ("qkv", "q", "k", "v", "proj", "pool_q", "pool_k", "pool_v", "norm_q", "norm_k", "norm_v")
@@ -108,7 +110,7 @@ def flops_table(size: str, dataset: str, rows: list[StageCount]) -> str:
     cfg = get_config(size, dataset)
     total = StageCount("total", *(sum(getattr(r, f) for r in rows) for f in
                                   ("params", "macs", "attention_macs", "attention_op_macs")))
-    gmacs_pub, params_pub = PUBLISHED[size]
+    gmacs_pub, params_pub = PUBLISHED[size, dataset]
     lines = [f"### MViTv2-{size.upper()} {cfg.num_frames}x{cfg.crop_size} ({dataset}, "
              f"{cfg.num_classes} classes), per clip",
              "",
@@ -272,11 +274,21 @@ def throughput_tables(rows: list[dict]) -> str:
                 "| suite | mode | batch | " + " | ".join(ATTENTION_BACKENDS) + " |",
                 "|---|---|---:|" + "---:|" * len(ATTENTION_BACKENDS)]
         for (suite, mode, batch), by_backend in attention.items():
+            partial = partial_backends(by_backend)
             cells = [_fmt(sum(by_backend[b].values()) * 1e3 if b in by_backend else None, ".2f")
+                     + (" ({}/{} shapes)".format(*partial[b]) if b in partial else "")
                      for b in ATTENTION_BACKENDS]
             out.append(f"| {suite} | {mode} | {batch} | " + " | ".join(cells) + " |")
-        out.append("")
+        out += ["", "A sum over fewer shapes than the others (n/m shapes: cases cut, skipped or out "
+                "of memory) leaves blocks out and is no total.", ""]
     return "\n".join(out)
+
+
+def partial_backends(by_backend: dict[str, dict[str, float]]) -> dict[str, tuple[int, int]]:
+    """{backend: (shapes it has, shapes any backend has)} for the backends of one
+    `attention_block_times` entry that lack some of the shapes another one has."""
+    shapes = set().union(*by_backend.values()) if by_backend else set()
+    return {b: (len(times), len(shapes)) for b, times in by_backend.items() if len(times) < len(shapes)}
 
 
 def attention_block_times(rows: list[dict]) -> dict[tuple[str, str, int], dict[str, dict[str, float]]]:
@@ -499,10 +511,12 @@ def plot_attention_breakdown(rows: list[dict], path: Path) -> Path | None:
         backends = [b for b in ATTENTION_BACKENDS if b in by_backend] + \
             sorted(set(by_backend) - set(ATTENTION_BACKENDS))
         shapes = list(dict.fromkeys(s for b in backends for s in by_backend[b]))
+        partial = partial_backends(by_backend)  # a shorter bar that is no total says so
+        labels = [f"{b}\n({partial[b][0]}/{partial[b][1]} shapes)" if b in partial else b for b in backends]
         bottom = [0.0] * len(backends)
         for shape in shapes:
             heights = [by_backend[b].get(shape, 0.0) * 1e3 for b in backends]
-            ax.bar(backends, heights, bottom=bottom, label=shape)
+            ax.bar(labels, heights, bottom=bottom, label=shape)
             bottom = [b + h for b, h in zip(bottom, heights)]
         ax.set_title(f"{suite} {mode}, batch {batch}")
         ax.set_ylabel("attention time per model pass (ms)")

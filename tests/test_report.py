@@ -39,3 +39,10 @@ def test_table_format():
         "s", depths=(1, 1, 1, 1), embed_dim=8, num_frames=2, crop_size=16)))
     table = flops_table("s", "k400", rows)
     assert table.splitlines()[2] == "| part | params | GFLOPs (MACs) | attention modules | attention op |"
+
+
+def test_ssv2_is_held_against_the_ssv2_row_of_the_table():
+    rows = count_model(mvit_fast.MViT(mvit_fast.get_config(
+        "s", depths=(1, 1, 1, 1), embed_dim=8, num_frames=2, crop_size=16)))
+    assert "Published: 64G, 34.4M;" in flops_table("s", "ssv2", rows)  # 174 classes, not 400
+    assert "Published: 225G, 51.2M;" in flops_table("b", "k400", rows)

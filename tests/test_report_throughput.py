@@ -20,6 +20,7 @@ from mvit_fast.report import (
     load_benchmarks,
     main,
     newest_gpu_run,
+    partial_backends,
     throughput_tables,
 )
 
@@ -54,6 +55,14 @@ def test_attention_times_weighted_by_blocks(rows):
     assert by_backend["eager"] == pytest.approx({"b0 25089x393": 2e-3, "b4-13 1569x393": 5e-3})
     assert sum(by_backend["triton"].values()) == pytest.approx(1.5e-3)
     assert "| S16x224 | fwd | 8 | 7.00 | - | - | - | 1.50 |" in throughput_tables(rows).splitlines()
+
+
+def test_a_backend_missing_shapes_is_marked_not_summed_as_a_total(rows):
+    # an sdpa row at block 0 only (its blocks 4-13 case cut by a timeout or out of memory)
+    block0 = next(r for r in rows if r.get("kind") == "attention" and r["blocks"] == [0])
+    partial = rows + [dict(block0, backend="sdpa", median_s=0.4e-3)]
+    assert partial_backends(attention_block_times(partial)["S16x224", "fwd", 8]) == {"sdpa": (1, 2)}
+    assert "| S16x224 | fwd | 8 | 7.00 | 0.40 (1/2 shapes) | - | - | 1.50 |" in throughput_tables(partial)
 
 
 def test_roofline_inputs(rows):
