@@ -224,7 +224,8 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
 
     Keys are mapped to ours and rel-pos tables interpolated to the model's lengths.
     A classifier head of another class count (e.g. K400 weights into an SSv2
-    model) raises unless `reinit_head=True`, which keeps the model's own head.
+    model) raises unless `reinit_head=True`, which keeps the model's own head; so does a
+    checkpoint without a head (a backbone from pretraining).
     With `strict`, missing or unexpected keys raise a ValueError listing them;
     otherwise they are only reported. A model built on the meta device
     (`with torch.device("meta"): build_model("l")`) is loaded with `assign=True`:
@@ -238,6 +239,9 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     report = LoadReport(format=fmt)
     report.unexpected = sorted(k for k in sd if k not in target)
     report.missing = sorted(k for k in target if k not in sd)
+    if reinit_head:  # a backbone-only file (e.g. a pretraining checkpoint) keeps the model's head
+        report.reinitialized = [k for k in report.missing if k in HEAD_KEYS]
+        report.missing = [k for k in report.missing if k not in HEAD_KEYS]
     if strict and (report.missing or report.unexpected):
         raise ValueError(f"{fmt} checkpoint does not match the model "
                          f"({type(model).__name__}): missing {_short(report.missing)}, "

@@ -89,6 +89,13 @@ def test_k400_into_ssv2_needs_reinit_head(model):
     assert torch.equal(ssv2.head.projection.weight, head_before)
     assert torch.equal(ssv2.blocks[3].attn.qkv.weight, model.blocks[3].attn.qkv.weight)
     assert "re-initialized (not loaded): head.projection.weight" in report.summary()
+    # a backbone without a head (e.g. from pretraining) takes reinit_head too
+    backbone = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    with pytest.raises(ValueError, match=r"missing \['head.projection.bias', 'head.projection.weight'\]"):
+        load_checkpoint(ssv2, backbone)
+    report = load_checkpoint(ssv2, backbone, reinit_head=True)
+    assert report.reinitialized == ["head.projection.bias", "head.projection.weight"] and not report.missing
+    assert torch.equal(ssv2.head.projection.weight, head_before)
 
 
 def test_rel_pos_tables_interpolate_to_another_input_size(model):
