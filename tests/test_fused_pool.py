@@ -12,6 +12,7 @@ MViTv2-S block (fused pooling + fused attention) with the eager block.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 
 import mvit_fast.kernels.pool_norm as pool_norm_kernels
@@ -25,7 +26,7 @@ import mvit_fast.attention.module as attention_module
 from mvit_fast.attention import BACKENDS, MultiScaleAttention, attention_pool
 from mvit_fast.attention.fused_pool import can_fuse_pool, fused_pool_qkv, pool_norm_qkv
 from mvit_fast.model import MultiScaleBlock
-from tests.numerics import assert_close
+from tests.numerics import assert_close, assert_no_worse
 
 Triple = tuple[int, int, int]
 PARAM_NAMES = ("pool_q", "pool_k", "pool_v", "norm_q.weight", "norm_k.weight", "norm_v.weight",
@@ -480,4 +481,51 @@ def test_cuda_mvit_s_block(index: int) -> None:
     eager.load_state_dict({k: v.double() for k, v in fused.state_dict().items()})
     t, h, w = spec.input_grid
     x = torch.randn(1, 1 + t * h * w, spec.dim_in, device="cuda")
-    _check_module(fused, eager, x, [t, h, w], torch.bfloat16, autocast=True)
+    _check_block_under_autocast(fused, eager, x, [t, h, w], torch.bfloat16)
+
+
+def test_mvit_s_block_under_fp16_autocast() -> None:
+    """The whole-block check of the CUDA test above, on the CPU: block 3 of MViTv2-S at 4x64
+    (8x8 grid, 4 heads), fused pooling and attention under the interpreter, fp16 autocast."""
+    cfg = mvit_fast.get_config("s", num_frames=4, crop_size=64)
+    spec = mvit_fast.block_specs(cfg)[3]
+    kwargs = dict(kernel=spec.kernel, stride_q=spec.stride_q, stride_kv=spec.stride_kv,
+                  norm_eps=cfg.norm_eps)
+    torch.manual_seed(0)
+    fused = MultiScaleBlock(spec.dim_in, spec.dim_out, spec.num_heads, spec.table_grid, **kwargs,
+                            backend="triton", pool_backend="triton")
+    with torch.no_grad():
+        for name, p in fused.named_parameters():
+            if "norm" in name or "rel_pos" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    eager = MultiScaleBlock(spec.dim_in, spec.dim_out, spec.num_heads, spec.table_grid, **kwargs,
+                            backend="eager").double()
+    eager.load_state_dict({k: v.double() for k, v in fused.state_dict().items()})
+    t, h, w = spec.input_grid
+    _check_block_under_autocast(fused, eager, torch.randn(1, 1 + t * h * w, spec.dim_in), [t, h, w],
+                                torch.float16)
+
+
+def _check_block_under_autocast(fused: nn.Module, eager64: nn.Module, x: torch.Tensor, thw,
+                                dtype: torch.dtype) -> None:
+    """A block with the fused kernels under autocast(dtype) against the float64 eager block:
+    the output elementwise (tests/numerics.py's tolerance), x's and every parameter's gradient
+    no further off in relative norm than the plain eager block under the same autocast
+    (`assert_no_worse`: weight gradients sum autocast's rounding over thousands of tokens)."""
+    plain = copy.deepcopy(fused)
+    plain.attn.backend, plain.attn.pool_backend = "eager", "eager"
+    results = []
+    for module, dt, amp in ((fused, torch.float32, True), (plain, torch.float32, True),
+                            (eager64, torch.float64, False)):
+        xi = x.detach().to(dt).requires_grad_(True)
+        with torch.autocast(x.device.type, dtype, enabled=amp):
+            out, out_thw = module(xi, thw)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+        params = [p for _, p in sorted(module.named_parameters())]
+        results.append((out, out_thw, torch.autograd.grad(out, [xi, *params], grad_out)))
+    (out, thw_f, grads), (_, _, plain_grads), (ref, thw_e, ref_grads) = results
+    assert thw_f == thw_e
+    assert_close(out, ref, dtype=dtype, kind="fwd", name="block output")
+    names = ["x"] + sorted(n for n, _ in fused.named_parameters())
+    for name, g, b, r in zip(names, grads, plain_grads, ref_grads):
+        assert_no_worse(g, b, r, dtype=dtype, name=f"d{name}")

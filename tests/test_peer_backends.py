@@ -14,7 +14,7 @@ import torch
 from mvit_fast.attention import BACKENDS, eager_attention, peers, pooled_attention
 from mvit_fast.attention.peers import flex_rel_pos_attention, sdpa_attention, sdpa_aug_attention
 from mvit_fast.config import block_specs, get_config
-from tests.numerics import assert_close
+from tests.numerics import assert_close, assert_no_worse
 
 PEERS = {"sdpa": sdpa_attention, "sdpa_aug": sdpa_aug_attention, "flex": flex_rel_pos_attention}
 CPU_BACKWARD = ("sdpa", "sdpa_aug")  # flex's backward raises NotImplementedError on CPU
@@ -75,13 +75,25 @@ def run(fn, case: Case, inputs: dict, dtype: torch.dtype, device: str = "cpu", g
 
 
 def check(backend: str, case: Case, dtype: torch.dtype, device: str = "cpu", grad: bool = True,
-          batch: int = 2) -> None:
+          batch: int = 2, as_eager: bool = False) -> None:
+    """The backend in `dtype` against the float64 oracle: elementwise within the dtype's
+    tolerance, or with `as_eager` no further off in relative norm than `eager_attention` in
+    the same dtype (`assert_no_worse`), for the peers that round the bias or its gradient to
+    the input dtype by design (SDPA's additive mask, sdpa_aug's extra q columns, flex's
+    captured tables): at the MViTv2 block sizes that rounding alone is 1.1-2.7x the
+    elementwise bf16 tolerance."""
     # the oracle sees the same values: rounded to dtype once, then exact in float64
     inputs = {n: t.to(dtype).double() if t is not None else None
               for n, t in make_inputs(case, batch).items()}
     out, grads = run(PEERS[backend], case, inputs, dtype, device, grad)
     ref, ref_grads = run(eager_attention, case, inputs, torch.float64, device, grad)
     assert out.dtype == dtype
+    if as_eager:
+        plain, plain_grads = run(eager_attention, case, inputs, dtype, device, grad)
+        assert_no_worse(out, plain, ref, dtype=dtype, name=f"{backend} out")
+        for name, g in grads.items():
+            assert_no_worse(g, plain_grads[name], ref_grads[name], dtype=dtype, name=f"{backend} d{name}")
+        return
     assert_close(out, ref, dtype=dtype, name=f"{backend} out")
     for name, g in grads.items():
         assert_close(g, ref_grads[name], dtype=dtype, kind="grad", name=f"{backend} d{name}")
@@ -155,4 +167,10 @@ def s_block_case(index: int) -> Case:
 @pytest.mark.parametrize("block", [1, 4, 14])  # 6273 x 1569, 1569 x 393, 393 x 1569
 @pytest.mark.parametrize("backend", ["sdpa", "sdpa_aug", "flex"])
 def test_bf16_mvit_s_block_cuda(backend, block):
-    check(backend, s_block_case(block), torch.bfloat16, device="cuda", batch=2)
+    check(backend, s_block_case(block), torch.bfloat16, device="cuda", batch=2, as_eager=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKWARD)
+def test_bf16_block_no_worse_than_eager(backend):
+    """The bf16 check of the real block shapes (above, on CUDA) at a small block on the CPU."""
+    check(backend, CASES["ratio_1.75_d72"], torch.bfloat16, batch=2, as_eager=True)
