@@ -8,6 +8,7 @@ The derivation follows SlowFast's `MViT.__init__` for the MViTv2 video configs.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 Triple = tuple[int, int, int]
@@ -89,6 +90,13 @@ _PRESETS: dict[str, dict] = {
 }
 _DROP_PATH = {("s", "k400"): 0.2, ("s", "ssv2"): 0.4, ("b", "k400"): 0.3, ("b", "ssv2"): 0.4,
               ("l", "k400"): 0.75, ("l", "ssv2"): 0.75}
+
+
+def from_saved(cls, saved: Mapping):
+    """`cls(**saved)` for a dataclass saved as JSON or in a checkpoint: lists back to tuples,
+    entries `cls` has no field for dropped (fields newer than the file keep their defaults)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
 
 
 def get_config(size: str = "s", dataset: str = "k400", **overrides) -> MViTConfig:

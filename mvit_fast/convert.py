@@ -12,7 +12,6 @@ MViTv2's; a checkpoint of ours carries its config (and a run's recipe), which ar
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,7 +31,7 @@ from .checkpoint import (
     to_native,
     unwritable,
 )
-from .config import MViTConfig
+from .config import MViTConfig, from_saved
 from .model import MViT
 
 
@@ -85,10 +84,8 @@ def _stored_config(container: Mapping) -> MViTConfig | None:
     saved = container.get("config")
     if not isinstance(saved, Mapping):
         return None
-    fields = {f.name for f in dataclasses.fields(MViTConfig)}
     try:
-        return MViTConfig(**{k: tuple(v) if isinstance(v, list) else v
-                             for k, v in saved.items() if k in fields})
+        return from_saved(MViTConfig, saved)
     except (TypeError, ValueError):
         return None
 

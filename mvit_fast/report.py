@@ -287,7 +287,7 @@ def throughput_tables(rows: list[dict]) -> str:
 def partial_backends(by_backend: dict[str, dict[str, float]]) -> dict[str, tuple[int, int]]:
     """{backend: (shapes it has, shapes any backend has)} for the backends of one
     `attention_block_times` entry that lack some of the shapes another one has."""
-    shapes = set().union(*by_backend.values()) if by_backend else set()
+    shapes = set().union(*by_backend.values())
     return {b: (len(times), len(shapes)) for b, times in by_backend.items() if len(times) < len(shapes)}
 
 

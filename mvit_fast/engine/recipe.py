@@ -23,7 +23,7 @@ from torch import nn
 
 from ..attention.functional import BACKENDS
 from ..attention.module import POOL_BACKENDS
-from ..config import DATASETS, SIZES, MViTConfig, get_config
+from ..config import DATASETS, SIZES, MViTConfig, from_saved, get_config
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, K400_MEAN, K400_STD
 
 RECIPE_DATASETS = (*DATASETS, "synthetic")
@@ -226,9 +226,7 @@ def saved_recipe(saved: dict, where: str, size: str | None = None, dataset: str 
     setting given (size and dataset included) must equal the saved one: ValueError naming
     each that differs (`where` starts the message)."""
     _check_names(overrides)
-    fields = {f.name for f in dataclasses.fields(Recipe)}
-    # to_dict wrote tuples as lists (and the derived lr); settings newer than the file keep defaults
-    run = Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
+    run = from_saved(Recipe, saved)  # to_dict wrote tuples as lists (and the derived lr)
     asked = {k: tuple(v) if isinstance(v, list) else v
              for k, v in dict(size=size, dataset=dataset, **overrides).items() if v is not None}
     differ = [k for k, v in asked.items() if k not in RUN_MAY_CHANGE and v != getattr(run, k)]
