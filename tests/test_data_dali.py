@@ -10,10 +10,14 @@ import pytest
 import torch
 
 from mvit_fast.data import ClipSampling, TestAugment, TrainAugment, VideoRecord, build_loader
+from mvit_fast.data.randaugment import OPS, SIGNED, RandOp, apply_op
+from mvit_fast.data.transforms import ViewDraw
 from tests.test_data_pyav import PLAIN_TRAIN, decode_views
 from tests.test_data_videos import corrupt_frame, make_list
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'mvit-fast[dali]')")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +93,81 @@ def test_full_train_augmentation_runs(webm_videos):
     batch = next(iter(loader))
     assert batch.clips.shape == (4, 3, 4, 32, 32) and torch.isfinite(batch.clips).all()
     assert not torch.allclose(batch.clips[0], batch.clips[1])  # independent views
+
+
+def _train_batches(records, device, augment, backend="dali", start_batch=0, **kw):
+    placement = dict(device=device, num_workers=2) if backend == "dali" else dict(num_workers=0)
+    loader = build_loader(records, backend=backend, train=True, batch_size=2, augment=augment, seed=3,
+                          sampling=ClipSampling("k400", 4, 4), **placement, **kw)
+    loader.set_epoch(1, start_batch=start_batch)
+    return [batch.clips.cpu() for batch in loader]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_views_crop_flip_and_erase_as_pyav_does(webm_videos, device):
+    # random resized crops, flips and erased boxes: the same draws in both backends
+    augment = TrainAugment(crop_size=32, repeats=2, rand_augment=False, erase_prob=0.5)
+    dali = torch.cat(_train_batches(webm_videos, device, augment))
+    pyav = torch.cat(_train_batches(webm_videos, device, augment, backend="pyav"))
+    levels = ((dali - pyav).abs() * 0.225 * 255).flatten(1)  # per view, in levels of 255
+    assert levels.mean(1).max() < 2 and levels.quantile(0.99, dim=1).max() < 6, levels.mean(1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resumed_epoch_gives_the_same_views(webm_videos, device):
+    augment = TrainAugment(crop_size=32, repeats=2, erase_prob=0.5)  # RandAugment on
+    full = _train_batches(webm_videos, device, augment)
+    assert len(full) == 2 and not torch.equal(full[0][0], full[0][1])  # the repeats differ
+    assert all(torch.equal(a, b) for a, b in zip(full[1:], _train_batches(webm_videos, device, augment,
+                                                                            start_batch=1)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rand_augment_ops_in_dali_are_randaugment_py_ops(device):
+    """Each op of the DALI graph against randaugment.py's at level 0.7, both signs, on
+    blocky random frames (edges for sharpness, structure for the warps)."""
+    import nvidia.dali as dali
+    from nvidia.dali import fn, types
+
+    from mvit_fast.data.dali_augment import rand_augment_op, train_draw_inputs
+
+    rng = np.random.default_rng(0)
+    blocks = np.repeat(np.repeat(rng.integers(0, 256, (2, 6, 8, 3)), 8, 1), 8, 2)
+    frames = np.clip(blocks + rng.integers(-20, 20, blocks.shape), 0, 255).astype(np.uint8)  # (2, 48, 64, 3)
+    size = frames.shape[1:3]
+
+    @dali.pipeline_def(enable_conditionals=True, batch_size=1, num_threads=1,
+                       device_id=None if device == "cpu" else 0, prefetch_queue_depth=1, exec_dynamic=True)
+    def pipeline():
+        clip = fn.external_source(name="clip", dtype=types.UINT8, ndim=4, layout="FHWC")
+        clip = clip if device == "cpu" else clip.gpu()
+        op, level_bin, negate = (fn.external_source(name=n, dtype=types.INT32, ndim=0)
+                                 for n in ("ra_op", "ra_bin", "ra_negate"))
+        return rand_augment_op(clip, op, level_bin, negate, size)
+
+    pipe = pipeline()
+    pipe.build()
+
+    def run(op: int, sign: int) -> np.ndarray:
+        inputs = train_draw_inputs([ViewDraw((0, 0, *size), False, (RandOp(op, 0.7, sign),), None)])
+        pipe.feed_input("clip", [frames])
+        for name in ("ra_op", "ra_bin", "ra_negate"):
+            pipe.feed_input(name, [inputs[name][0, 0]])
+        (out,) = pipe.run()
+        return np.asarray(out.as_cpu().as_tensor() if device != "cpu" else out.as_tensor())[0].astype(float)
+
+    clip = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    # mean |difference| in levels of 255 inside a 1-pixel border (PIL leaves the border of
+    # Sharpness alone): uint8 rounding only, except where the ops differ by design
+    bound = dict.fromkeys(OPS, 0.5) | {"ShearX": 3, "ShearY": 3, "Equalize": 10}  # pixel centres; OpenCV's
+    for op, name in enumerate(OPS):
+        want = {s: apply_op(name, clip, 0.7, s).permute(0, 2, 3, 1).numpy() for s in (1, -1)}
+        for sign in (1, -1):
+            got = run(op, sign)
+            same = np.abs(got - want[sign])[:, 1:-1, 1:-1].mean()
+            assert same <= bound[name], (name, sign, same)
+            if name in SIGNED:  # and it moves the same way
+                assert np.abs(got - want[-sign])[:, 1:-1, 1:-1].mean() > 10 * same + 5, (name, sign)
 
 
 def test_bad_files_are_replaced_and_reported(webm_videos, tmp_path):

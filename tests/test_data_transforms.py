@@ -5,10 +5,13 @@ import pytest
 import torch
 
 from mvit_fast.data.mixup import MixupCutmix, smooth_one_hot
-from mvit_fast.data.randaugment import OPS, apply_op, rand_augment
+from mvit_fast.data.randaugment import LEVEL_STEPS, OPS, SIGNED, apply_op, apply_rand_ops, draw_rand_ops
 from mvit_fast.data.transforms import (
+    TrainAugment,
+    draw_erase,
+    draw_train_view,
+    erase,
     normalize,
-    random_erase,
     random_resized_crop_box,
     short_side_resize,
     spatial_crops,
@@ -66,32 +69,64 @@ def test_normalize_layout_and_values():
 def test_random_erase_same_box_on_every_frame():
     rng = np.random.default_rng(3)
     clip = torch.zeros(3, 4, 32, 32)
-    erased = random_erase(clip, 1.0, rng)
+    erased = erase(clip, draw_erase((3, 32, 32), 1.0, rng))
     changed = erased != 0
     assert changed.any()
     assert torch.equal(changed[:, 0], changed[:, 3]) and torch.equal(erased[:, 0], erased[:, 2])
-    assert random_erase(clip, 0.0, rng) is clip
+    assert draw_erase((3, 32, 32), 0.0, rng) is None and erase(clip, None) is clip
 
 
 @pytest.mark.parametrize("name", OPS)
 def test_every_randaugment_op_is_the_same_on_every_frame(name):
     frame = torch.rand(1, 3, 24, 32) * 255
     clip = frame.expand(4, -1, -1, -1).clone()
-    out = apply_op(name, clip, 0.7, np.random.default_rng(0))
+    out = apply_op(name, clip, 0.7, -1)
     assert out.shape == clip.shape and out.min() >= 0 and out.max() <= 255
     assert torch.allclose(out, out[:1].expand_as(out))
 
 
+@pytest.mark.parametrize("name", ["AutoContrast", "ContrastIncreasing", "Equalize"])
+def test_statistics_are_the_clips_not_each_frames(name):
+    # a dark and a bright frame: statistics per frame would treat them alike
+    clip = torch.cat([torch.full((1, 3, 32, 32), 60.0), torch.full((1, 3, 32, 32), 180.0)])
+    clip[:, :, :16] += 10  # two levels per frame, so no frame is flat
+    per_frame = torch.cat([apply_op(name, frame[None], 0.5) for frame in clip])
+    assert (apply_op(name, clip, 0.5) - per_frame).abs().mean() > 20
+
+
 def test_rand_augment_changes_the_clip_but_not_across_frames():
     clip = (torch.rand(1, 3, 24, 24) * 255).expand(5, -1, -1, -1).clone()
-    outs = [rand_augment(clip, np.random.default_rng(s)) for s in range(10)]
+    outs = [apply_rand_ops(clip, draw_rand_ops(np.random.default_rng(s))) for s in range(10)]
     assert sum(not torch.equal(o, clip) for o in outs) >= 5
     assert all(torch.allclose(o, o[:1].expand_as(o)) for o in outs)
 
 
+def test_rand_augment_draws_timm_m7_n4_mstd05():
+    draws = [draw_rand_ops(np.random.default_rng(s)) for s in range(2000)]
+    ops = [op for d in draws for op in d]
+    assert all(len(d) <= 4 for d in draws)
+    assert abs(len(ops) / (4 * len(draws)) - 0.5) < 0.02  # each of n=4 kept with p=0.5
+    levels = np.array([op.level for op in ops])
+    assert abs(levels.mean() - 0.7) < 0.005 and abs(levels.std() - 0.05) < 0.005  # N(7, 0.5) / 10
+    assert np.allclose(levels * LEVEL_STEPS, np.round(levels * LEVEL_STEPS))  # DALI's bins
+    counts = np.bincount([op.op for op in ops], minlength=len(OPS))
+    assert counts.min() > 0.8 * len(ops) / len(OPS)  # uniform over the 15 ops
+    signs = np.array([op.sign for op in ops])
+    signed = np.array([OPS[op.op] in SIGNED for op in ops])
+    assert (signs[~signed] == 1).all() and abs((signs[signed] == -1).mean() - 0.5) < 0.04
+
+
+def test_view_draws_are_the_seeds_whatever_the_pixels():
+    augment = TrainAugment(crop_size=32, erase_prob=0.5)
+    a = [draw_train_view(48, 64, augment, np.random.default_rng([1, 2, 3])) for _ in range(2)]
+    assert a[0].box == a[1].box and a[0].rand_ops == a[1].rand_ops and a[0].flip == a[1].flip
+    b = draw_train_view(48, 64, augment, np.random.default_rng([1, 2, 4]))
+    assert (b.box, b.rand_ops) != (a[0].box, a[0].rand_ops)
+
+
 def test_flip_and_translate_directions():
     clip = ramp_clip(t=1, h=8, w=8)
-    shifted = apply_op("TranslateXRel", clip, 0.0, np.random.default_rng(0))
+    shifted = apply_op("TranslateXRel", clip, 0.0)
     assert torch.allclose(shifted, clip, atol=1e-4)  # level 0 is the identity
     assert torch.equal(clip.flip(-1)[0, 0, 0], torch.arange(7, -1, -1).float())
 

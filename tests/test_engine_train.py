@@ -77,9 +77,30 @@ def _losses(run_dir: str) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
-def test_stop_and_resume_equals_uninterrupted_bitwise(tiny, tmp_path):
-    # mixup, repeated augmentation, drop path and dropout all draw random numbers
-    noisy = dict(tiny, mixup=True, repeats=2, drop_path_rate=0.2, head_dropout=0.5, erase_prob=0.5)
+@pytest.fixture(scope="module")
+def tiny_vp9(tiny, tmp_path_factory):
+    """`tiny` on VP9 files, which DALI's CPU decoder reads."""
+    ds = make_synthetic(tmp_path_factory.mktemp("synthetic_vp9"), num_train=12, num_val=6, num_frames=16,
+                        size=32, codec="vp9", progress=False)
+    return dict(tiny, data_root=str(ds.root), train_list=str(ds.train_list), val_list=str(ds.val_list))
+
+
+def _has_dali() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+NEEDS_DALI = pytest.mark.skipif(not _has_dali(), reason="NVIDIA DALI is not installed")
+
+
+@pytest.mark.parametrize("loader", ["pyav", pytest.param("dali", marks=NEEDS_DALI)])
+def test_stop_and_resume_equals_uninterrupted_bitwise(loader, tiny, tiny_vp9, tmp_path):
+    # mixup, repeated augmentation, RandAugment, random erasing, drop path and dropout all draw
+    noisy = dict(tiny if loader == "pyav" else tiny_vp9, loader=loader, mixup=True, repeats=2,
+                 rand_augment=True, drop_path_rate=0.2, head_dropout=0.5, erase_prob=0.5)
     full = main(**noisy, run_dir=str(tmp_path / "full"))
     assert full["status"] == "finished" and full["step"] == 6
     stopped = main(**noisy, run_dir=str(tmp_path / "cut"), max_steps=4)  # mid-epoch 2 (3 steps per epoch)

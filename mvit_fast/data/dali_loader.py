@@ -10,22 +10,25 @@ Python side, per sample: read the file's bytes and its frame count (PyAV probe, 
 counted once per file and cached), pick the frame indices, replace missing or unreadable
 files with another sample and record padding, exactly as the PyAV backend reports it.
 A file the decoder fails on (data corrupted mid-stream) fails its whole batch, and
-DALI's error names no sample: the batch's samples are then run one by one on a rebuilt
-pipeline, the failing files reported as undecodable and replaced, and the batch run again.
+DALI's error names no sample: the batch's samples are then decoded one by one on a
+decode-only pipeline, the failing files reported as undecodable and replaced, and the
+batch run again on a rebuilt pipeline.
 Graph side: decode -> random resized crop -> RandAugment -> flip + normalize (train), or
-short-side resize -> 1 or 3 crops + normalize (test). Random erasing runs on the
-output tensor with the same torch function the PyAV backend uses.
+short-side resize -> 1 or 3 crops + normalize (test). Training views take their random
+choices from Python (`transforms.draw_train_view`, as the PyAV backend does; see
+dali_augment.py), so the pipeline holds no random state and a resumed epoch repeats
+exactly. Random erasing runs on the output tensor with the PyAV backend's torch function.
 
-Known differences from the PyAV/timm path: DALI's RandAugment applies every one of its
-`n` ops (timm applies each with p=0.5) and has no magnitude noise (mstd); resize and
-crop rounding may differ by a pixel. A file whose data is corrupted mid-stream is replaced
-here (undecodable), where PyAV keeps the frames before the damage and pads (truncated).
+Known differences from the PyAV path: RandAugment's ops are DALI's (dali_augment.py lists
+where they differ); resize and crop rounding may differ by a pixel. A file whose data is
+corrupted mid-stream is replaced here (undecodable), where PyAV keeps the frames before
+the damage and pads (truncated).
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,7 +37,7 @@ from .lists import VideoRecord, resolve_video_path
 from .loader import Batch, EpochLoader, shard_indices, views_per_video
 from .report import DataReport, Issue
 from .sampling import ClipSampling
-from .transforms import TestAugment, TrainAugment, random_erase
+from .transforms import TestAugment, TrainAugment, ViewDraw, draw_train_view, erase
 from .video_io import VideoInfo, probe
 
 log = logging.getLogger("mvit_fast.data")
@@ -61,48 +64,22 @@ def build_pipeline(
     batch_size: int,
     num_threads: int,
     device_id: int | None,
-    seed: int,
 ):
-    """A DALI pipeline fed by `feed_input("encoded"/"frames"/"landscape")`; outputs one
-    (B, C, T, H, W) float batch per view (train: `repeats`; test: `num_crops`)."""
+    """A DALI pipeline fed by `feed_input`: "encoded", "frames", and "landscape" (test) or the
+    view draws (train, see dali_augment.py); outputs one (B, C, T, H, W) float batch per view
+    (train: `repeats`; test: `num_crops`). It draws nothing: its outputs depend only on its inputs."""
     dali = import_dali()
     from nvidia.dali import fn, types
-    from nvidia.dali.auto_aug import rand_augment
 
-    decoder_device = "cpu" if device_id is None else "mixed"
+    from .dali_augment import train_views_graph
 
     @dali.pipeline_def(enable_conditionals=train and augment.rand_augment)
     def pipeline():
-        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-        frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
-        landscape = fn.external_source(name="landscape", dtype=types.FLOAT, ndim=0)
-        video = fn.decoders.video(encoded, frames=frames, device=decoder_device)  # (F, H, W, C) uint8
-        views = []
+        video = _decoded(device_id)
         if train:
-            for _ in range(augment.repeats):
-                clip = fn.random_resized_crop(
-                    video,
-                    size=(augment.crop_size,) * 2,
-                    random_area=augment.scale,
-                    random_aspect_ratio=augment.ratio,
-                    antialias=True,
-                )
-                if augment.rand_augment:
-                    clip = rand_augment.rand_augment(
-                        clip,
-                        n=4,
-                        m=7,
-                        num_magnitude_bins=11,
-                        shape=(augment.crop_size,) * 2,
-                        max_translate_rel=0.45,
-                    )
-                mirror = fn.random.coin_flip() if augment.flip else 0
-                views.append(
-                    fn.crop_mirror_normalize(
-                        clip, mirror=mirror, dtype=types.FLOAT, **_normalize_args(augment)
-                    )
-                )
-            return tuple(views)
+            return tuple(train_views_graph(video, augment, _normalize_args(augment)))
+        landscape = fn.external_source(name="landscape", dtype=types.FLOAT, ndim=0)
+        views = []
         video = fn.resize(video, resize_shorter=augment.short_side, antialias=True)
         positions = [0.5] if augment.num_crops == 1 else [0.0, 0.5, 1.0]
         for p in positions:  # along the long side: x for landscape frames, y for portrait ones
@@ -118,18 +95,39 @@ def build_pipeline(
             )
         return tuple(views)
 
-    with warnings.catch_warnings():  # DALI 2.4's own auto_aug calls its deprecated experimental ops
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pipe = pipeline(
-            batch_size=batch_size,
-            num_threads=num_threads,
-            device_id=device_id,
-            seed=seed,
-            prefetch_queue_depth=1,
-            exec_dynamic=True,
-        )
-        pipe.build()
+    return _built(pipeline, batch_size, num_threads, device_id)
+
+
+def build_decoder(*, num_threads: int, device_id: int | None):
+    """A pipeline that only decodes ("encoded", "frames" -> frames), one sample per run:
+    it finds which file a failed batch's decoder error came from, and builds in a moment."""
+    dali = import_dali()
+    return _built(dali.pipeline_def(lambda: _decoded(device_id)), 1, num_threads, device_id)
+
+
+def _decoded(device_id: int | None):
+    """The graph's decoded (F, H, W, C) uint8 frames of the "encoded" file at the "frames" indices."""
+    from nvidia.dali import fn, types
+
+    encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+    frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
+    return fn.decoders.video(encoded, frames=frames, device="cpu" if device_id is None else "mixed")
+
+
+def _built(pipeline_fn, batch_size: int, num_threads: int, device_id: int | None):
+    pipe = pipeline_fn(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                       prefetch_queue_depth=1, exec_dynamic=True)
+    pipe.build()
     return pipe
+
+
+class _Sample(NamedTuple):
+    record: VideoRecord
+    index: int  # its position in the list
+    encoded: np.ndarray  # the file's bytes
+    clips: list[np.ndarray]  # frame indices per clip
+    landscape: bool
+    draws: list[ViewDraw]  # train: one per view
 
 
 def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
@@ -173,7 +171,6 @@ class DALILoader(EpochLoader):
             augment=augment,
             batch_size=batch_size * clips_per_video,
             num_threads=num_threads,
-            seed=seed + rank,
             device_id=self.device.index if self.device.type == "cuda" else None,
         )
         self.pipe = build_pipeline(**self._pipe_args)
@@ -198,10 +195,8 @@ class DALILoader(EpochLoader):
             self._probed[path] = probe(path, count_packets=True)
         return self._probed[path]
 
-    def _read(
-        self, index: int, report: DataReport
-    ) -> tuple[VideoRecord, int, np.ndarray, list[np.ndarray], bool]:
-        """(record, its list index, file bytes, frame indices per clip, landscape) with bad files replaced."""
+    def _read(self, index: int, report: DataReport) -> _Sample:
+        """List entry `index` ready to feed, a bad file replaced by another entry."""
         for attempt in range(self.max_retries + 1):
             record = self.records[index]
             rng = np.random.default_rng([self.seed, self.epoch, index, attempt])
@@ -229,12 +224,14 @@ class DALILoader(EpochLoader):
             if shortfall := info.shortfall(record.num_frames):
                 report.add([Issue(path, "truncated", shortfall)])
             clips = self.sampling.indices(num_frames, train=self.train, rng=rng)
-            return record, index, encoded, clips, landscape
+            # the view draws follow the frame positions' in `rng`, as in the PyAV backend
+            draws = [draw_train_view(info.height, info.width, self.augment, rng)
+                     for _ in range(self.augment.repeats)] if self.train else []
+            return _Sample(record, index, encoded, clips, landscape, draws)
         raise RuntimeError(f"{self.max_retries + 1} reads in a row failed near list entry {index}")
 
     def __iter__(self):
         shard, report = self._shard(), self._begin_epoch()
-        erase_rng = np.random.default_rng([self.seed, self.epoch, self.rank, 1 << 20])
         for b in range(len(self)):
             batch = shard[b * self.batch_size : (b + 1) * self.batch_size]
             samples = [self._read(i, report) for i in batch]
@@ -244,16 +241,17 @@ class DALILoader(EpochLoader):
                     break
                 except RuntimeError as error:  # names no sample; replace the ones that fail alone
                     for j in self._find_undecodable(samples, error):  # on from the failing file
-                        samples[j] = self._read(samples[j][1], report)
-            labels = [record.label for record, *_ in samples]
+                        samples[j] = self._read(samples[j].index, report)
+            labels = [sample.record.label for sample in samples]
             # a test stand-in for an unreadable video is marked, not scored (see loader.py)
-            video_index = [index if self.train or index == asked else -1
-                           for asked, (_, index, *_) in zip(batch, samples)]
+            video_index = [sample.index if self.train or sample.index == asked else -1
+                           for asked, sample in zip(batch, samples)]
             report.add([], samples=len(labels))
             # views[v]: (samples, C, T, H, W); sample-major, then view -> adjacent views per video.
             clips = torch.stack(views, 1).flatten(0, 1)
             if self.train and self.augment.erase_prob > 0:
-                clips = torch.stack([random_erase(c, self.augment.erase_prob, erase_rng) for c in clips])
+                draws = [draw for sample in samples for draw in sample.draws]
+                clips = torch.stack([erase(c, draw.erase) for c, draw in zip(clips, draws)])
             repeat = torch.full((len(labels),), self.views)
             yield Batch(
                 clips,
@@ -262,37 +260,48 @@ class DALILoader(EpochLoader):
             )
         self.end_epoch()
 
-    def _run(self, samples: list[tuple]) -> list[torch.Tensor]:
+    def _run(self, samples: list[_Sample]) -> list[torch.Tensor]:
         """One pipeline run over `samples` (from `_read`): one (clips, C, T, H, W) tensor per view."""
-        encoded, frames, landscape = [], [], []
-        for _, _, data, clips, land in samples:
-            for clip in clips:
-                encoded.append(data)
-                frames.append(clip.astype(np.int32))
-                landscape.append(np.array(np.float32(land)))
-        self.pipe.feed_input("encoded", encoded)
-        self.pipe.feed_input("frames", frames)
-        if not self.train:  # only the test graph uses it (DALI prunes unused inputs)
-            self.pipe.feed_input("landscape", landscape)
+        from .dali_augment import train_draw_inputs  # imports DALI
+
+        inputs: dict[str, list[np.ndarray]] = {"encoded": [], "frames": []}
+        for sample in samples:
+            for clip in sample.clips:
+                inputs["encoded"].append(sample.encoded)
+                inputs["frames"].append(clip.astype(np.int32))
+                if self.train:  # one clip per sample
+                    for name, value in train_draw_inputs(sample.draws).items():
+                        inputs.setdefault(name, []).append(value)
+                else:
+                    inputs.setdefault("landscape", []).append(np.array(np.float32(sample.landscape)))
+        if self.train and not self.augment.rand_augment:  # DALI prunes the inputs its graph leaves unused
+            inputs = {k: v for k, v in inputs.items() if not k.startswith("ra_")}
+        for name, values in inputs.items():
+            self.pipe.feed_input(name, values)
         return [_to_torch(out, self.device) for out in self.pipe.run()]
 
-    def _find_undecodable(self, samples: list[tuple], error: RuntimeError) -> list[int]:
-        """Positions of the samples that fail alone, each run on a fresh pipeline (an error
-        leaves a DALI pipeline unusable); their files are remembered as undecodable.
-        Re-raises `error` when none fails alone: then it was not a file's fault."""
-        bad = []
-        self.pipe = build_pipeline(**self._pipe_args)
+    def _find_undecodable(self, samples: list[_Sample], error: RuntimeError) -> list[int]:
+        """Positions of the samples whose clips fail to decode alone; their files are
+        remembered as undecodable. An error leaves a DALI pipeline unusable: each failure
+        gets a fresh decoder, and the main pipeline is rebuilt. Re-raises `error` when
+        none fails alone: then it was not a file's fault."""
+        decoder_args = {k: self._pipe_args[k] for k in ("num_threads", "device_id")}
+        decoder, bad = build_decoder(**decoder_args), []
         for j, sample in enumerate(samples):
             try:
-                self._run([sample])
+                for clip in sample.clips:
+                    decoder.feed_input("encoded", [sample.encoded])
+                    decoder.feed_input("frames", [clip.astype(np.int32)])
+                    decoder.run()
             except RuntimeError as e:
-                path = resolve_video_path(sample[0].path)
+                path = resolve_video_path(sample.record.path)
                 self._undecodable[path] = reason = _decoder_message(e)
                 log.warning("DALI cannot decode %s (%s); replacing it from now on", path, reason)
                 bad.append(j)
-                self.pipe = build_pipeline(**self._pipe_args)
+                decoder = build_decoder(**decoder_args)
         if not bad:
             raise error
+        self.pipe = build_pipeline(**self._pipe_args)
         return bad
 
 

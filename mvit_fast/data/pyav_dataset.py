@@ -14,19 +14,17 @@ import numpy as np
 import torch
 
 from .lists import VideoRecord, resolve_video_path
-from .randaugment import rand_augment
 from .report import DataError, Issue
 from .sampling import ClipSampling
 from .transforms import (
     TestAugment,
     TrainAugment,
     check_augment,
+    draw_train_view,
     normalize,
-    random_erase,
-    random_resized_crop_box,
-    resized_crop,
     short_side_resize,
     spatial_crops,
+    train_view,
 )
 
 
@@ -40,17 +38,9 @@ class BadVideo(Exception):
 
 def train_views(frames: torch.Tensor, augment: TrainAugment, rng: np.random.Generator) -> torch.Tensor:
     """(T, C, H, W) float frames -> (repeats, C, T, crop, crop) independently augmented views."""
-    views = []
-    for _ in range(augment.repeats):
-        box = random_resized_crop_box(*frames.shape[-2:], augment.scale, augment.ratio, rng)
-        clip = resized_crop(frames, box, augment.crop_size)
-        if augment.flip and rng.random() < 0.5:
-            clip = clip.flip(-1)
-        if augment.rand_augment:
-            clip = rand_augment(clip, rng)
-        clip = normalize(clip, augment.mean, augment.std)
-        views.append(random_erase(clip, augment.erase_prob, rng))
-    return torch.stack(views)
+    height, width = frames.shape[-2:]
+    draws = [draw_train_view(height, width, augment, rng) for _ in range(augment.repeats)]
+    return torch.stack([train_view(frames, draw, augment) for draw in draws])
 
 
 def test_views(frames: torch.Tensor, augment: TestAugment) -> torch.Tensor:

@@ -6,11 +6,16 @@ random choice is made once per clip: all frames get the same ops, magnitudes and
 so the augmentation never adds motion. Works on float (T, C, H, W) in [0, 255].
 Statistics (autocontrast range, equalize histogram, contrast mean) are taken over the
 whole clip for the same reason; PIL takes them per image.
+
+The draws (`draw_rand_ops`) are separate from the pixels (`apply_rand_ops`): the DALI
+backend applies the same draws with its own ops, and nothing random is left in its graph.
+Magnitudes are rounded to 0.25 (levels to 1/LEVEL_STEPS), the bins DALI's ops take them in.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -85,12 +90,9 @@ def _sharpness(clip: torch.Tensor, factor: float) -> torch.Tensor:
     return _blend(clip, smooth, factor)
 
 
-def _signed(value: float, rng: np.random.Generator) -> float:
-    return -value if rng.random() < 0.5 else value
-
-
-def apply_op(name: str, clip: torch.Tensor, level: float, rng: np.random.Generator) -> torch.Tensor:
-    """One op at `level` in [0, 1] (magnitude / 10), with timm's increasing-magnitude ranges."""
+def apply_op(name: str, clip: torch.Tensor, level: float, sign: int = 1) -> torch.Tensor:
+    """One op at `level` in [0, 1] (magnitude / 10), with timm's increasing-magnitude ranges;
+    `sign` (+1/-1) is the direction of the ops in SIGNED."""
     h, w = clip.shape[-2:]
     if name == "AutoContrast":
         return _autocontrast(clip)
@@ -99,7 +101,7 @@ def apply_op(name: str, clip: torch.Tensor, level: float, rng: np.random.Generat
     if name == "Invert":
         return 255 - clip
     if name == "Rotate":
-        return _rotate(clip, _signed(30 * level, rng))
+        return _rotate(clip, sign * 30 * level)
     if name == "PosterizeIncreasing":
         shift = 8 - (4 - int(4 * level))  # keep 4 - int(4 * level) bits
         return ((clip.round().clamp(0, 255).to(torch.uint8) >> shift) << shift).to(clip.dtype)
@@ -109,22 +111,22 @@ def apply_op(name: str, clip: torch.Tensor, level: float, rng: np.random.Generat
     if name == "SolarizeAdd":
         return torch.where(clip < 128, (clip + 110 * level).clamp(max=255), clip)
     if name in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"):
-        factor = 1 + _signed(0.9 * level, rng)
+        factor = 1 + sign * 0.9 * level
         if name == "ColorIncreasing":
             return _blend(clip, _gray(clip), factor)
         if name == "ContrastIncreasing":
-            return _blend(clip, _gray(clip).mean(dim=(1, 2, 3), keepdim=True), factor)
+            return _blend(clip, _gray(clip).mean(), factor)  # over the clip, as the module says
         if name == "BrightnessIncreasing":
             return _blend(clip, 0.0, factor)
         return _sharpness(clip, factor)
     if name == "ShearX":
-        return _affine(clip, np.array([[1, _signed(0.3 * level, rng), 0], [0, 1, 0]]))
+        return _affine(clip, np.array([[1, sign * 0.3 * level, 0], [0, 1, 0]]))
     if name == "ShearY":
-        return _affine(clip, np.array([[1, 0, 0], [_signed(0.3 * level, rng), 1, 0]]))
+        return _affine(clip, np.array([[1, 0, 0], [sign * 0.3 * level, 1, 0]]))
     if name == "TranslateXRel":
-        return _affine(clip, np.array([[1, 0, _signed(0.45 * level, rng) * w], [0, 1, 0]]))
+        return _affine(clip, np.array([[1, 0, sign * 0.45 * level * w], [0, 1, 0]]))
     if name == "TranslateYRel":
-        return _affine(clip, np.array([[1, 0, 0], [0, 1, _signed(0.45 * level, rng) * h]]))
+        return _affine(clip, np.array([[1, 0, 0], [0, 1, sign * 0.45 * level * h]]))
     raise ValueError(f"unknown RandAugment op {name!r}")
 
 
@@ -147,19 +149,46 @@ OPS = (
 )
 
 
-def rand_augment(
-    clip: torch.Tensor,
+NUM_OPS = 4  # SlowFast's n4
+LEVEL_STEPS = 40  # more bins make the DALI graph slower to build (its tables are made per bin)
+SIGNED = frozenset(
+    ("Rotate", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
+     "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+)  # ops whose direction timm draws at random
+
+
+class RandOp(NamedTuple):
+    """One op RandAugment applies: its index in OPS, level in [0, 1] and sign (+1/-1)."""
+
+    op: int
+    level: float
+    sign: int
+
+
+def draw_rand_ops(
     rng: np.random.Generator,
     *,
     magnitude: float = 7,
-    num_ops: int = 4,
+    num_ops: int = NUM_OPS,
     magnitude_std: float = 0.5,
     prob: float = 0.5,
-) -> torch.Tensor:
-    """Apply RandAugment to a float (T, C, H, W) clip in [0, 255], same ops on every frame."""
-    for name in rng.choice(OPS, size=num_ops, replace=True):
+) -> tuple[RandOp, ...]:
+    """The ops one clip gets: `num_ops` drawn with replacement, each kept with probability
+    `prob` at magnitude ~ N(magnitude, magnitude_std) clipped to [0, 10], as a level in
+    [0, 1] rounded to 1/LEVEL_STEPS."""
+    ops = []
+    for op in rng.integers(len(OPS), size=num_ops):
         if rng.random() >= prob:
             continue
         m = rng.normal(magnitude, magnitude_std) if magnitude_std > 0 else magnitude
-        clip = apply_op(str(name), clip, float(np.clip(m, 0, 10)) / 10, rng)
+        sign = -1 if OPS[op] in SIGNED and rng.random() < 0.5 else 1
+        level = round(float(np.clip(m, 0, 10)) / 10 * LEVEL_STEPS) / LEVEL_STEPS
+        ops.append(RandOp(int(op), level, sign))
+    return tuple(ops)
+
+
+def apply_rand_ops(clip: torch.Tensor, ops: tuple[RandOp, ...]) -> torch.Tensor:
+    """Apply drawn ops to a float (T, C, H, W) clip in [0, 255], the same on every frame."""
+    for op in ops:
+        clip = apply_op(OPS[op.op], clip, op.level, op.sign)
     return clip

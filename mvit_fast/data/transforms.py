@@ -4,7 +4,8 @@ Clips here are float tensors (T, C, H, W) with values in [0, 255] until `normali
 which returns (C, T, H, W) in the model's input scale. Every random choice is drawn
 once per clip, so all frames get the same crop, flip, RandAugment ops and erased box.
 
-Train order: random resized crop -> flip -> RandAugment -> normalize -> random erasing.
+Train order: random resized crop -> flip -> RandAugment -> normalize -> random erasing,
+each view's random choices drawn first (`draw_train_view`), then applied (`train_view`).
 (SlowFast runs RandAugment before the crop, at full resolution; we run it at crop size,
 which is cheaper and is what the DALI pipeline does too.)
 """
@@ -14,10 +15,13 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .randaugment import RandOp, apply_rand_ops, draw_rand_ops
 
 K400_MEAN, K400_STD = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SlowFast MViTv2-L
@@ -169,20 +173,27 @@ def normalize(clip: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...
     return ((clip.float() - m) / s).permute(1, 0, 2, 3).contiguous()
 
 
-def random_erase(
-    clip: torch.Tensor,
+class EraseBox(NamedTuple):
+    """A random-erasing box (top, left) and its noise, (C, 1, h, w) float32."""
+
+    top: int
+    left: int
+    noise: np.ndarray
+
+
+def draw_erase(
+    shape: tuple[int, int, int],
     prob: float,
     rng: np.random.Generator,
     scale: tuple[float, float] = (0.02, 1 / 3),
     ratio: tuple[float, float] = (0.3, 1 / 0.3),
-) -> torch.Tensor:
-    """timm/SlowFast RandomErasing, "pixel" mode, one box: with probability `prob`, fill a
-    random box (area fraction in `scale`, log-uniform aspect in `ratio`) with standard
-    normal noise, the same box and noise on every frame (SlowFast's `cube` erasing).
-    Works on a normalized (C, T, H, W) clip."""
+) -> EraseBox | None:
+    """timm/SlowFast RandomErasing, "pixel" mode, one box, for a (C, H, W) `shape`: with
+    probability `prob`, a box of area fraction in `scale` and log-uniform aspect in `ratio`,
+    filled with standard normal noise. None: nothing erased."""
     if prob <= 0 or rng.random() >= prob:
-        return clip
-    c, t, height, width = clip.shape
+        return None
+    c, height, width = shape
     for _ in range(10):
         target = height * width * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
@@ -190,8 +201,44 @@ def random_erase(
         w = int(round(math.sqrt(target / aspect)))
         if w < width and h < height:
             top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
-            noise = torch.from_numpy(rng.standard_normal((c, 1, h, w), dtype=np.float32))
-            clip = clip.clone()
-            clip[..., top : top + h, left : left + w] = noise.to(clip.device)
-            return clip
+            return EraseBox(top, left, rng.standard_normal((c, 1, h, w), dtype=np.float32))
+    return None
+
+
+def erase(clip: torch.Tensor, box: EraseBox | None) -> torch.Tensor:
+    """Fill `box` of a normalized (C, T, H, W) clip with its noise, the same box and noise on
+    every frame (SlowFast's `cube` erasing)."""
+    if box is None:
+        return clip
+    _, _, h, w = box.noise.shape
+    clip = clip.clone()
+    clip[..., box.top : box.top + h, box.left : box.left + w] = torch.from_numpy(box.noise).to(clip.device)
     return clip
+
+
+class ViewDraw(NamedTuple):
+    """Every random choice of one training view, drawn before any pixel is touched: both
+    backends apply the same draws, and a resumed run draws them again from the same seed."""
+
+    box: tuple[int, int, int, int]  # (top, left, h, w) of the random resized crop
+    flip: bool
+    rand_ops: tuple[RandOp, ...]  # the RandAugment ops that apply, in order
+    erase: EraseBox | None
+
+
+def draw_train_view(height: int, width: int, augment: TrainAugment, rng: np.random.Generator) -> ViewDraw:
+    """The draws of one view of (height, width) frames, in the order crop, flip, RandAugment, erasing."""
+    box = random_resized_crop_box(height, width, augment.scale, augment.ratio, rng)
+    flip = augment.flip and rng.random() < 0.5
+    rand_ops = draw_rand_ops(rng) if augment.rand_augment else ()
+    size = augment.crop_size
+    return ViewDraw(box, flip, rand_ops, draw_erase((3, size, size), augment.erase_prob, rng))
+
+
+def train_view(frames: torch.Tensor, draw: ViewDraw, augment: TrainAugment) -> torch.Tensor:
+    """(T, C, H, W) float frames in [0, 255] -> one normalized (C, T, crop, crop) view."""
+    clip = resized_crop(frames, draw.box, augment.crop_size)
+    if draw.flip:
+        clip = clip.flip(-1)
+    clip = apply_rand_ops(clip, draw.rand_ops)
+    return erase(normalize(clip, augment.mean, augment.std), draw.erase)
