@@ -419,13 +419,14 @@ def _variant_order(variant: str) -> int:
     return (MODEL_VARIANTS + (variant,)).index(variant)
 
 
-def _profile_cases(profiles: list[dict]) -> dict[tuple[str, str], dict[str, dict]]:
-    """{(suite, mode): {variant: profile}} in report order (a later file of a variant wins)."""
-    cases: dict[tuple[str, str], dict[str, dict]] = {}
+def _profile_cases(profiles: list[dict]) -> dict[tuple[str, str, str], dict[str, dict]]:
+    """{(suite, mode, device): {variant: profile}} in report order (a later file of a variant
+    wins); profiles of different devices are never compared in one case."""
+    cases: dict[tuple[str, str, str], dict[str, dict]] = {}
     for p in sorted(profiles, key=lambda p: p["source"]):
-        cases.setdefault((p["suite"], p["mode"]), {})[p["variant"]] = p
+        cases.setdefault((p["suite"], p["mode"], p["device"]), {})[p["variant"]] = p
     return {case: dict(sorted(cases[case].items(), key=lambda item: _variant_order(item[0])))
-            for case in sorted(cases, key=lambda c: (_suite_key(c[0]), ("train", "infer").index(c[1])))}
+            for case in sorted(cases, key=lambda c: (_suite_key(c[0]), ("train", "infer").index(c[1]), c[2]))}
 
 
 def pooling_summary(by_variant: dict[str, dict]) -> str | None:
@@ -456,7 +457,7 @@ def time_breakdown_tables(profiles: list[dict]) -> str:
     """Markdown: per suite and mode, each variant's profiled time per step by category, and the
     pooling's time with the plain ops and the fused kernel (`pooling_summary`) where both ran."""
     out = []
-    for (suite, mode), by_variant in _profile_cases(profiles).items():
+    for (suite, mode, device), by_variant in _profile_cases(profiles).items():
         variants = list(by_variant)
         first = by_variant[variants[0]]
         largest = max(variants, key=lambda v: by_variant[v]["total_ms"])
@@ -464,8 +465,8 @@ def time_breakdown_tables(profiles: list[dict]) -> str:
         order = CATEGORIES + tuple(sorted(found - set(CATEGORIES)))
         categories = sorted(found, key=lambda c: (-by_variant[largest]["categories"].get(c, 0.0),
                                                   order.index(c)))
-        facts = [", ".join(sorted({str(p[key]) for p in by_variant.values()}))
-                 for key in ("device", "timed", "batch", "steps")]
+        facts = [device] + [", ".join(sorted({str(p[key]) for p in by_variant.values()}))
+                            for key in ("timed", "batch", "steps")]
         out += [f"### Where the time goes: {first['model']} {suite[1:]} {mode}, batch {facts[2]} "
                 f"({facts[0]}; {facts[1]} per step, torch.profiler over {facts[3]} steps; "
                 f"torch {first['torch']}, commit {str(first['commit'])[:10]})",
@@ -592,7 +593,7 @@ def plot_time_breakdown(profiles: list[dict], path: Path) -> Path | None:
     unknown = sorted(found - set(CATEGORIES))  # from a newer bench/profile_step.py
     order = [c for c in CATEGORIES if c in found] + unknown
     colors = {c: colormaps["tab20"](i % 20) for i, c in enumerate(CATEGORIES + tuple(unknown))}
-    for ax, ((suite, mode), by_variant) in zip(axes, cases.items()):
+    for ax, ((suite, mode, device), by_variant) in zip(axes, cases.items()):
         variants = list(by_variant)
         bottom = [0.0] * len(variants)
         for category in order:
@@ -600,7 +601,7 @@ def plot_time_breakdown(profiles: list[dict], path: Path) -> Path | None:
             if any(heights):
                 ax.bar(variants, heights, bottom=bottom, label=category, color=colors[category])
                 bottom = [b + h for b, h in zip(bottom, heights)]
-        ax.set_title(f"{suite} {mode}")
+        ax.set_title(f"{suite} {mode}, {device}")
         ax.set_ylabel(f"profiled time per step (ms; {by_variant[variants[0]]['timed']})")
         ax.tick_params(axis="x", labelrotation=20, labelsize="small")
         handles, labels = ax.get_legend_handles_labels()

@@ -148,6 +148,15 @@ def test_pooling_line(profiles):
     assert pooling_summary(dict(by_variant, **{plain["variant"]: dict(plain, batch=16)})) is None
 
 
+def test_profiles_of_another_device_get_their_own_table(profiles):
+    moved = [dict(p, device="NVIDIA H200") if p["variant"] == "compile-triton-plainpool-bf16" else p
+             for p in profiles]
+    text = time_breakdown_tables(moved)
+    headings = [line for line in text.splitlines() if line.startswith("### ")]
+    assert len(headings) == 2 and "(NVIDIA H100 80GB HBM3;" in headings[0] and "(NVIDIA H200;" in headings[1]
+    assert "pooling (depthwise" not in text  # the plain pooling ran on another GPU: no comparison
+
+
 def test_cli_reads_profiles_beside_the_benchmarks(tmp_path, capsys):
     shutil.copy(FIXTURES / "bench_small.json", tmp_path / "bench_model.json")
     assert main(["throughput", str(tmp_path / "bench_model.json"), "--no-plots"]) == 0
