@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         src = args.src
         if not Path(src).is_file():
             raise FileNotFoundError(f"checkpoint not found: {src}")
-        container = load_file(Path(src), weights_only=not args.allow_pickle)
+        # mapped, not read: loading into the model below makes the only copy in memory
+        container = load_file(Path(src), weights_only=not args.allow_pickle, mmap=True)
         raw, fmt = read_checkpoint(container)
         native = to_native(raw, fmt)[0]
         saved_cfg = _stored_config(container) if fmt == "mvit_fast" else None

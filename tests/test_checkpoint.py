@@ -254,3 +254,32 @@ def test_model_built_on_meta_device_is_assigned(model, tmp_path):
         ssv2 = mvit_fast.build_model("s", "ssv2", **MINI)
     with pytest.raises(ValueError, match="meta device"):
         load_checkpoint(ssv2, model.state_dict(), reinit_head=True)
+
+
+MEASURE_CONVERT = """
+import sys
+import mvit_fast.convert as convert
+
+def rss_anon_kb():
+    return int(next(line for line in open("/proc/self/status") if line.startswith("RssAnon:")).split()[1])
+
+before, at_save = rss_anon_kb(), []
+save = convert.save_checkpoint
+convert.save_checkpoint = lambda *a, **k: (at_save.append(rss_anon_kb()), save(*a, **k))
+assert convert.main(sys.argv[1:]) == 0
+print(at_save[0] - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_convert_holds_one_copy_of_the_tensors_in_memory(tmp_path):
+    import subprocess
+    import sys
+
+    src = tmp_path / "s.pyth"  # MViTv2-S: 138 MB of fp32 tensors
+    torch.save({"model_state": export_state_dict(mvit_fast.build_model("s").state_dict(), "slowfast")}, src)
+    size_kb = src.stat().st_size / 1024
+    grown_kb = int(subprocess.run([sys.executable, "-c", MEASURE_CONVERT, str(src), str(tmp_path / "s.pt")],
+                                  capture_output=True, text=True, check=True).stdout.split()[-1])
+    # the model's copy; the file's tensors are mapped (page cache), not read into process memory
+    assert grown_kb < 1.4 * size_kb, (grown_kb, size_kb)
