@@ -113,8 +113,8 @@ def test_train_views_crop_flip_and_erase_as_pyav_does(webm_videos, device):
     assert levels.mean(1).max() < 2 and levels.quantile(0.99, dim=1).max() < 6, levels.mean(1)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_resumed_epoch_gives_the_same_views(webm_videos, device):
+@pytest.mark.cuda  # on the CPU: tests/test_engine_train.py's stop-and-resume run with DALI
+def test_resumed_epoch_gives_the_same_views_on_the_gpu(webm_videos, device="cuda"):
     augment = TrainAugment(crop_size=32, repeats=2, erase_prob=0.5)  # RandAugment on
     full = _train_batches(webm_videos, device, augment)
     assert len(full) == 2 and not torch.equal(full[0][0], full[0][1])  # the repeats differ
