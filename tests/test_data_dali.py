@@ -149,7 +149,8 @@ def test_rand_augment_ops_in_dali_are_randaugment_py_ops(device):
     pipe.build()
 
     def run(op: int, sign: int) -> np.ndarray:
-        inputs = train_draw_inputs([ViewDraw((0, 0, *size), False, (RandOp(op, 0.7, sign),), None)])
+        draw = ViewDraw((0, 0, *size), False, (RandOp(op, 0.7, sign),), None)
+        inputs = train_draw_inputs([draw], TrainAugment(rand_augment=True))
         pipe.feed_input("clip", [frames])
         for name in ("ra_op", "ra_bin", "ra_negate"):
             pipe.feed_input(name, [inputs[name][0, 0]])

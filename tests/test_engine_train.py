@@ -85,22 +85,14 @@ def tiny_vp9(tiny, tmp_path_factory):
     return dict(tiny, data_root=str(ds.root), train_list=str(ds.train_list), val_list=str(ds.val_list))
 
 
-def _has_dali() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-NEEDS_DALI = pytest.mark.skipif(not _has_dali(), reason="NVIDIA DALI is not installed")
-
-
-@pytest.mark.parametrize("loader", ["pyav", pytest.param("dali", marks=NEEDS_DALI)])
-def test_stop_and_resume_equals_uninterrupted_bitwise(loader, tiny, tiny_vp9, tmp_path):
+@pytest.mark.parametrize("loader", ["pyav", "dali"])
+def test_stop_and_resume_equals_uninterrupted_bitwise(loader, tiny, tmp_path, request):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
     # mixup, repeated augmentation, RandAugment, random erasing, drop path and dropout all draw
-    noisy = dict(tiny if loader == "pyav" else tiny_vp9, loader=loader, mixup=True, repeats=2,
-                 rand_augment=True, drop_path_rate=0.2, head_dropout=0.5, erase_prob=0.5)
+    noisy = dict(tiny if loader == "pyav" else request.getfixturevalue("tiny_vp9"), loader=loader,
+                 mixup=True, repeats=2, rand_augment=True, drop_path_rate=0.2, head_dropout=0.5,
+                 erase_prob=0.5)
     full = main(**noisy, run_dir=str(tmp_path / "full"))
     assert full["status"] == "finished" and full["step"] == 6
     stopped = main(**noisy, run_dir=str(tmp_path / "cut"), max_steps=4)  # mid-epoch 2 (3 steps per epoch)

@@ -21,16 +21,14 @@ from nvidia.dali import math as dmath
 from nvidia.dali.auto_aug import augmentations as aa
 from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
 
-from .randaugment import LEVEL_STEPS, NUM_OPS, OPS
+from .randaugment import FILL, LEVEL_STEPS, NUM_OPS, OPS, posterize_bits
 from .transforms import TrainAugment, ViewDraw
 
 MAGNITUDE_BINS = LEVEL_STEPS + 1  # level = bin / LEVEL_STEPS
-FILL = 128  # as randaugment.FILL
 
 
 def _posterize_mask(level: float) -> np.ndarray:
-    bits = 4 - int(4 * level)  # timm's PosterizeIncreasing: bits kept
-    return np.array((0xFF << (8 - bits)) & 0xFF, dtype=np.uint8)
+    return np.array((0xFF << (8 - posterize_bits(level))) & 0xFF, dtype=np.uint8)
 
 
 @augmentation(mag_range=(0, 1), mag_to_param=_posterize_mask, param_device="auto")
@@ -124,8 +122,9 @@ def train_views_graph(video, augment: TrainAugment, normalize: dict) -> list:
     return views
 
 
-def train_draw_inputs(draws: list[ViewDraw]) -> dict[str, np.ndarray]:
-    """One sample's external inputs for `train_views_graph` from its views' draws."""
+def train_draw_inputs(draws: list[ViewDraw], augment: TrainAugment) -> dict[str, np.ndarray]:
+    """One sample's external inputs for `train_views_graph` from its views' draws (the graph
+    has RandAugment's inputs only with `augment.rand_augment`)."""
     crop = np.array([[top, left, top + h, left + w] for top, left, h, w in (d.box for d in draws)],
                     dtype=np.float32)
     ops = np.full((len(draws), NUM_OPS), len(OPS), dtype=np.int32)  # empty slots: the identity
@@ -135,5 +134,5 @@ def train_draw_inputs(draws: list[ViewDraw]) -> dict[str, np.ndarray]:
         for slot, op in enumerate(draw.rand_ops):
             ops[r, slot], bins[r, slot] = op.op, round(op.level * LEVEL_STEPS)
             negate[r, slot] = op.sign * DIRECTION[op.op] < 0
-    mirror = np.array([d.flip for d in draws], dtype=np.int32)
-    return dict(crop=crop, mirror=mirror, ra_op=ops, ra_bin=bins, ra_negate=negate)
+    inputs = dict(crop=crop, mirror=np.array([d.flip for d in draws], dtype=np.int32))
+    return inputs | (dict(ra_op=ops, ra_bin=bins, ra_negate=negate) if augment.rand_augment else {})

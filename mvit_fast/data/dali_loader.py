@@ -270,12 +270,10 @@ class DALILoader(EpochLoader):
                 inputs["encoded"].append(sample.encoded)
                 inputs["frames"].append(clip.astype(np.int32))
                 if self.train:  # one clip per sample
-                    for name, value in train_draw_inputs(sample.draws).items():
+                    for name, value in train_draw_inputs(sample.draws, self.augment).items():
                         inputs.setdefault(name, []).append(value)
                 else:
                     inputs.setdefault("landscape", []).append(np.array(np.float32(sample.landscape)))
-        if self.train and not self.augment.rand_augment:  # DALI prunes the inputs its graph leaves unused
-            inputs = {k: v for k, v in inputs.items() if not k.startswith("ra_")}
         for name, values in inputs.items():
             self.pipe.feed_input(name, values)
         return [_to_torch(out, self.device) for out in self.pipe.run()]

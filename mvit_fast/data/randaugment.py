@@ -90,6 +90,11 @@ def _sharpness(clip: torch.Tensor, factor: float) -> torch.Tensor:
     return _blend(clip, smooth, factor)
 
 
+def posterize_bits(level: float) -> int:
+    """The bits timm's PosterizeIncreasing keeps at `level`."""
+    return 4 - int(4 * level)
+
+
 def apply_op(name: str, clip: torch.Tensor, level: float, sign: int = 1) -> torch.Tensor:
     """One op at `level` in [0, 1] (magnitude / 10), with timm's increasing-magnitude ranges;
     `sign` (+1/-1) is the direction of the ops in SIGNED."""
@@ -103,7 +108,7 @@ def apply_op(name: str, clip: torch.Tensor, level: float, sign: int = 1) -> torc
     if name == "Rotate":
         return _rotate(clip, sign * 30 * level)
     if name == "PosterizeIncreasing":
-        shift = 8 - (4 - int(4 * level))  # keep 4 - int(4 * level) bits
+        shift = 8 - posterize_bits(level)
         return ((clip.round().clamp(0, 255).to(torch.uint8) >> shift) << shift).to(clip.dtype)
     if name == "SolarizeIncreasing":
         threshold = 256 - 256 * level
