@@ -142,10 +142,30 @@ def test_label_smoothing_and_mixup_targets():
         mixed, soft = mix(clips, labels)
         assert soft.shape == (4, 3) and torch.allclose(soft.sum(1), torch.ones(4))
         # Each clip is lam * own + (1 - lam) * partner, pixel-wise (mixup) or box-wise (cutmix):
-        own = smooth_one_hot(labels, 3, 0.1)
-        lam = ((soft - own.flip(0)) / (own - own.flip(0)))[0, 0]
-        from_own = (mixed - original.flip(0)) / (original - original.flip(0))
+        own, partner = smooth_one_hot(labels, 3, 0.1), smooth_one_hot(labels.roll(1), 3, 0.1)
+        lam = ((soft - partner) / (own - partner))[0, 0]
+        from_own = (mixed - original.roll(1, 0)) / (original - original.roll(1, 0))
         assert torch.allclose(from_own.mean(), lam, atol=0.02)
+
+
+@pytest.mark.parametrize("videos", [1, 2, 3])
+def test_mixup_never_mixes_a_video_with_its_own_views(videos):
+    """Repeated augmentation puts a video's views side by side: [A1 A2 B1 B2 ...]. Each clip's
+    partner is a clip of another video, whatever the number of videos; one video is refused."""
+    views = 2
+    mix = MixupCutmix(videos + 1, mixup_alpha=1.0, cutmix_alpha=0.0, label_smoothing=0.0, views=views, seed=0)
+    video = torch.arange(videos).repeat_interleave(views)
+    clips = video.float().view(-1, 1, 1, 1, 1).expand(-1, 3, 2, 4, 4).clone()
+    if videos == 1:
+        with pytest.raises(ValueError, match="two or more whole videos"):
+            mix(clips, video)
+        return
+    mixed, soft = mix(clips, video)
+    lam = soft[0, 0].item()
+    assert 0 < lam < 1
+    partner = (mixed[:, 0, 0, 0, 0] - lam * video) / (1 - lam)  # the video each clip was mixed with
+    assert torch.allclose(partner, video.roll(views).float(), atol=1e-5)
+    assert (partner.round().long() != video).all()
 
 
 def test_cutmix_box_is_the_same_on_every_frame():
@@ -155,5 +175,5 @@ def test_cutmix_box_is_the_same_on_every_frame():
     assert torch.equal(mixed[0, :, 0], mixed[0, :, 3])
     area = mixed[0, 0, 0].mean()  # fraction of video 0 replaced by video 1
     assert torch.allclose(soft[0, 1], 0.05 + 0.9 * area)
-    with pytest.raises(ValueError, match="even batch"):
-        mix(torch.zeros(3, 3, 1, 4, 4), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="two or more whole videos"):
+        mix(torch.zeros(1, 3, 1, 4, 4), torch.zeros(1, dtype=torch.long))

@@ -140,7 +140,11 @@ def test_gradient_accumulation_reaches_the_global_batch():
     r = get_recipe("s", "k400", batch_size=64)
     assert accumulation(r, 1) == (8, 8)
     assert accumulation(r, 8) == (8, 1)
-    assert accumulation(get_recipe("l", "k400"), 2) == (1, 8)
+    assert accumulation(get_recipe("l", "k400"), 2) == (2, 4)
+    # mixup mixes two videos of a micro-batch: one per device cannot be mixed with another
+    with pytest.raises(ValueError, match="batch_per_device 1 .* must be 2 or more"):
+        accumulation(r, 64)
+    assert accumulation(get_recipe("s", "k400", batch_size=64, mixup=False), 64) == (1, 1)
     with pytest.raises(ValueError, match="not divisible"):
         accumulation(r, 3)
     with pytest.raises(ValueError, match="batch_per_device 3"):
@@ -330,8 +334,12 @@ def test_bad_main_arguments_raise_clear_value_errors(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="--run-dir .*a_file is a file"):
         main(run_dir=str(tmp_path / "a_file"), device="cpu")
-    with pytest.raises(ValueError, match="--dump .*preds.csv: cannot write there"):
-        main(eval_only=True, checkpoint=__file__, dump=str(tmp_path / "no" / "preds.csv"), device="cpu")
+    with pytest.raises(ValueError, match="--dump .*preds.csv: cannot write there .*a_file is not a folder"):
+        main(eval_only=True, checkpoint=__file__, dump=str(tmp_path / "a_file" / "preds.csv"), device="cpu")
+    # a run folder is the checkpoint's grandparent only for a run's own checkpoints/ folder
+    with pytest.raises(ValueError, match="--resume .*test_engine.py: not in a run's checkpoints/ folder; "
+                                         "name the run folder to continue in with --run-dir"):
+        main(resume=__file__, device="cpu")
     with pytest.raises(ValueError, match="unknown recipe setting"):
         main(learning_rate=1.0, device="cpu")
     with pytest.raises(ValueError, match="unknown MViTv2 size 'xl'"):

@@ -19,6 +19,7 @@ from mvit_fast import build_model
 from mvit_fast.checkpoint import export_state_dict
 from mvit_fast.data import make_synthetic
 from mvit_fast.engine import TrainingDiverged, get_recipe, main
+from mvit_fast.engine import run as run_module
 from mvit_fast.engine import trainer as trainer_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,9 +73,13 @@ def _weights(results: dict) -> dict[str, torch.Tensor]:
     return torch.load(results["checkpoint"], map_location="cpu", weights_only=True)["model"]
 
 
-def _losses(run_dir: str) -> list[float]:
-    with open(Path(run_dir) / "train.csv") as f:
-        return [float(row["loss"]) for row in csv.DictReader(f)]
+def _rows(run_dir: str | Path, name: str = "train.csv") -> list[dict]:
+    with open(Path(run_dir) / name) as f:
+        return list(csv.DictReader(f))
+
+
+def _losses(run_dir: str | Path) -> list[float]:
+    return [float(row["loss"]) for row in _rows(run_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -198,11 +203,16 @@ def test_nonfinite_loss_skips_the_step_and_repeats_stop_the_run(tiny, tmp_path, 
     out = main(**dict(tiny, epochs=1), run_dir=str(tmp_path / "one_nan"))
     assert out["status"] == "finished" and out["skipped_steps"] == 1 and out["step"] == 3
     assert all(torch.isfinite(v).all() for v in _weights(out).values())
+    # the skipped step's row has no loss or grad norm (nan, not 0): no finite step was averaged
+    rows = _rows(tmp_path / "one_nan")
+    assert [(r["step"], r["skipped"]) for r in rows] == [("1", "0"), ("2", "1"), ("3", "1")]
+    nan = [[math.isnan(float(r[k])) for k in ("loss", "grad_norm")] for r in rows]
+    assert nan == [[False, False], [True, True], [False, False]]
 
     monkeypatch.setattr(
         trainer_module, "soft_cross_entropy", lambda logits, target: real(logits, target) * math.nan
     )
-    with pytest.raises(TrainingDiverged, match="2 non-finite losses in a row at step 1"):
+    with pytest.raises(TrainingDiverged, match="2 non-finite losses in a row at step 2 "):
         main(**dict(tiny, max_bad_steps=2), run_dir=str(tmp_path / "all_nan"))
 
 
@@ -231,6 +241,75 @@ def _with_missing(listing: str, out: Path, line: int) -> str:
     lines[line] = "train/gone.mp4 " + lines[line].split()[-1]
     out.write_text("\n".join(lines) + "\n")
     return str(out)
+
+
+def test_csv_rows_average_their_own_steps_across_a_stop_and_an_older_resume(tiny, tmp_path):
+    every = tmp_path / "every"
+    main(**tiny, run_dir=str(every))  # log_every 1: one row per step
+    losses = _losses(every)
+    step_s = sorted(float(r["compute_s"]) for r in _rows(every))[len(losses) // 2]
+    assert _rows(every, "val.csv") == []  # eval_every 0: no validation, only the final test
+
+    # windows of 4 steps: a stop after 3 writes its part-window; the resumed run's first row
+    # covers its one step
+    windowed, cut = dict(tiny, log_every=4), tmp_path / "cut"
+    assert main(**windowed, run_dir=str(cut), max_steps=3)["status"] == "stopped"
+    main(**windowed, resume=str(cut))
+    rows = _rows(cut)
+    assert [int(r["step"]) for r in rows] == [3, 4, 6]
+    for row, window in zip(rows, ([0, 1, 2], [3], [4, 5])):
+        assert float(row["loss"]) == pytest.approx(sum(losses[i] for i in window) / len(window), rel=1e-5)
+    assert float(rows[1]["compute_s"]) > 0.5 * step_s  # per step of its window, not per log_every steps
+
+    # resumed from an older checkpoint (as after a hard kill): the steps after it are logged once
+    main(**tiny, resume=str(every / "checkpoints" / "step_000000003.pt"))
+    assert [int(r["step"]) for r in _rows(every)] == [1, 2, 3, 4, 5, 6]
+    assert _losses(every) == losses
+
+
+def test_a_signal_during_validation_stops_after_the_epochs_checkpoint(tiny, tmp_path, monkeypatch):
+    real = run_module.evaluate
+    calls = {"n": 0}
+
+    def evaluate_then_terminate(*args, **kwargs):
+        calls["n"] += 1
+        result = real(*args, **kwargs)
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(run_module, "evaluate", evaluate_then_terminate)
+    validated, run = dict(tiny, eval_every=1), tmp_path / "run"
+    out = main(**validated, run_dir=str(run))
+    assert out["status"] == "stopped" and out["step"] == 3 and "test" not in out
+    assert Path(out["checkpoint"]).name == "step_000000003.pt"
+    out = main(**validated, resume=str(run))
+    assert out["status"] == "finished" and out["step"] == 6 and out["test"]["num_videos"] == 6
+    assert [(r["step"], r["epoch"]) for r in _rows(run, "val.csv")] == [("3", "1"), ("6", "2")]
+
+
+def test_evaluation_runs_the_compiled_model_when_the_recipe_compiles(tiny, tmp_path, monkeypatch):
+    evaluated = []
+
+    class Compiled(torch.nn.Module):  # stands for torch.compile's wrapper: records what runs through it
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, clips):
+            if not torch.is_grad_enabled():
+                evaluated.append(clips.shape[0])
+            return self.module(clips)
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: Compiled(module))
+    out = main(**dict(tiny, compile=True, eval_every=1, epochs=1), run_dir=str(tmp_path / "run"))
+    # validation (6 videos x 1 view) and the test (6 x 2 clips) both go through the compiled model
+    assert out["status"] == "finished" and sum(evaluated) == 6 + 12
+
+
+def test_ssv2_training_from_random_weights_is_warned(tiny, tmp_path, capsys):
+    main(**dict(tiny, dataset="ssv2", num_classes=6), run_dir=str(tmp_path / "run"), max_steps=1)
+    assert "the SSv2 recipe fine-tunes Kinetics-400 weights" in capsys.readouterr().out
 
 
 def test_bad_videos_of_every_epoch_are_reported_with_their_paths(tiny, tmp_path, caplog):
@@ -262,7 +341,8 @@ def test_bad_videos_of_every_epoch_are_reported_with_their_paths(tiny, tmp_path,
 
 def test_resume_and_eval_take_the_recipe_from_the_checkpoint_and_refuse_another(tiny, tmp_path):
     run = tmp_path / "run"
-    main(**tiny, run_dir=str(run), max_steps=2)
+    run_tiny = dict(tiny, eval_every=2)  # validated after the last (2nd) epoch: best.pt
+    main(**run_tiny, run_dir=str(run), max_steps=2)
     with pytest.raises(ValueError, match=r"--resume .*step_000000002.pt: the run was trained with "
                                          r"--depths 1 1 1 1, this command asks for --depths 1 1 2 1\. "):
         main(**dict(tiny, depths=(1, 1, 2, 1)), resume=str(run))
@@ -272,7 +352,7 @@ def test_resume_and_eval_take_the_recipe_from_the_checkpoint_and_refuse_another(
     out = main(**{k: tiny[k] for k in RUN_ARGS}, resume=str(run), num_workers=1)
     assert out["status"] == "finished" and out["step"] == 6
     config = json.loads((run / "config.json").read_text())  # the resumed run's resolved config
-    trained = json.loads(json.dumps(dict(tiny_recipe(tiny).to_dict(), num_workers=1, batch_per_device=4)))
+    trained = json.loads(json.dumps(dict(tiny_recipe(run_tiny).to_dict(), num_workers=1, batch_per_device=4)))
     assert {k: config[k] for k in trained} == trained
     # testing the run's checkpoints (the last; best.pt, from the validation after the last
     # epoch) takes its recipe too
@@ -323,10 +403,10 @@ def test_eval_loads_foreign_checkpoints_and_dumps_predictions(tiny, tmp_path):
         **tiny,
         eval_only=True,
         checkpoint=str(slowfast),
-        dump=str(tmp_path / "scores.pt"),
+        dump=str(tmp_path / "new" / "scores.pt"),  # folders are made
         run_dir=str(tmp_path / "pt"),
     )
-    dumped = torch.load(tmp_path / "scores.pt", weights_only=True)
+    dumped = torch.load(tmp_path / "new" / "scores.pt", weights_only=True)
     assert dumped["scores"].shape == (6, 6) and torch.allclose(dumped["scores"].sum(1), torch.ones(6))
 
     wider = build_model(

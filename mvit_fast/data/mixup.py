@@ -1,9 +1,12 @@
 """Mixup / CutMix with label smoothing on a batch, on whatever device the batch is on.
 
 timm's `Mixup` in "batch" mode, as SlowFast's MViTv2 recipe uses it: per batch, CutMix
-(alpha 1.0) with probability `switch_prob`, else Mixup (alpha 0.8); each clip is mixed
-with the batch flipped; the CutMix box is the same on every frame and lambda is
-corrected to the box's true area. Targets are smoothed one-hots mixed by lambda.
+(alpha 1.0) with probability `switch_prob`, else Mixup (alpha 0.8); the CutMix box is the
+same on every frame and lambda is corrected to the box's true area. Each clip is mixed with a
+clip of another video: the batch rolled by one video (`views` adjacent clips per video, as
+repeated augmentation lays them out). timm mixes with the batch flipped, which pairs the two
+views of one video whenever a batch holds one video (or the middle one of an odd count), and
+mixing a video with itself is no mixup. Targets are smoothed one-hots mixed by lambda.
 The random draws are host-side Python numbers, so nothing syncs with the device.
 """
 
@@ -22,7 +25,8 @@ def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> 
 class MixupCutmix:
     """Callable ``(clips (B, C, T, H, W), labels (B,)) -> (mixed clips, soft targets (B, classes))``.
 
-    `clips` is mixed in place (it is a fresh batch). B must be even, as in timm.
+    `clips` is mixed in place (it is a fresh batch). Clips come in groups of `views` adjacent
+    views of one video; B must hold at least two videos.
     """
 
     def __init__(
@@ -33,11 +37,13 @@ class MixupCutmix:
         cutmix_alpha: float = 1.0,
         switch_prob: float = 0.5,
         label_smoothing: float = 0.1,
+        views: int = 1,
         seed: int | None = None,
     ):
         self.num_classes = num_classes
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
         self.switch_prob, self.label_smoothing = switch_prob, label_smoothing
+        self.views = views
         self.rng = np.random.default_rng(seed)
 
     def _draw(self) -> tuple[float, bool]:
@@ -46,9 +52,14 @@ class MixupCutmix:
         return (float(self.rng.beta(alpha, alpha)) if alpha > 0 else 1.0), use_cutmix
 
     def __call__(self, clips: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if clips.shape[0] % 2:
-            raise ValueError(f"mixup needs an even batch size, got {clips.shape[0]}")
+        n = clips.shape[0]
+        if n % self.views or n < 2 * self.views:
+            raise ValueError(
+                f"mixup pairs clips of different videos: {n} clips in groups of {self.views} views "
+                f"are not two or more whole videos"
+            )
         lam, use_cutmix = self._draw()
+        partner = clips.roll(self.views, 0)  # a copy, taken before clips changes
         if use_cutmix:
             h, w = clips.shape[-2:]
             cut = np.sqrt(1 - lam)
@@ -56,10 +67,9 @@ class MixupCutmix:
             cy, cx = int(self.rng.integers(0, h)), int(self.rng.integers(0, w))
             y0, y1 = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, h)
             x0, x1 = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, w)
-            clips[..., y0:y1, x0:x1] = clips.flip(0)[..., y0:y1, x0:x1]
+            clips[..., y0:y1, x0:x1] = partner[..., y0:y1, x0:x1]
             lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
         elif lam < 1:
-            flipped = clips.flip(0).mul_(1 - lam)  # a copy, taken before clips changes
-            clips.mul_(lam).add_(flipped)
+            clips.mul_(lam).add_(partner.mul_(1 - lam))
         target = smooth_one_hot(labels, self.num_classes, self.label_smoothing)
-        return clips, target * lam + target.flip(0) * (1 - lam)
+        return clips, target * lam + target.roll(self.views, 0) * (1 - lam)

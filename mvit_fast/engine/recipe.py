@@ -134,7 +134,7 @@ _K400 = {
     "b": dict(num_frames=32, sampling_rate=3, max_batch_per_device=4),
     "l": dict(num_frames=40, sampling_rate=3, crop_size=312, mean=IMAGENET_MEAN,
               std=IMAGENET_STD, test_crops=3, test_short_side=312, checkpoint_activations=True,
-              max_batch_per_device=1),
+              max_batch_per_device=2),  # 2: mixup needs two videos per micro-batch
 }
 _SSV2_SOLVER = dict(num_classes=174, protocol="ssv2", repeats=1, flip=False, test_clips=1, test_crops=3,
                     optimizer="sgd", weight_decay=1e-4, warmup_epochs=3.0, warmup_start_lr=1e-4,

@@ -53,6 +53,7 @@ from .trainer import (
     TrainingDiverged,
     accumulation,
     amp_dtype,
+    compiled,
     latest_checkpoint,
     read_training_state,
     record_data_issues,
@@ -241,6 +242,9 @@ def main(
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise ValueError(f"--checkpoint {checkpoint}: no such file")
     resume_path = latest_checkpoint(resume) if resume is not None else None
+    if resume_path is not None and run_dir is None and resume_path.parent.name != "checkpoints":
+        raise ValueError(f"--resume {resume_path}: not in a run's checkpoints/ folder; name the run "
+                         "folder to continue in with --run-dir")
     if resume_path is not None:
         saved, where = read_training_state(resume_path, mmap=True)["recipe"], f"--resume {resume_path}"
     elif eval_only:  # testing a run's checkpoint: its recipe, as for --resume
@@ -253,7 +257,8 @@ def main(
         recipe = get_recipe(size, dataset or "synthetic", **overrides)
     if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise ValueError(f"--run-dir {run_dir} is a file")
-    if dump is not None and (reason := unwritable(dump)):  # now, not after the whole evaluation
+    # now, not after the whole evaluation
+    if dump is not None and (reason := unwritable(dump, make_folders=True)):
         raise ValueError(f"--dump {dump}: cannot write there ({reason})")
     d = init_distributed(device)
     try:
@@ -302,6 +307,9 @@ def main(
             resolved.update(batch_per_device=per_device, grad_accumulation=accum)
         if d.is_main:
             print("resolved config:\n" + json.dumps(resolved, indent=1, default=str), flush=True)
+            if recipe.dataset == "ssv2" and not eval_only and checkpoint is None and resume_path is None:
+                print("warning: the SSv2 recipe fine-tunes Kinetics-400 weights (--checkpoint K400 "
+                      "checkpoint); without one this run trains SSv2 from random weights", flush=True)
             (run_dir / ("eval_config.json" if eval_only else "config.json")).write_text(
                 json.dumps(resolved, indent=1, default=str) + "\n"
             )
@@ -333,10 +341,13 @@ def main(
                 **_loader_placement(recipe, d),
             )
             val_loader = eval_loader(val_records, recipe, d, num_clips=1, num_crops=1)
+            # Compiled once; under --fsdp each validation gets a fresh unsharded copy, run eagerly.
+            val_model = compiled(model, model, recipe, d.device, dtype, recipe.eval_batch_size, train=False)
 
             def validate(m, epoch: int) -> float:
                 top1 = evaluate(
-                    m, val_loader, labels, recipe.num_classes, 1, device=d.device, amp_dtype=dtype
+                    val_model if m is model else m, val_loader, labels, recipe.num_classes, 1,
+                    device=d.device, amp_dtype=dtype,
                 ).view_top1
                 record_data_issues(run_dir, "val", epoch, val_loader.report, d)
                 return top1
@@ -373,7 +384,7 @@ def main(
         loader = eval_loader(val_records, recipe, d, num_clips=recipe.test_clips, num_crops=recipe.test_crops)
         t_test = time.perf_counter()
         result = evaluate(
-            model,
+            compiled(model, model, recipe, d.device, dtype, recipe.eval_batch_size * views, train=False),
             loader,
             labels,
             recipe.num_classes,

@@ -6,8 +6,7 @@ the optimizer step (`lr_at`), and every random draw of a step (drop path, dropou
 is seeded from (seed, rank, step, micro-batch); the loaders' order and augmentation are
 functions of (seed, epoch, list index). So a checkpoint only needs the weights, the
 optimizer (and grad scaler) state and the step: resuming replays the same steps bit for bit
-(PyAV loader; DALI's own augmentation RNG cannot be saved, so there only the data order is
-replayed).
+(with either loader: DALI's graph draws nothing, its augmentation comes from the same draws).
 
 Per optimizer step there is one host sync: the loss, the grad norm and the stop flag
 (SIGTERM/SIGINT, `max_steps`) are all-reduced together, so every rank skips a non-finite
@@ -89,11 +88,31 @@ def accumulation(recipe: Recipe, world_size: int) -> tuple[int, int]:
             f"batch_per_device {per_device} must divide the {per_rank} videos per process "
             f"(batch_size {recipe.batch_size} over {world_size} processes)"
         )
-    if recipe.mixup and (per_device * recipe.repeats) % 2:
+    if recipe.mixup and per_device < 2:
         raise ValueError(
-            f"mixup pairs clips: batch_per_device x repeats = {per_device * recipe.repeats} must be even"
+            f"mixup mixes each video with another one of its micro-batch: batch_per_device {per_device} "
+            f"(batch_size {recipe.batch_size} over {world_size} processes) must be 2 or more: raise "
+            f"--batch-size (the lr scales with it) or --batch-per-device, or pass --no-mixup"
         )
     return per_device, per_rank // per_device
+
+
+def compiled(model: nn.Module, forward: nn.Module, recipe: Recipe, device: torch.device,
+             dtype: torch.dtype | None, batch_clips: int, *, train: bool) -> nn.Module:
+    """`forward` (`model` or a wrapper of it) under torch.compile when the recipe compiles
+    (default: on CUDA), else as it is. A compiled model cannot time its "auto" attention
+    backends, so they are measured first, eagerly, on a batch of `batch_clips` clips in the
+    mode (`train`) and autocast dtype the compiled model will run in."""
+    if not (recipe.compile if recipe.compile is not None else device.type == "cuda"):
+        return forward
+    if device.type == "cuda" and recipe.attention_backend == "auto":
+        from ..attention import autotune
+
+        size = recipe.crop_size
+        clip = torch.randn(batch_clips, 3, recipe.num_frames, size, size, device=device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            autotune.tune(model, clip, train=train)
+    return torch.compile(forward)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -146,6 +165,20 @@ class CsvLog:
             with open(path, "w", newline="") as f:
                 csv.writer(f).writerow(fields)
 
+    def drop_after(self, step: int) -> None:
+        """Remove the rows past optimizer step `step`: a run resumed from an older checkpoint
+        (after a hard kill) logs those steps again."""
+        if not self.enabled:
+            return
+        with open(self.path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = [row for row in rows[1:] if int(row[self.fields.index("step")]) <= step]
+        if len(kept) < len(rows) - 1:
+            tmp = self.path.with_suffix(".tmp")
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([rows[0], *kept])
+            tmp.replace(self.path)
+
     def write(self, **row) -> None:
         if self.enabled:
             with open(self.path, "a", newline="") as f:
@@ -183,6 +216,8 @@ def _tensorboard(run_dir: Path, enabled: bool):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # optional: only when the tensorboard package is installed
+        print("TensorBoard logging is off (pip install tensorboard); metrics go to train.csv and "
+              "val.csv", flush=True)
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
 
@@ -328,28 +363,25 @@ def train(
     pos = Position()
     if resume is not None:
         pos = load_training_state(resume, model, optimizer, scaler, recipe, steps_per_epoch, sharded)
+        saved_world = read_training_state(resume, mmap=True).get("world_size", d.world_size)
+        if saved_world != d.world_size and d.is_main:
+            print(f"--resume {resume}: saved by {saved_world} processes, resumed by {d.world_size}: "
+                  "training goes on from the same step, but the steps are not the ones an "
+                  "uninterrupted run would take (micro-batches and per-rank draws differ)", flush=True)
     ddp = None
     if d.enabled and sharded is None:
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    forward = ddp if ddp is not None else model
-    compile_model = recipe.compile if recipe.compile is not None else device.type == "cuda"
-    if compile_model:
-        if device.type == "cuda" and recipe.attention_backend == "auto":
-            from ..attention import autotune  # compiling cannot measure: choose eagerly, on a batch's shape
-
-            clip = torch.randn(per_device * recipe.repeats, 3, recipe.num_frames, recipe.crop_size,
-                               recipe.crop_size, device=device)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                autotune.tune(model, clip, train=True)
-        forward = torch.compile(forward)
+    forward = compiled(model, ddp if ddp is not None else model, recipe, device, dtype,
+                       per_device * recipe.repeats, train=True)
     mixup = MixupCutmix(
         recipe.num_classes,
         mixup_alpha=recipe.mixup_alpha,
         cutmix_alpha=recipe.cutmix_alpha,
         switch_prob=recipe.mixup_switch_prob,
         label_smoothing=recipe.label_smoothing,
+        views=recipe.repeats,
     )
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     clips_per_step = recipe.batch_size * recipe.repeats
@@ -360,6 +392,9 @@ def train(
         ["step", "epoch", "loss", "lr", "grad_norm", "clips_per_s", "data_s", "compute_s", "skipped"],
         d.is_main,
     )
+    val_log = CsvLog(run_dir / "val.csv", ["step", "epoch", "top1"], d.is_main)
+    for csv_log in (log, val_log):
+        csv_log.drop_after(pos.step)
     board = _tensorboard(run_dir, d.is_main)
     bar = tqdm(
         total=total_steps,
@@ -371,8 +406,8 @@ def train(
     )
     stop, bad_in_row, skipped, steps_run = _StopSignal(), 0, 0, 0
     first_step_s, timed = math.nan, dict(data=0.0, compute=0.0, steps=0)
-    window = dict(loss=0.0, gn=0.0, data=0.0, compute=0.0, n=0)
-    status, last_ckpt = "finished", None
+    window = dict(loss=0.0, gn=0.0, data=0.0, compute=0.0, n=0, steps=0)
+    status, last_ckpt = "finished", resume
     model.train()
     with stop.installed():
         for epoch in range(pos.epoch, recipe.epochs):
@@ -427,13 +462,13 @@ def train(
                     bad_in_row, skipped = bad_in_row + 1, skipped + 1
                     if d.is_main:
                         tqdm.write(
-                            f"step {pos.step}: non-finite loss {loss_value} (grad norm {norm_value}), "
+                            f"step {pos.step + 1}: non-finite loss {loss_value} (grad norm {norm_value}), "
                             f"step skipped ({bad_in_row} in a row, {skipped} in all)"
                         )
                     if bad_in_row >= recipe.max_bad_steps:
                         raise TrainingDiverged(
-                            f"{bad_in_row} non-finite losses in a row at step {pos.step} (epoch {epoch}, lr "
-                            f"{lr:.3g}): training diverged. Lower the lr (--base-lr), check the data, or "
+                            f"{bad_in_row} non-finite losses in a row at step {pos.step + 1} (epoch {epoch}, "
+                            f"lr {lr:.3g}): training diverged. Lower the lr (--base-lr), check the data, or "
                             f"resume from the last checkpoint ({last_ckpt or 'none saved yet'})."
                         )
                     if scaler is not None:
@@ -464,23 +499,23 @@ def train(
                     window["n"] += 1
                 window["data"] += data_s
                 window["compute"] += step_s - data_s
+                window["steps"] += 1
                 bar.update(1)
                 bar.set_postfix_str(
                     f"ep {epoch} loss {loss_value:.4f} lr {lr:.2e} {clips_per_step / step_s:.1f} "
                     f"clips/s data {1e3 * data_s:.0f}ms compute {1e3 * (step_s - data_s):.0f}ms"
                 )
-                if pos.step % recipe.log_every == 0 or pos.step == total_steps:
-                    n_steps = max(window["data"] + window["compute"], 1e-9)
-                    count = (
-                        recipe.log_every if pos.step % recipe.log_every == 0 else pos.step % recipe.log_every
-                    )
+                if pos.step % recipe.log_every == 0 or pos.step == total_steps or stop_votes > 0:
+                    # One row per window of steps (the last one cut short by a stop), averaged
+                    # over its steps; loss and grad norm over its finite ones (nan: none was).
+                    count, good = window["steps"], window["n"]
                     row = dict(
                         step=pos.step,
                         epoch=pos.step / steps_per_epoch,
-                        loss=window["loss"] / max(window["n"], 1),
+                        loss=window["loss"] / good if good else math.nan,
                         lr=lr,
-                        grad_norm=window["gn"] / max(window["n"], 1),
-                        clips_per_s=clips_per_step * count / n_steps,
+                        grad_norm=window["gn"] / good if good else math.nan,
+                        clips_per_s=clips_per_step * count / max(window["data"] + window["compute"], 1e-9),
                         data_s=window["data"] / count,
                         compute_s=window["compute"] / count,
                         skipped=skipped,
@@ -489,7 +524,7 @@ def train(
                     if board is not None:
                         for k in ("loss", "lr", "grad_norm", "clips_per_s"):
                             board.add_scalar(f"train/{k}", row[k], pos.step)
-                    window = dict(loss=0.0, gn=0.0, data=0.0, compute=0.0, n=0)
+                    window = dict(loss=0.0, gn=0.0, data=0.0, compute=0.0, n=0, steps=0)
                 if stop_votes > 0:
                     status = "stopped"
                     break
@@ -501,28 +536,23 @@ def train(
                     last_ckpt, model, optimizer, scaler, pos, recipe, steps_per_epoch, d, sharded
                 )
                 _prune(run_dir, recipe.keep_checkpoints)
-                why = (
-                    f"signal {signal.Signals(stop.signum).name}"
-                    if stop.signum
-                    else f"max_steps {recipe.max_steps}"
-                )
+                why = signal.Signals(stop.signum).name if stop.signum else f"max_steps {recipe.max_steps}"
                 if d.is_main:
-                    tqdm.write(
-                        f"stopped by {why} at step {pos.step}; saved {last_ckpt}; "
-                        f"continue with --resume {run_dir}"
-                    )
+                    tqdm.write(f"stopped by {why} at step {pos.step}; saved {last_ckpt}; "
+                               f"continue with --resume {run_dir}")
                 break
             # Whole optimizer steps leave the loader's pass short of its end: close it here.
             record_data_issues(run_dir, "train", epoch, train_loader.end_epoch(), d)
             pos.epoch = epoch + 1
             last_epoch = epoch + 1 == recipe.epochs
             top1 = None
-            if validate is not None and (
-                last_epoch or (recipe.eval_every and pos.epoch % recipe.eval_every == 0)
+            if validate is not None and recipe.eval_every and (
+                last_epoch or pos.epoch % recipe.eval_every == 0
             ):
                 top1 = validate(sharded.full() if sharded is not None else model, epoch)
                 if sharded is not None:
                     sharded.release()
+                val_log.write(step=pos.step, epoch=pos.epoch, top1=top1)
                 if d.is_main:
                     tqdm.write(f"epoch {pos.epoch}: val top-1 (1 view) {top1:.2f}%")
                     if board is not None:
@@ -540,6 +570,15 @@ def train(
                 if sharded is not None:
                     sharded.release()
             _prune(run_dir, recipe.keep_checkpoints)
+            # A signal during validation or the save stops here, on every rank: the epoch's
+            # checkpoint is the stop's (after the last epoch, resuming runs just the test).
+            if all_reduce_sum(torch.tensor(float(stop.signum is not None), device=device)).item():
+                status = "stopped"
+                if d.is_main:
+                    why = signal.Signals(stop.signum or signal.SIGTERM).name
+                    tqdm.write(f"stopped by {why} after epoch {pos.epoch}; saved {last_ckpt}; "
+                               f"continue with --resume {run_dir}")
+                break
     bar.close()
     if board is not None:
         board.close()
