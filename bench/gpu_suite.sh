@@ -248,8 +248,9 @@ for path in sorted(out.glob("bench_*.json")):
     cmd = out / (path.stem.removeprefix("bench_") + ".cmd")
     try:
         data = json.loads(path.read_text())
-    except ValueError as e:  # cut while writing: keep it as it is
-        print(f"{path.name}: not JSON ({e})")
+    except ValueError as e:  # cut while writing: kept for a look, out of the report's way
+        path.rename(path.with_suffix(".json.broken"))
+        print(f"{path.name}: not JSON ({e}), renamed {path.name}.broken")
         continue
     data.update(command=cmd.read_text().strip() if cmd.exists() else None, run_info=info)
     path.write_text(json.dumps(data, indent=2))

@@ -181,10 +181,11 @@ def test_pool_qkv(benchmark, run_info, time_op, pool_shape, provider, mode, devi
     info = benchmark.extra_info
     info.update(run_info)
     nbytes = pool_bytes(shape, batch, mode, qkv.element_size())
-    info.update(provider=provider, mode=mode, suite=suite, dtype=str(dtype).removeprefix("torch."),
-                batch=batch, heads=shape.heads, head_dim=shape.head_dim, input_grid=shape.input_grid,
-                stride_q=shape.stride_q, stride_kv=shape.stride_kv, n=shape.n, nq=shape.nq,
-                nkv=shape.nkv, blocks=shape.blocks, bytes=nbytes)
+    info.update(kind="pool", provider=provider, mode=mode, suite=suite,
+                dtype=str(dtype).removeprefix("torch."), batch=batch, heads=shape.heads,
+                head_dim=shape.head_dim, input_grid=shape.input_grid, stride_q=shape.stride_q,
+                stride_kv=shape.stride_kv, n=shape.n, nq=shape.nq, nkv=shape.nkv, blocks=shape.blocks,
+                bytes=nbytes)
     if benchmark.stats:  # None or empty under --benchmark-disable
         gbps = nbytes / benchmark.stats.stats.median / 1e9
         peak = _hbm_gbps(device)

@@ -10,6 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+# CUDA grids: at most 65535 programs on axes 1 and 2. Both kernels put batch x heads on axis 1.
+MAX_BATCH_HEADS = 65535
+
 
 def is_interpreted(kernel) -> bool:
     """Whether `kernel` runs in Triton's interpreter.

@@ -41,9 +41,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import aligned, compiling_only, is_interpreted, pinned_config, row_align
+from ._launch import MAX_BATCH_HEADS, aligned, compiling_only, is_interpreted, pinned_config, row_align
 
-__all__ = ["INTERPRETED", "MAX_HEAD_DIM", "pool_norm_backward", "pool_norm_forward", "pooled_size"]
+__all__ = ["INTERPRETED", "MAX_BATCH_HEADS", "MAX_HEAD_DIM", "pool_norm_backward", "pool_norm_forward",
+           "pooled_size"]
 
 MAX_HEAD_DIM = 256
 _KERNEL_SIZES = (1, 3)  # per axis; padding k // 2
@@ -663,6 +664,9 @@ def _check(qkv: torch.Tensor, member: int, weight: torch.Tensor, thw: Sequence[i
     d = qkv.shape[4]
     if d > MAX_HEAD_DIM:
         raise ValueError(f"head_dim {d} > {MAX_HEAD_DIM} is not supported")
+    if qkv.shape[0] * qkv.shape[3] > MAX_BATCH_HEADS:
+        raise ValueError(f"batch x heads = {qkv.shape[0] * qkv.shape[3]} > {MAX_BATCH_HEADS} (CUDA's "
+                         "grid limit): split the batch")
     if weight.ndim != 5 or weight.shape[:2] != (d, 1):
         raise ValueError(f"conv weight must be depthwise (head_dim={d}, 1, kt, kh, kw), "
                          f"got {tuple(weight.shape)}")

@@ -50,10 +50,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import aligned, compiling_only, is_interpreted, pinned_config, row_align
+from ._launch import MAX_BATCH_HEADS, aligned, compiling_only, is_interpreted, pinned_config, row_align
 
-__all__ = ["INTERPRETED", "MAX_GRID_AXIS", "MAX_HEAD_DIM", "attention_backward", "attention_forward",
-           "head_dim_split", "launch_configs"]
+__all__ = ["INTERPRETED", "MAX_BATCH_HEADS", "MAX_GRID_AXIS", "MAX_HEAD_DIM", "attention_backward",
+           "attention_forward", "head_dim_split", "launch_configs"]
 
 MAX_HEAD_DIM = 256
 # The one-hot bias dot keeps a (BLOCK_M x next_pow2(K_axis)) table tile in registers.
@@ -865,6 +865,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel: torch.Tensor,
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if q.shape[3] > MAX_HEAD_DIM:
         raise ValueError(f"head_dim {q.shape[3]} > {MAX_HEAD_DIM} is not supported")
+    if q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
+        raise ValueError(f"batch x heads = {q.shape[0] * q.shape[1]} > {MAX_BATCH_HEADS} (CUDA's "
+                         "grid limit): split the batch")
     kt, kh, kw = (int(x) for x in k_grid)
     if k.shape[2] != int(has_cls) + kt * kh * kw:
         raise ValueError(f"k_grid {tuple(k_grid)} with has_cls={has_cls} does not match "

@@ -228,6 +228,10 @@ def _model_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("kind") == "model" and r.get("clips_per_s")]
 
 
+def _pool_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("kind") == "pool"]
+
+
 def _attention_rows(rows: list[dict]) -> list[dict]:
     # rows from before `kind` existed are told apart by their fields (pool rows have no "nk")
     return [r for r in rows if r.get("kind") == "attention"
@@ -281,7 +285,44 @@ def throughput_tables(rows: list[dict]) -> str:
             out.append(f"| {suite} | {mode} | {batch} | " + " | ".join(cells) + " |")
         out += ["", "A sum over fewer shapes than the others (n/m shapes: cases cut, skipped or out "
                 "of memory) leaves blocks out and is no total.", ""]
+    out += pool_table(rows)
     return "\n".join(out)
+
+
+POOL_PROVIDERS = ("eager", "compile", "triton")
+
+
+def _blocks_label(blocks: list[int]) -> str:
+    return f"b{blocks[0]}" if len(blocks) == 1 else f"b{blocks[0]}-{blocks[-1]}"
+
+
+def pool_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: the q/k/v pooling of one block per shape, mode and provider
+    (bench/test_pool.py), with the fused kernel's speedup over compiled eager and its
+    achieved bandwidth; no lines without pool rows."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in sorted(_pool_rows(rows), key=lambda r: (_suite_key(r["suite"]), r["mode"], r["blocks"][0])):
+        key = (r["suite"], r["mode"], _blocks_label(r["blocks"]), r["n"], r["nq"], r["nkv"], r["batch"])
+        groups.setdefault(key, {})[r["provider"]] = r
+    if not groups:
+        return []
+    out = ["### q/k/v pooling of one block (ms per call; bench/test_pool.py)", "",
+           "| suite | mode | blocks | tokens in -> q, kv | batch | " + " | ".join(POOL_PROVIDERS)
+           + " | triton vs compile | triton GB/s (of HBM) |",
+           "|---|---|---|---|---:|" + "---:|" * len(POOL_PROVIDERS) + "---:|---:|"]
+    for (suite, mode, blocks, n, nq, nkv, batch), by in groups.items():
+        cells = [_fmt(by[p]["median_s"] * 1e3 if p in by else None, ".3f") for p in POOL_PROVIDERS]
+        both = {"compile", "triton"} <= by.keys()
+        speedup = f"{by['compile']['median_s'] / by['triton']['median_s']:.2f}x" if both else "-"
+        fused = by.get("triton", {})
+        gbps = _fmt(fused.get("gbps"), ".0f")
+        if fused.get("hbm_fraction"):
+            gbps += f" ({100 * fused['hbm_fraction']:.0f}%)"
+        out.append(f"| {suite} | {mode} | {blocks} | {n} -> {nq}, {nkv} | {batch} | " + " | ".join(cells)
+                   + f" | {speedup} | {gbps} |")
+    out += ["", "One call pools q, k and v of a block; GB/s is the op's unavoidable HBM traffic "
+            "(bench/test_pool.py `pool_bytes`) over its time, against the device's spec bandwidth.", ""]
+    return out
 
 
 def partial_backends(by_backend: dict[str, dict[str, float]]) -> dict[str, tuple[int, int]]:
@@ -298,8 +339,7 @@ def attention_block_times(rows: list[dict]) -> dict[tuple[str, str, int], dict[s
     out: dict[tuple[str, str, int], dict[str, dict[str, float]]] = {}
     for r in sorted(_attention_rows(rows), key=lambda r: (_suite_key(r["suite"]), r["mode"])):
         blocks = r["blocks"]
-        shape = (f"b{blocks[0]}" if len(blocks) == 1 else f"b{blocks[0]}-{blocks[-1]}") + \
-            f" {r['nq']}x{r['nk']}"
+        shape = f"{_blocks_label(blocks)} {r['nq']}x{r['nk']}"
         by_backend = out.setdefault((r["suite"], r["mode"], r["batch"]), {})
         by_backend.setdefault(r["backend"], {})[shape] = r["median_s"] * len(blocks)
     return out
@@ -635,12 +675,13 @@ def throughput_main(json_files: list[str], *, results_dir: str | Path = RESULTS_
     except (OSError, ValueError) as e:  # no results, a missing file, not our JSON
         print(f"report throughput: {e}", file=sys.stderr)
         return 1
-    if not _model_rows(rows) and not _attention_rows(rows) and not profiles:
-        print(f"no model or attention benchmark rows or profiles in {[str(p) for p in paths]}",
+    tabulated = _model_rows(rows) or _attention_rows(rows) or _pool_rows(rows)
+    if not tabulated and not profiles:
+        print(f"no model, attention or pool benchmark rows or profiles in {[str(p) for p in paths]}",
               file=sys.stderr)
         return 1
     print(f"<!-- python -m mvit_fast.report throughput {' '.join(str(p) for p in paths)} -->\n")
-    if _model_rows(rows) or _attention_rows(rows):
+    if tabulated:
         print(throughput_tables(rows), flush=True)
     if profiles:
         print(time_breakdown_tables(profiles), flush=True)

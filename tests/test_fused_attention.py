@@ -20,6 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mvit_fast.kernels.pooled_attention import (
+    MAX_BATCH_HEADS,
     attention_backward,
     attention_forward,
     head_dim_split,
@@ -28,6 +29,7 @@ from mvit_fast.kernels.pooled_attention import (
 
 import mvit_fast
 from mvit_fast.attention import pooled_attention
+from mvit_fast.attention.fused import triton_takes
 from mvit_fast.attention.reference import decomposed_rel_pos, rel_pos_bias
 from tests.numerics import assert_close, tolerance
 
@@ -337,22 +339,48 @@ def test_rejects_unsupported_inputs() -> None:
     if pooled_attention_kernels.INTERPRETED:
         with pytest.raises(TypeError, match="interpreter computes bfloat16 tl.dot wrongly"):
             pooled_attention(*(t.bfloat16() for t in (q, k, v)), case.q_thw, case.k_thw, backend="triton")
+    # more (batch, head) pairs than CUDA's grid axis 1 takes: refused, and "auto" looks elsewhere
+    many = [t.float().expand(MAX_BATCH_HEADS + 1, *t.shape[1:]) for t in (q, k, v)]
+    with pytest.raises(ValueError, match=f"batch x heads = {MAX_BATCH_HEADS + 1} > {MAX_BATCH_HEADS}"):
+        pooled_attention(*many, case.q_thw, case.k_thw, backend="triton")
+    assert not triton_takes(many[0], case.k_thw, (None, None, None))
 
 
-def test_autocast_runs_the_kernel_in_the_autocast_dtype() -> None:
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
+def test_autocast_runs_the_kernel_in_the_autocast_dtype(residual: bool) -> None:
     # Under autocast, pooled q/k/v arrive in fp32 (LayerNorm is an fp32 op); the op must
     # still run in the autocast dtype, as SDPA does (fp16 here: the interpreter's bf16 dot
-    # is broken, see DESIGN section 7).
+    # is broken, see DESIGN section 7), and return the eager ops' dtype.
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 1 + 2 * 3 * 3, 16) for _ in range(3))
     k, v = k[:, :, :5], v[:, :, :5]
     tables = [torch.randn(n, 16) for n in (3, 5, 5)]
-    with torch.autocast("cpu", dtype=torch.float16):
-        out = pooled_attention(q, k, v, (2, 3, 3), (1, 2, 2), *tables, backend="triton")
-    assert out.dtype == torch.float16
-    want = pooled_attention(q.double(), k.double(), v.double(), (2, 3, 3), (1, 2, 2),
-                            *(t.double() for t in tables), backend="eager")
+    args = ((2, 3, 3), (1, 2, 2))
+
+    def run(inputs, backend, autocast):
+        inputs = [t.clone().requires_grad_() for t in inputs]
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            out = pooled_attention(*inputs[:3], *args, *inputs[3:], residual_pooling=residual,
+                                   backend=backend)
+        out.float().backward(grad)
+        return out, [t.grad for t in inputs]
+
+    grad = torch.randn(q.shape)
+    out, grads = run((q, k, v, *tables), "triton", True)
+    assert out.dtype == run((q, k, v, *tables), "eager", True)[0].dtype
+    assert out.dtype == (torch.float32 if residual else torch.float16)
+    want = pooled_attention(q.double(), k.double(), v.double(), *args, *(t.double() for t in tables),
+                            residual_pooling=residual, backend="eager")
     assert_close(out, want, dtype=torch.float16, name="autocast output")
+    # Autocast is the op on q, k, v cast to fp16: the same kernel, and rel-pos tables (and
+    # their gradients) in fp32, not rounded to fp16 by an autocast einsum.
+    cast_out, cast_grads = run((q.half(), k.half(), v.half(), *tables), "triton", False)
+    assert torch.equal(out, cast_out.to(out.dtype))
+    for name, g, c in zip(GRAD_NAMES, grads, cast_grads):
+        if name.startswith("rel_pos"):
+            assert torch.equal(g, c), name
+        else:
+            assert_close(g, c.float(), dtype=torch.float16, name=f"autocast d{name}")
 
 
 # ---------------------------------------------------------------------------------------

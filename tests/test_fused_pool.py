@@ -250,6 +250,9 @@ def test_rejects_unsupported_inputs() -> None:
         _fused(qkv, [torch.zeros(16, 1, 5, 5, 5)] * 3 + params[3:], case)
     with pytest.raises(ValueError, match=r"\(B, N, 3, heads, head_dim\)"):
         _fused(qkv[:, :, :2], params, case)
+    many = qkv[:1].expand(pool_norm_kernels.MAX_BATCH_HEADS // qkv.shape[3] + 1, *qkv.shape[1:])
+    with pytest.raises(ValueError, match=r"batch x heads = \d+ > 65535 \(CUDA's grid limit\)"):
+        _fused(many, params, case)
     # A parameter on another device (the op's dispatcher would send a meta one to the fake
     # implementation, so the launchers are called directly).
     weight, gamma, beta = params[1], params[4], params[7]  # k's

@@ -257,6 +257,14 @@ def test_multiscale_attention_is_a_slowfast_drop_in():
     assert [p.requires_grad for p in copy.parameters()] == [p.requires_grad for p in attn.parameters()]
     assert not copy.qkv.weight.requires_grad and copy.proj.weight.requires_grad
     torch.testing.assert_close(copy(x.double(), [4, 8, 8])[0], attn(x.double(), [4, 8, 8])[0], rtol=0, atol=0)
+    # q or k/v neither pooled nor strided: no pool layer there, as in SlowFast
+    for unpooled in ("q", "kv"):
+        strides = {"stride_q": [1, 2, 2], "stride_kv": [1, 2, 2], f"stride_{unpooled}": [1, 1, 1]}
+        attn = MultiScaleAttention(96, 96, [4, 8, 8], num_heads=2, **{f"kernel_{unpooled}": [1, 1, 1]},
+                                   **strides, rel_pos_spatial=True, rel_pos_temporal=True)
+        assert attn.pool_q is None if unpooled == "q" else attn.pool_k is None
+        copy = MultiScaleAttention.from_module(attn, backend="eager")
+        torch.testing.assert_close(copy(x, [4, 8, 8])[0], attn(x, [4, 8, 8])[0], rtol=0, atol=0)
 
 
 def test_multiscale_attention_unsupported_modes():

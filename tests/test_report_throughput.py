@@ -120,3 +120,23 @@ def test_cli_reports_unreadable_inputs(tmp_path, capsys):
                           ("other.json", "other.json: not a pytest-benchmark JSON file")):
         assert main(["throughput", str(tmp_path / name), "--no-plots"]) == 1, name
         assert message in capsys.readouterr().err, name
+
+
+def _pool_row(provider: str, median_s: float, **extra) -> dict:
+    """A row as load_benchmarks makes it from bench/test_pool.py's extra_info."""
+    return dict(kind="pool", provider=provider, mode="fwd+bwd", suite="S16x224", batch=8, blocks=[0],
+                n=25089, nq=25089, nkv=393, median_s=median_s, name=f"test_pool_qkv[{provider}]", **extra)
+
+
+def test_pool_table_values():
+    rows = [_pool_row("eager", 6e-3), _pool_row("compile", 3e-3),
+            _pool_row("triton", 1e-3, gbps=2010.0, hbm_fraction=0.6),
+            dict(_pool_row("eager", 1e-3), blocks=[4, 5, 6], n=1569, nq=1569, nkv=393)]
+    table = throughput_tables(rows)
+    assert "### q/k/v pooling of one block" in table
+    lines = table.splitlines()
+    fused = "| b0 | 25089 -> 25089, 393 | 8 | 6.000 | 3.000 | 1.000 | 3.00x | 2010 (60%) |"
+    assert "| S16x224 | fwd+bwd " + fused in lines
+    # a shape without the fused kernel's row: no speedup, no bandwidth
+    assert "| S16x224 | fwd+bwd | b4-6 | 1569 -> 1569, 393 | 8 | 1.000 | - | - | - | - |" in lines
+    assert table.index("| b0 |") < table.index("| b4-6 |")  # block order

@@ -17,12 +17,14 @@ without `triton_op` they fall back to opaque `custom_op`s (still no graph break)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
 
 from mvit_fast.kernels.pooled_attention import (
     INTERPRETED,
+    MAX_BATCH_HEADS,
     MAX_GRID_AXIS,
     MAX_HEAD_DIM,
     attention_backward,
@@ -105,9 +107,11 @@ _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def triton_takes(q: Tensor, k_thw: Sequence[int], rel_tables: Sequence[Tensor | None]) -> bool:
     """Whether the kernels take these inputs (what `backend="auto"` may choose from): a
-    float32/16/bf16 q (float64 never, autocast or not), head_dim <= MAX_HEAD_DIM, and each
+    float32/16/bf16 q (float64 never, autocast or not), head_dim <= MAX_HEAD_DIM, batch x heads
+    <= MAX_BATCH_HEADS (CUDA's grid limit), and each
     key-grid axis with a rel-pos table at most MAX_GRID_AXIS long."""
     return (q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.shape[-1] <= MAX_HEAD_DIM
+            and q.shape[0] * q.shape[1] <= MAX_BATCH_HEADS
             and all(n <= MAX_GRID_AXIS for n, t in zip(k_thw, rel_tables) if t is not None))
 
 
@@ -136,17 +140,25 @@ def triton_attention(
         scale: multiplies q . k; the bias uses the unscaled q.
 
     Returns:
-        (B, heads, Nq, d) in q's dtype, contiguous.
+        (B, heads, Nq, d) in q's dtype, contiguous. Under autocast an fp32 q runs in the
+        autocast dtype and the result has the eager ops' dtype: fp32 with the residual
+        (q is added in fp32), else the autocast dtype.
     """
-    if torch.is_autocast_enabled(q.device.type) and q.dtype == torch.float32:
+    out_dtype = q.dtype
+    autocast = q.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(q.device.type)
+    if autocast and q.dtype == torch.float32:
         # Like SDPA under autocast: the matmuls run in the autocast dtype. Pooled q, k, v
         # leave LayerNorm in fp32 under autocast, which would otherwise pick the fp32 kernel.
         # (autocast leaves float64 alone: the kernels refuse it, as outside autocast)
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    # The per-query tables in float32 whatever q's dtype: they are small, and the kernel
-    # adds them in ~fp32 precision (hi/lo split), so the bias is not rounded to bf16.
-    tables = decomposed_rel_pos(q.float(), q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
+        # The eager ops' result type: P @ V in the autocast dtype, plus the fp32 residual q.
+        out_dtype = torch.float32 if residual_pooling else dtype
+    # The per-query tables in float32 whatever q's dtype (and autocast, which would run the
+    # einsum in bf16): they are small, and the kernel adds them in ~fp32 precision (hi/lo
+    # split), so the bias and the tables' gradients are not rounded to bf16.
+    with torch.autocast(q.device.type, enabled=False) if autocast else nullcontext():
+        tables = decomposed_rel_pos(q.float(), q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
     present = [t for t in tables if t is not None]
     batch, heads, nq, _ = q.shape
     if present:
@@ -155,4 +167,4 @@ def triton_attention(
         rel = q.new_empty((batch, heads, nq - int(has_cls), 0), dtype=torch.float32)
     out, _ = _fwd(q, k, v, rel, [int(x) for x in k_thw], [t is not None for t in tables],
                   bool(has_cls), bool(residual_pooling), float(scale))
-    return out
+    return out.to(out_dtype)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from mvit_fast.kernels.pool_norm import (
     INTERPRETED,
+    MAX_BATCH_HEADS,
     MAX_HEAD_DIM,
     pool_norm_backward,
     pool_norm_forward,
@@ -156,6 +157,8 @@ def can_fuse_pool(pools: Sequence[nn.Module | None], norms: Sequence[nn.Module |
     if not (x.is_cuda or (INTERPRETED and x.device.type == "cpu")):
         return False
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if x.ndim != 5 or x.shape[0] * x.shape[3] > MAX_BATCH_HEADS:  # (B, N, 3, heads, d)
         return False
     eps = set()
     for pool, norm in zip(pools, norms):

@@ -317,11 +317,16 @@ class MultiScaleAttention(nn.Module):
         `backend` and `pool_backend` are the new module's (see the class docstring).
         """
         sd = module.state_dict()
-        if "qkv.weight" not in sd or not isinstance(getattr(module, "pool_q", None), nn.Conv3d):
+        pools = [getattr(module, f"pool_{x}", None) for x in "qkv"]
+        if ("qkv.weight" not in sd or not hasattr(module, "num_heads")
+                or any(p is not None and not isinstance(p, nn.Conv3d) for p in pools)):
             raise ValueError(f"{type(module).__name__} is not a conv-pooling MultiScaleAttention "
                              "with a fused qkv projection")
-        pool_q, pool_kv = module.pool_q, module.pool_k
-        head_dim = pool_q.in_channels
+        # A tensor that is neither pooled nor strided has no pool layer (SlowFast sets it to None).
+        (kernel_q, stride_q), (kernel_kv, stride_kv) = (
+            (p.kernel_size, p.stride) if p is not None else ((1, 1, 1), (1, 1, 1)) for p in pools[:2])
+        norms = [n for n in (getattr(module, f"norm_{x}", None) for x in "qkv") if n is not None]
+        eps = norms[0].eps if norms else 1e-6
         dim_out = sd["proj.weight"].shape[0]
         has_cls = getattr(module, "has_cls_embed", getattr(module, "with_cls_token", True))
         rel_t = "rel_pos_t" in sd
@@ -331,14 +336,13 @@ class MultiScaleAttention(nn.Module):
         size = (sd["rel_pos_t"].shape[0] + 1) // 2 if rel_t else 1
         hw = 1
         if rel_sp:
-            hw = (sd["rel_pos_h"].shape[0] + 1) // 2 * min(pool_q.stride[1], pool_kv.stride[1])
+            hw = (sd["rel_pos_h"].shape[0] + 1) // 2 * min(stride_q[1], stride_kv[1])
         new = cls(
             dim=sd["qkv.weight"].shape[1], dim_out=dim_out, input_size=(size, hw, hw),
-            num_heads=dim_out // head_dim, qkv_bias="qkv.bias" in sd,
+            num_heads=module.num_heads, qkv_bias="qkv.bias" in sd,
             drop_rate=float(getattr(module, "drop_rate", 0.0)),
-            kernel_q=pool_q.kernel_size, kernel_kv=pool_kv.kernel_size,
-            stride_q=pool_q.stride, stride_kv=pool_kv.stride,
-            norm_layer=lambda d: nn.LayerNorm(d, eps=module.norm_q.eps),
+            kernel_q=kernel_q, kernel_kv=kernel_kv, stride_q=stride_q, stride_kv=stride_kv,
+            norm_layer=lambda d: nn.LayerNorm(d, eps=eps),
             has_cls_embed=has_cls, rel_pos_spatial=rel_sp, rel_pos_temporal=rel_t,
             residual_pooling=bool(module.residual_pooling), backend=backend,
             pool_backend=pool_backend)
