@@ -44,7 +44,7 @@
 #   STEPS="pip model_compiled_B32x224 profile_B32x224 report"
 # Autotuning compiles every config of a pass at each new specialization: the attention
 # passes ~1-3 s per config, the pooling passes ~1-10 s (sm_90 compiles timed on a 2-core CPU;
-# `python bench/kernel_resources.py` lists them), 7 + 7 + 7 and 5 + 3 + 5 configs: for S and B
+# `python bench/kernel_resources.py` lists them), 8 + 8 + 8 and 5 + 3 + 5 configs: for S and B
 # about 25 CPU-minutes on the development machine, one after another in the autotuner of an
 # eager launch (the op benchmarks), hence the `warm` step before them. A compiled model does
 # not launch these kernels: Inductor re-emits their source in its own module and compiles the

@@ -694,11 +694,9 @@ def _keep_split(block_m: int, block_n: int, num_stages: int, stages: Sequence[in
 
 
 # The default search space: a few configs per pass, (BLOCK_M, BLOCK_N, num_warps, num_stages)
-# per layout (SPLIT_D False / True), picked from the sm_90 register counts in `_keep`. The
-# first tile of each list fits every supported head dim and dtype in shared memory (sm_90,
-# pad layout, fp32 at d = 256: fwd 152 KB, dq 217 KB, dkdv 139 KB of the 227 KB), so the
-# autotuner always has one that launches. Compiling the whole space of `_full_configs` takes
-# minutes per head dim, dtype and table set; MVIT_FAST_TRITON_TUNE=full opts into it.
+# per layout (SPLIT_D False / True), picked from the sm_90 register counts in `_keep`, plus
+# `_FALLBACK`. Compiling the whole space of `_full_configs` takes minutes per head dim, dtype
+# and table set; MVIT_FAST_TRITON_TUNE=full opts into it.
 _COMPACT = {
     "fwd": {False: [(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)],
             True: [(64, 64, 4, 3), (128, 64, 8, 3)]},
@@ -707,6 +705,12 @@ _COMPACT = {
     "dkdv": {False: [(32, 32, 4, 1), (32, 64, 4, 2), (64, 64, 4, 1), (64, 64, 8, 2), (64, 128, 8, 2)],
              True: [(64, 64, 8, 2), (64, 128, 8, 2)]},
 }
+# A 16 x 16 tile in every search space, so that the autotuner (which skips a config that does
+# not fit the device, OutOfResources) has one that launches on GPUs with less shared memory
+# than sm_90's 227 KB: compiled for sm_89 (99 KB), the other tiles of the dq pass need 119 KB
+# and more at fp32, d = 96, while 16 x 16 needs 37 / 70 / 70 KB (fwd / dq / dkdv) at fp32,
+# d = 256, key grid 8 x 14 x 14. Where a larger tile fits, it is faster and chosen.
+_FALLBACK = (16, 16, 4, 1)
 _TUNE_ENV = "MVIT_FAST_TRITON_TUNE"
 
 
@@ -714,12 +718,16 @@ def _configs(pass_name: str, layouts: Sequence[bool] = (False,),
              space: str = "compact") -> list[triton.Config]:
     """Autotune search space of one pass (CUDA only): `_COMPACT`, or with space="full" the
     whole tile space of `_full_configs`."""
+    fallback = _config(*_FALLBACK, split=False)
     if space == "full":
-        return _full_configs(pass_name, layouts)
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_D": split}, num_warps=w, num_stages=s)
-        for split in layouts for bm, bn, w, s in _COMPACT[pass_name][split]
-    ]
+        return [*_full_configs(pass_name, layouts), fallback]
+    compact = [_config(*tile, split=split) for split in layouts for tile in _COMPACT[pass_name][split]]
+    return [*compact, fallback]
+
+
+def _config(block_m: int, block_n: int, num_warps: int, num_stages: int, split: bool) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_D": split}, num_warps=num_warps,
+                         num_stages=num_stages)
 
 
 def _full_configs(pass_name: str, layouts: Sequence[bool] = (False,)) -> list[triton.Config]:
@@ -739,7 +747,7 @@ def _full_configs(pass_name: str, layouts: Sequence[bool] = (False,)) -> list[tr
     stages = (2, 3) if pass_name == "fwd" else (1, 2)
     thin_split = len(layouts) > 1
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_D": split}, num_warps=w, num_stages=s)
+        _config(bm, bn, w, s, split)
         for split in layouts for bm in blocks_m for bn in (32, 64, 128) for w in (4, 8) for s in stages
         if _keep(bm, bn, w, s, pass_name)
         and not (split and thin_split and not _keep_split(bm, bn, s, stages, pass_name))

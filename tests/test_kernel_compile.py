@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mvit_fast.kernels.pooled_attention as pooled_attention_kernels
 import pytest
 
 from bench.conftest import attention_shapes
@@ -81,11 +82,19 @@ def test_every_config_compiles_for_sm90_at_mvit_shapes(resources):
     assert kernels == set(ATTENTION_PASSES + POOL_PASSES)
 
 
+def _is_fallback(config: dict) -> bool:
+    """The 16 x 16 tile every attention search space has for GPUs with little shared memory."""
+    tile = tuple(config.get(k) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+    return tile == pooled_attention_kernels._FALLBACK
+
+
 def test_attention_dots_use_hopper_wgmma(resources):
-    """Hopper's peak needs wgmma: every forward config, and at least one config of each backward
-    pass, must compile its dots to it (Triton falls back to per-warp mma.sync for tile shapes
-    wgmma cannot take, at a fraction of the throughput). The pooling has no dots."""
+    """Hopper's peak needs wgmma: every forward config but the 16-row fallback (wgmma takes 64
+    rows), and at least one config of each backward pass, must compile its dots to it (Triton
+    falls back to per-warp mma.sync for tile shapes wgmma cannot take, at a fraction of the
+    throughput). The pooling has no dots."""
     for (shape, kernel), configs in _by_pass(resources["rows"]).items():
+        configs = [c for c in configs if not _is_fallback(c["config"])]
         if kernel == "_attn_fwd":
             assert all(c["mma"] == "wgmma" for c in configs), (shape, [c["mma"] for c in configs])
         elif kernel in ATTENTION_PASSES:
@@ -153,6 +162,35 @@ print("ok")
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_the_fallback_tile_fits_a_gpu_with_less_shared_memory():
+    """On sm_89 (99 KB of shared memory per block) the tuned tiles of the dq pass do not fit at
+    fp32 (119 KB and more at d = 96); the 16 x 16 fallback must, for every pass, up to d = 256."""
+    script = """
+import torch
+from mvit_fast.kernels import pooled_attention as pa
+from mvit_fast.kernels.compile_only import compile_only
+q = torch.empty(1, 1, 65, 256)
+k = torch.empty(1, 1, 1 + 8 * 14 * 14, 256)
+rel = torch.empty(1, 1, 64, 8 + 14 + 14)
+args = ([8, 14, 14], (True, True, True), True, True, 0.0625)
+with compile_only(89) as rec:
+    pa.attention_forward(q, k, k, rel, *args, wrap=rec.wrap)
+    pa.attention_backward(q, q, k, k, rel, q, torch.empty(1, 1, 65), *args, wrap=rec.wrap)
+for r in rec.results:
+    print(r.kernel, r.shared, r.fits, r.error)
+"""
+    env = _compiled_env()
+    env["MVIT_FAST_TRITON_CONFIG"] = ",".join(
+        f"{k}={v}" for k, v in zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"),
+                                   pooled_attention_kernels._FALLBACK))
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line.split() for line in run.stdout.splitlines()]
+    assert [r[0] for r in rows] == list(ATTENTION_PASSES)
+    assert all(r[2] == "True" and int(r[1]) <= 101376 for r in rows), rows
 
 
 BAD_KERNEL = '''
