@@ -34,14 +34,16 @@
 #   report              python -m mvit_fast.report throughput           throughput.md (+ PNGs)
 # A step gets at most the time left to the deadline minus what the report and the packing
 # need, so the report runs however long the steps before it took.
-# The budgets add up to four calls. Each compiled case compiles the whole model cold (a
+# A session has 30 device-minutes, the machine's start-up (a minute or more) and idle time
+# included: three calls of ~570 s, the third under what is left (DEADLINE = the device
+# tool's budget_left_s minus ~40). Each compiled case compiles the whole model cold (a
 # minute or more per case, estimated, not measured yet). A call without STEPS gets through
 # pip, tests, train_compiled and model_eager (the numerics and the headline: compiled
 # Triton vs eager training) before the deadline stops it; then one call per line (each may
-# land on a fresh machine, hence pip):
+# land on a fresh machine, hence pip), in order of what the issues still lack:
 #   STEPS="pip warm attention_S16x224 pool attention_B32x224 report"      # the op targets
-#   STEPS="pip model_compiled_S16x224 profile_S16x224 report"
-#   STEPS="pip model_compiled_B32x224 profile_B32x224 report"
+#   STEPS="pip model_compiled_S16x224 profile_S16x224 profile_B32x224 report"
+# and, in a later session, STEPS="pip model_compiled_B32x224 report".
 # Autotuning compiles every config of a pass at each new specialization: the attention
 # passes ~1-3 s per config, the pooling passes ~1-10 s (sm_90 compiles timed on a 2-core CPU;
 # `python bench/kernel_resources.py` lists them), 8 + 8 + 8 and 5 + 3 + 5 configs: for S and B
@@ -185,13 +187,15 @@ step pip 90 bash -c 'if [ -d .whl ]; then
 # head-dim layout of the suite would compile for many minutes (the benchmarks autotune).
 # 32 x 32 tiles because they fit every case in shared memory: an sm_90 compile of the fp32
 # d = 144 dq pass needs 141 KB at 32 x 32 but 311 KB (over the 227 KB limit) at 64 x 64.
-# The step is compile-bound (121 CUDA tests, most with kernel specializations of their own;
-# one compile takes 1-6 s on one core), so pytest-xdist (in the image) spreads the tests over
-# 8 processes sharing the GPU.
+# The step is compile-bound (~130 CUDA tests, most with kernel specializations of their own;
+# ~1500 CPU-s of compiles timed for sm_90 on the development machine), so pytest-xdist (in
+# the image) spreads the tests over one process per core, sharing the GPU; each compiles
+# Inductor's code in one thread (its default pool of a worker per core, in every process,
+# would oversubscribe the cores).
 XDIST=()
-"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-step tests 180 env MVIT_FAST_TRITON_CONFIG=BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1 \
-  MVIT_FAST_POOL_CONFIG=BLOCK_M=16,num_warps=8,num_stages=1 \
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "$(nproc)")
+step tests 200 env MVIT_FAST_TRITON_CONFIG=BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1 \
+  MVIT_FAST_POOL_CONFIG=BLOCK_M=16,num_warps=8,num_stages=1 TORCHINDUCTOR_COMPILE_THREADS=1 \
   "$PY" -m pytest tests -m cuda -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/tests.xml"
 
 # Attention and pooling ops: a few rounds of 0.1 s each (the tests warm up themselves).
