@@ -13,6 +13,8 @@ from mvit_fast.data.transforms import (
     erase,
     normalize,
     random_resized_crop_box,
+    resized_crop,
+    short_side_jitter_box,
     short_side_resize,
     spatial_crops,
 )
@@ -40,6 +42,35 @@ def test_random_resized_crop_fallback_is_centred():
     rng = np.random.default_rng(0)
     # Impossible aspect: falls back to the whole height and a width clamped to ratio 2.
     assert random_resized_crop_box(10, 100, (1.0, 1.0), (2.0, 2.0), rng) == (0, 40, 10, 20)
+
+
+def test_short_side_jitter_crop_is_slowfasts_resize_then_crop():
+    """SlowFast's SSv2 training crop (TRAIN_JITTER_SCALES): short side resized to S, then a
+    random crop_size square; as a box of the frame it gives the same view."""
+    rng = np.random.default_rng(0)
+    tops, lefts = [], []
+    for _ in range(2000):  # S = 80 on a 40 x 60 frame: a 2x upscale, so each box is 16 x 16
+        top, left, h, w = short_side_jitter_box(40, 60, 32, (80, 80), rng)
+        assert (h, w) == (16, 16) and 0 <= top <= 40 - 16 and 0 <= left <= 60 - 16
+        tops.append(top)
+        lefts.append(left)
+    assert set(tops) == set(range(0, 25)) and set(lefts) == set(range(0, 45))  # the last included
+    # uniform offsets of the resized frame (0..48, 0..88), halved: uniform over the frame's
+    assert abs(np.mean(tops) - 12) < 0.5 and abs(np.mean(lefts) - 22) < 0.8
+    # the view equals resizing the whole frame to short side 80 and cropping there
+    clip = ramp_clip()
+    top, left, h, w = short_side_jitter_box(40, 60, 32, (80, 80), np.random.default_rng(3))
+    whole = short_side_resize(clip, 80)[..., 2 * top : 2 * top + 32, 2 * left : 2 * left + 32]
+    view = resized_crop(clip, (top, left, h, w), 32)
+    assert torch.allclose(view[..., 1:-1, 1:-1], whole[..., 1:-1, 1:-1], atol=1e-4)  # inside the edges
+    # S is drawn from the range: box sides crop * short / S
+    sides = {short_side_jitter_box(40, 60, 32, (40, 80), rng)[2] for _ in range(300)}
+    assert min(sides) == 16 and max(sides) == 32
+    with pytest.raises(ValueError, match="short_side must be a range"):
+        TrainAugment(crop_size=32, short_side=(24, 40))
+    # draw_train_view takes it instead of the random resized crop
+    augment = TrainAugment(crop_size=32, short_side=(80, 80), rand_augment=False, erase_prob=0.0)
+    assert draw_train_view(40, 60, augment, rng).box[2:] == (16, 16)
 
 
 def test_short_side_resize_and_three_crops_landscape():

@@ -95,6 +95,10 @@ def test_ssv2_and_l_recipes():
         3,
     )
     assert l400.mean == (0.485, 0.456, 0.406) and l400.checkpoint_activations
+    # SSv2: short-side jitter + random crop, not the random resized crop; validated every 2 epochs
+    jitter = [get_recipe(size, "ssv2").train_short_side for size in "sbl"]
+    assert jitter == [(256, 320), (256, 320), (356, 446)]
+    assert get_recipe("s", "ssv2").eval_every == 2 and get_recipe("s", "k400").train_short_side is None
     lssv2 = get_recipe("l", "ssv2")
     assert (lssv2.mixup, lssv2.grad_clip, lssv2.epochs, lssv2.lr) == (False, 2.0, 40, pytest.approx(1.25e-3))
     assert get_recipe("b", "ssv2").drop_path_rate is None  # the model config's: one table, config.py

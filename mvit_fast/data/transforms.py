@@ -38,6 +38,9 @@ class TrainAugment:
     crop_size: int = 224
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    # Instead of the random resized crop: the short side resized to a size drawn from this
+    # range, then a random crop_size square (SlowFast's TRAIN_JITTER_SCALES, its SSv2 recipe).
+    short_side: tuple[int, int] | None = None
     flip: bool = True
     rand_augment: bool = True  # m7 n4 mstd0.5, see randaugment.py
     erase_prob: float = 0.25
@@ -53,6 +56,10 @@ class TrainAugment:
             raise ValueError(f"scale must be an area fraction range 0 < low <= high <= 1, got {self.scale}")
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"ratio must be an aspect range 0 < low <= high, got {self.ratio}")
+        if self.short_side is not None and not (
+                len(self.short_side) == 2 and self.crop_size <= self.short_side[0] <= self.short_side[1]):
+            raise ValueError(f"short_side must be a range (low, high) with crop_size {self.crop_size} <= low "
+                             f"<= high, got {self.short_side}")
         if not 0 <= self.erase_prob <= 1:
             raise ValueError(f"erase_prob must be in [0, 1], got {self.erase_prob}")
         _check_mean_std(self)
@@ -126,6 +133,22 @@ def random_resized_crop_box(
     else:
         h, w = height, width
     return (height - h) // 2, (width - w) // 2, h, w
+
+
+def short_side_jitter_box(height: int, width: int, crop_size: int, short_side: tuple[int, int],
+                          rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of SlowFast's scale-jitter crop as a box of the original frame: the
+    short side resized to round(uniform(short_side)), the long side floored in proportion,
+    then a crop_size square at a uniform offset. Resizing the box to crop_size gives that
+    view (up to the interpolation)."""
+    size = int(round(rng.uniform(*short_side)))
+    scale = min(height, width) / size  # frame pixels per resized pixel
+    resized_h, resized_w = (int(math.floor(n / scale)) for n in (height, width))
+    top = int(rng.integers(0, resized_h - crop_size + 1))
+    left = int(rng.integers(0, resized_w - crop_size + 1))
+    side_h, side_w = min(height, round(crop_size * scale)), min(width, round(crop_size * scale))
+    return (min(round(top * scale), height - side_h), min(round(left * scale), width - side_w),
+            side_h, side_w)
 
 
 def resize(clip: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -228,7 +251,10 @@ class ViewDraw(NamedTuple):
 
 def draw_train_view(height: int, width: int, augment: TrainAugment, rng: np.random.Generator) -> ViewDraw:
     """The draws of one view of (height, width) frames, in the order crop, flip, RandAugment, erasing."""
-    box = random_resized_crop_box(height, width, augment.scale, augment.ratio, rng)
+    if augment.short_side is not None:
+        box = short_side_jitter_box(height, width, augment.crop_size, augment.short_side, rng)
+    else:
+        box = random_resized_crop_box(height, width, augment.scale, augment.ratio, rng)
     flip = augment.flip and rng.random() < 0.5
     rand_ops = draw_rand_ops(rng) if augment.rand_augment else ()
     size = augment.crop_size

@@ -54,6 +54,9 @@ class Recipe:
     sampling_rate: int = 4
     crop_size: int = 224
     min_crop_area: float = 0.08  # random resized crop area in [min_crop_area, 1]
+    # Instead of the random resized crop: short side resized to a size in this range, then a
+    # random crop (SlowFast's TRAIN_JITTER_SCALES; its SSv2 recipes)
+    train_short_side: tuple[int, int] | None = None
     repeats: int = 2
     flip: bool = True
     rand_augment: bool = True
@@ -137,13 +140,13 @@ _K400 = {
               max_batch_per_device=2),  # 2: mixup needs two videos per micro-batch
 }
 _SSV2_SOLVER = dict(num_classes=174, protocol="ssv2", repeats=1, flip=False, test_clips=1, test_crops=3,
-                    optimizer="sgd", weight_decay=1e-4, warmup_epochs=3.0, warmup_start_lr=1e-4,
-                    epochs=100, grad_clip=0.0)
+                    train_short_side=(256, 320), optimizer="sgd", weight_decay=1e-4, warmup_epochs=3.0,
+                    warmup_start_lr=1e-4, epochs=100, grad_clip=0.0, eval_every=2)
 _SSV2 = {
     "s": dict(base_lr=2.5e-3, test_short_side=224),
     "b": dict(num_frames=32, sampling_rate=3, base_lr=1.5e-3, test_short_side=224,
               max_batch_per_device=4),
-    "l": dict(num_frames=40, sampling_rate=3, crop_size=312, mean=IMAGENET_MEAN,
+    "l": dict(num_frames=40, sampling_rate=3, crop_size=312, mean=IMAGENET_MEAN, train_short_side=(356, 446),
               std=IMAGENET_STD, test_short_side=312, checkpoint_activations=True, base_lr=1.25e-3,
               batch_size=8, base_lr_batch=8, warmup_start_lr=1e-6, epochs=40, grad_clip=2.0, mixup=False,
               max_batch_per_device=1),
@@ -310,6 +313,10 @@ def check_recipe(r: Recipe) -> None:
         raise ValueError(f"test_crops must be 1 or 3, got {r.test_crops}")
     if not 0 <= r.warmup_epochs < r.epochs:
         raise ValueError(f"warmup_epochs must be in [0, epochs={r.epochs}), got {r.warmup_epochs}")
+    jitter = r.train_short_side
+    if jitter is not None and not (len(jitter) == 2 and r.crop_size <= jitter[0] <= jitter[1]):
+        raise ValueError(f"train_short_side must be two sizes LOW HIGH with crop_size {r.crop_size} <= LOW "
+                         f"<= HIGH, got {jitter}")
     if r.test_short_side < r.crop_size:
         raise ValueError(f"test_short_side {r.test_short_side} is smaller than crop_size {r.crop_size}")
     if r.fsdp and r.precision == "fp16":

@@ -325,6 +325,7 @@ def main(
             augment = TrainAugment(
                 crop_size=recipe.crop_size,
                 scale=(recipe.min_crop_area, 1.0),
+                short_side=recipe.train_short_side,
                 flip=recipe.flip,
                 rand_augment=recipe.rand_augment,
                 erase_prob=recipe.erase_prob,
