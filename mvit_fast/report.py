@@ -66,7 +66,8 @@ class StageCount:
 
 
 def count_model(model: MViT, batch: int = 1) -> list[StageCount]:
-    """Params and fvcore multiply-adds per stage of `model` at its config's input size.
+    """Params and fvcore multiply-adds per stage of `model` at its config's input size, traced
+    on the model's device.
 
     Blocks with the same spec (dims, heads, strides, grids) cost the same, so each
     distinct block is traced once: MViTv2-L's 48 blocks are a handful of shapes.
@@ -78,7 +79,7 @@ def count_model(model: MViT, batch: int = 1) -> list[StageCount]:
     rows["stem"].params = sum(p.numel() for p in model.patch_embed.parameters()) + model.cls_token.numel()
     block_counts: dict[tuple, tuple[int, int, int]] = {}
     with torch.no_grad():
-        clip = torch.zeros(batch, *cfg.input_shape)
+        clip = torch.zeros(batch, *cfg.input_shape, device=model.cls_token.device)
         rows["stem"].macs = _count(model.patch_embed, lambda m, x: m(x)[0], clip)[""]
         x, thw = model.patch_embed(clip)
         x = torch.cat((model.cls_token.expand(batch, -1, -1), x), dim=1)

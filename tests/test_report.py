@@ -46,3 +46,11 @@ def test_ssv2_is_held_against_the_ssv2_row_of_the_table():
         "s", depths=(1, 1, 1, 1), embed_dim=8, num_frames=2, crop_size=16)))
     assert "Published: 64G, 34.4M;" in flops_table("s", "ssv2", rows)  # 174 classes, not 400
     assert "Published: 225G, 51.2M;" in flops_table("b", "k400", rows)
+
+
+@pytest.mark.cuda
+def test_counts_on_the_gpu_equal_the_cpus():
+    cfg = mvit_fast.get_config("s", depths=(1, 1, 1, 1), embed_dim=8, num_frames=2, crop_size=16)
+    cpu = count_model(mvit_fast.MViT(cfg, attention_backend="eager"))
+    gpu = count_model(mvit_fast.MViT(cfg, attention_backend="eager").cuda())
+    assert gpu == cpu

@@ -107,9 +107,9 @@ _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def triton_takes(q: Tensor, k_thw: Sequence[int], rel_tables: Sequence[Tensor | None]) -> bool:
     """Whether the kernels take these inputs (what `backend="auto"` may choose from): a
-    float32/16/bf16 q (float64 never, autocast or not), head_dim <= MAX_HEAD_DIM, batch x heads
-    <= MAX_BATCH_HEADS (CUDA's grid limit), and each
-    key-grid axis with a rel-pos table at most MAX_GRID_AXIS long."""
+    float32/16/bf16 q (float64 never, autocast or not), head_dim <= MAX_HEAD_DIM, batch x
+    heads <= MAX_BATCH_HEADS (CUDA's grid limit), and each key-grid axis with a rel-pos table
+    at most MAX_GRID_AXIS long."""
     return (q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.shape[-1] <= MAX_HEAD_DIM
             and q.shape[0] * q.shape[1] <= MAX_BATCH_HEADS
             and all(n <= MAX_GRID_AXIS for n, t in zip(k_thw, rel_tables) if t is not None))
