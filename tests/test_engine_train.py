@@ -371,6 +371,17 @@ def test_resume_and_eval_take_the_recipe_from_the_checkpoint_and_refuse_another(
         main(**data, eval_only=True, checkpoint=out["checkpoint"], embed_dim=32)
 
 
+def test_a_resume_on_another_number_of_processes_says_it_is_not_exact(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    main(**tiny, run_dir=str(run), max_steps=2)
+    path = trainer_module.latest_checkpoint(run)
+    state = torch.load(path, weights_only=True)
+    torch.save(dict(state, world_size=2), path)  # as if saved by a 2-process run
+    capsys.readouterr()
+    assert main(**tiny, resume=str(run))["status"] == "finished"
+    assert "saved by 2 processes, resumed by 1" in capsys.readouterr().out
+
+
 def test_a_state_that_does_not_fit_is_a_resume_error(tiny, tmp_path):
     run = tmp_path / "run"
     main(**tiny, run_dir=str(run), max_steps=1)
