@@ -307,10 +307,18 @@ def test_evaluation_runs_the_compiled_model_when_the_recipe_compiles(tiny, tmp_p
                 evaluated.append(clips.shape[0])
             return self.module(clips)
 
-    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: Compiled(module))
+    compiles = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiles.append(1) or Compiled(module))
     out = main(**dict(tiny, compile=True, eval_every=1, epochs=1), run_dir=str(tmp_path / "run"))
     # validation (6 videos x 1 view) and the test (6 x 2 clips) both go through the compiled model
     assert out["status"] == "finished" and sum(evaluated) == 6 + 12
+    assert len(compiles) == 3  # training, validation, test
+
+    # no validation: nothing compiled (nor tuned on CUDA) for it
+    compiles.clear()
+    evaluated.clear()
+    out = main(**dict(tiny, compile=True, eval_every=0, epochs=1), run_dir=str(tmp_path / "no_val"))
+    assert out["status"] == "finished" and sum(evaluated) == 12 and len(compiles) == 2
 
 
 def test_ssv2_training_from_random_weights_is_warned(tiny, tmp_path, capsys):

@@ -343,17 +343,20 @@ def main(
                 augment=augment,
                 **_loader_placement(recipe, d),
             )
-            val_loader = eval_loader(val_records, recipe, d, num_clips=1, num_crops=1)
-            # Compiled once; under --fsdp each validation gets a fresh unsharded copy, run eagerly.
-            val_model = compiled(model, model, recipe, d.device, dtype, recipe.eval_batch_size, train=False)
+            validate = None
+            if recipe.eval_every:  # 0: no validation, so no loader to build nor model to compile
+                val_loader = eval_loader(val_records, recipe, d, num_clips=1, num_crops=1)
+                # Compiled once; under --fsdp each validation gets a fresh unsharded copy, run eagerly.
+                val_model = compiled(model, model, recipe, d.device, dtype, recipe.eval_batch_size,
+                                     train=False)
 
-            def validate(m, epoch: int) -> float:
-                top1 = evaluate(
-                    val_model if m is model else m, val_loader, labels, recipe.num_classes, 1,
-                    device=d.device, amp_dtype=dtype,
-                ).view_top1
-                record_data_issues(run_dir, "val", epoch, val_loader.report, d)
-                return top1
+                def validate(m, epoch: int) -> float:
+                    top1 = evaluate(
+                        val_model if m is model else m, val_loader, labels, recipe.num_classes, 1,
+                        device=d.device, amp_dtype=dtype,
+                    ).view_top1
+                    record_data_issues(run_dir, "val", epoch, val_loader.report, d)
+                    return top1
 
             out = train(
                 model,
