@@ -1,9 +1,16 @@
-"""The benchmark's shape derivation reproduces DESIGN section 3's MViTv2-S shape list."""
+"""The benchmark's shape derivation reproduces DESIGN section 3's MViTv2-S shape list; the op timing."""
 
 from __future__ import annotations
 
-from bench.conftest import SUITES, attention_flops, attention_shapes
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.conftest import ROUND_MIN_S, SUITES, attention_flops, attention_shapes
 from mvit_fast.config import get_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_mvit_s_shapes_match_design():
@@ -32,4 +39,17 @@ def test_flops_block0():
     """DESIGN's roofline: S block 0 is 3.78 GFLOP per clip forward (4 * 25089 * 393 * 96 = 3.786e9)."""
     block0 = attention_shapes(get_config("s"))[0]
     assert attention_flops(block0, batch=1, mode="fwd") == 4 * 25089 * 393 * 96
-    assert attention_flops(block0, batch=8, mode="fwd+bwd") == 2.5 * 8 * attention_flops(block0, 1, "fwd")
+    # forward + backward: the forward's 2 matmuls and the backward's 5 (QK^T recomputed, dV, dP, dQ, dK)
+    assert attention_flops(block0, batch=8, mode="fwd+bwd") == 3.5 * 8 * attention_flops(block0, 1, "fwd")
+
+
+def test_op_benchmarks_time_rounds_of_back_to_back_calls_on_the_device_clock(tmp_path):
+    """A sync after every call would time the host's launch latency on the small blocks; a
+    round's calls are queued back to back and the round's clock waits for the device."""
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "-m", "pytest", "bench/test_attention.py", "--benchmark-only", "-q",
+                    "-p", "no:cacheprovider", "-k", "S4x64 and b15 and eager and not bwd",
+                    f"--benchmark-json={out}"], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    (case,) = json.loads(out.read_text())["benchmarks"]
+    assert case["options"]["timer"] == "device_clock" and case["options"]["min_time"] == ROUND_MIN_S
+    assert case["options"]["max_time"] == 0.2  # the CPU smoke case's own limit stays
