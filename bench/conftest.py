@@ -214,7 +214,7 @@ def run_info(device) -> dict:
 
 
 def describe_run(device: torch.device) -> dict:
-    """Device name and type, torch/triton/CUDA versions and the git commit of a run."""
+    """Device name, type and L2 size, torch/triton/CUDA versions and the git commit of a run."""
     try:
         import triton
         triton_version = triton.__version__
@@ -223,6 +223,7 @@ def describe_run(device: torch.device) -> dict:
     return {
         "device": torch.cuda.get_device_name(device) if CUDA else platform.processor() or "cpu",
         "device_type": device.type,
+        "l2_cache_bytes": torch.cuda.get_device_properties(device).L2_cache_size if CUDA else None,
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,

@@ -18,7 +18,8 @@ heads * head_dim per token and the dtype's item size:
     backward: read qkv (the conv is recomputed, nothing else is saved) and dq, dk, dv,
               write dqkv: 2 * 3 N C + (Nq + 2 Nkv) C.
 fwd+bwd counts both. `extra_info` carries the time-derived GB/s and its fraction of the
-device's HBM bandwidth (spec sheet, `HBM_GBPS`; None for an unknown device).
+device's HBM bandwidth (spec sheet, `HBM_GBPS`; None for an unknown device), and `fits_l2`
+where those bytes are at most twice the L2 cache: such a shape may be served from L2.
 """
 
 from __future__ import annotations
@@ -189,6 +190,10 @@ def test_pool_qkv(benchmark, run_info, time_op, pool_shape, provider, mode, devi
     if benchmark.stats:  # None or empty under --benchmark-disable
         gbps = nbytes / benchmark.stats.stats.median / 1e9
         peak = _hbm_gbps(device)
-        info.update(gbps=gbps, hbm_gbps=peak, hbm_fraction=gbps / peak if peak else None)
+        # Calls run back to back on the same tensors: data that fits in L2 twice over may be
+        # served from it, and its GB/s then measures no HBM traffic.
+        l2 = run_info.get("l2_cache_bytes")
+        info.update(gbps=gbps, hbm_gbps=peak, hbm_fraction=gbps / peak if peak else None,
+                    fits_l2=bool(l2) and nbytes <= 2 * l2)
     if device.type == "cuda":
         info["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20

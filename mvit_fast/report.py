@@ -239,16 +239,35 @@ def _attention_rows(rows: list[dict]) -> list[dict]:
             or ("kind" not in r and {"backend", "nq", "nk", "blocks"} <= r.keys())]
 
 
+def by_device(rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows of each device (name), in first-seen order: no ratio or sum mixes devices (one
+    GPU run's calls may land on different machines)."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(str(r.get("device", "?")), []).append(r)
+    return out
+
+
 def throughput_tables(rows: list[dict]) -> str:
-    """Markdown: per model, clips/s of every variant and mode with speedups and memory."""
+    """Markdown: per model, clips/s of every variant and mode with speedups and memory; the
+    attention and pooling ops' tables. Rows of several devices get a section per device."""
+    devices = by_device(rows)
+    if len(devices) > 1:
+        return "\n".join(f"## {device}\n\n{_device_tables(device_rows)}"
+                         for device, device_rows in devices.items())
+    return _device_tables(rows)
+
+
+def _device_tables(rows: list[dict]) -> str:
     models = _model_rows(rows)
     out = []
     for suite in sorted({r["suite"] for r in models}, key=_suite_key):
         in_suite = [r for r in models if r["suite"] == suite]
         first = in_suite[0]
-        devices = ", ".join(sorted({r.get("device", "?") for r in in_suite}))
-        out += [f"### {first.get('model', suite)} {suite[1:]} ({devices}; torch {first.get('torch')}, "
-                f"triton {first.get('triton')}, commit {str(first.get('commit'))[:10]})",
+        commits = sorted({str(r.get("commit"))[:10] for r in in_suite})
+        out += [f"### {first.get('model', suite)} {suite[1:]} ({first.get('device', '?')}; torch "
+                f"{first.get('torch')}, triton {first.get('triton')}, "
+                f"commit{'s' if len(commits) > 1 else ''} {', '.join(commits)})",
                 "",
                 "| mode | variant | batch | clips/s | vs eager fp32 | vs eager bf16 | TFLOP/s "
                 "| peak memory (GiB) | memory per clip (GiB) | first step (s) |",
@@ -270,9 +289,11 @@ def throughput_tables(rows: list[dict]) -> str:
                            f"{speedups[0]} | {speedups[1]} | {_fmt(row.get('tflops'), '.3g')} | "
                            f"{_fmt(peak_gib, '.2f')} | {_fmt(per_clip, '.3f')} | "
                            f"{_fmt(row.get('first_step_s'), '.1f')} |")
-        out += ["", "clips/s at the best batch of each variant; TFLOP/s from the fvcore count "
-                "(2 FLOPs per multiply-add, x3 for a training step); memory per clip = peak / batch; "
-                "first step = compilation + one step.", ""]
+        out += ["", "clips/s at the best batch of each variant (the speedups compare each variant "
+                "at its own best batch: a larger batch that fits is part of the gain); TFLOP/s from "
+                "the fvcore count (2 FLOPs per multiply-add, x3 for a training step); memory per "
+                "clip = peak / batch (weights and optimizer state included); first step = "
+                "compilation + one step.", ""]
     attention = attention_block_times(rows)
     if attention:
         out += ["### Attention op over all blocks of a clip batch (ms; bench/test_attention.py)", "",
@@ -317,12 +338,16 @@ def pool_table(rows: list[dict]) -> list[str]:
         speedup = f"{by['compile']['median_s'] / by['triton']['median_s']:.2f}x" if both else "-"
         fused = by.get("triton", {})
         gbps = _fmt(fused.get("gbps"), ".0f")
-        if fused.get("hbm_fraction"):
+        if fused.get("fits_l2"):
+            gbps += " (L2)"
+        elif fused.get("hbm_fraction"):
             gbps += f" ({100 * fused['hbm_fraction']:.0f}%)"
         out.append(f"| {suite} | {mode} | {blocks} | {n} -> {nq}, {nkv} | {batch} | " + " | ".join(cells)
                    + f" | {speedup} | {gbps} |")
     out += ["", "One call pools q, k and v of a block; GB/s is the op's unavoidable HBM traffic "
-            "(bench/test_pool.py `pool_bytes`) over its time, against the device's spec bandwidth.", ""]
+            "(bench/test_pool.py `pool_bytes`) over its time, against the device's spec bandwidth; "
+            "(L2): those bytes fit in twice the L2 cache, so calls run back to back may be served "
+            "from it, and no HBM fraction is given.", ""]
     return out
 
 
@@ -652,13 +677,18 @@ def plot_time_breakdown(profiles: list[dict], path: Path) -> Path | None:
 
 
 def write_plots(rows: list[dict], plot_dir: str | Path, profiles: Iterable[dict] = ()) -> list[Path]:
-    """The PNGs (those the rows and profiles have data for) under `plot_dir`."""
+    """The PNGs (those the rows and profiles have data for) under `plot_dir`; with rows of
+    several devices, each device's plots in a subfolder named after it."""
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
-    made = [plot_attention_breakdown(rows, plot_dir / "attention_breakdown.png"),
-            plot_attention_roofline(rows, plot_dir / "attention_roofline.png"),
-            plot_throughput_vs_batch(rows, plot_dir / "throughput_vs_batch.png"),
-            plot_time_breakdown(list(profiles), plot_dir / "time_breakdown.png")]
+    devices = by_device(rows)
+    made = [plot_time_breakdown(list(profiles), plot_dir / "time_breakdown.png")]  # a panel per device
+    for device, device_rows in devices.items():
+        folder = plot_dir if len(devices) == 1 else plot_dir / re.sub(r"[^A-Za-z0-9.-]+", "_", device)
+        folder.mkdir(exist_ok=True)
+        made += [plot_attention_breakdown(device_rows, folder / "attention_breakdown.png"),
+                 plot_attention_roofline(device_rows, folder / "attention_roofline.png"),
+                 plot_throughput_vs_batch(device_rows, folder / "throughput_vs_batch.png")]
     return [p for p in made if p is not None]
 
 

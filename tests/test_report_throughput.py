@@ -22,6 +22,7 @@ from mvit_fast.report import (
     newest_gpu_run,
     partial_backends,
     throughput_tables,
+    write_plots,
 )
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bench_small.json"
@@ -63,6 +64,25 @@ def test_a_backend_missing_shapes_is_marked_not_summed_as_a_total(rows):
     partial = rows + [dict(block0, backend="sdpa", median_s=0.4e-3)]
     assert partial_backends(attention_block_times(partial)["S16x224", "fwd", 8]) == {"sdpa": (1, 2)}
     assert "| S16x224 | fwd | 8 | 7.00 | 0.40 (1/2 shapes) | - | - | 1.50 |" in throughput_tables(partial)
+
+
+def test_rows_of_two_devices_are_never_compared(rows, tmp_path):
+    # one GPU run's calls on two machines: the compiled rows from an H200, the eager ones from an H100
+    h200 = "NVIDIA H200"
+    mixed = [dict(r, device=h200, commit="later") if str(r.get("variant", "")).startswith("compile")
+             else r for r in rows]
+    table = throughput_tables(mixed)
+    h100_part, h200_part = table.split(f"## {h200}")
+    assert h100_part.startswith("## NVIDIA H100 80GB HBM3")
+    assert "compile-triton" not in h100_part
+    # no eager rows on the H200: no speedups there, rather than 4.00x over the H100's eager fp32
+    assert "| train | compile-triton-bf16 | 32 | 32.00 | - | - |" in h200_part
+    assert "commit later)" in h200_part
+    assert "| S16x224 | fwd | 8 | 7.00 | - | - | - | 1.50 |" in h100_part.splitlines()  # attention: H100
+    pytest.importorskip("matplotlib", reason="the plots need matplotlib (the `report` or `dev` extra)")
+    made = write_plots(mixed, tmp_path)
+    assert tmp_path / "NVIDIA_H200" / "throughput_vs_batch.png" in made
+    assert tmp_path / "NVIDIA_H100_80GB_HBM3" / "throughput_vs_batch.png" in made
 
 
 def test_roofline_inputs(rows):
@@ -137,6 +157,10 @@ def test_pool_table_values():
     lines = table.splitlines()
     fused = "| b0 | 25089 -> 25089, 393 | 8 | 6.000 | 3.000 | 1.000 | 3.00x | 2010 (60%) |"
     assert "| S16x224 | fwd+bwd " + fused in lines
+    # data that fits in L2 (twice over): its bandwidth is no HBM measure
+    in_l2 = throughput_tables(rows[:2] + [_pool_row("triton", 1e-3, gbps=2010.0, hbm_fraction=0.6,
+                                                    fits_l2=True)])
+    assert "| 3.00x | 2010 (L2) |" in in_l2
     # a shape without the fused kernel's row: no speedup, no bandwidth
     assert "| S16x224 | fwd+bwd | b4-6 | 1569 -> 1569, 393 | 8 | 1.000 | - | - | - | - |" in lines
     assert table.index("| b0 |") < table.index("| b4-6 |")  # block order
