@@ -18,8 +18,9 @@ heads * head_dim per token and the dtype's item size:
     backward: read qkv (the conv is recomputed, nothing else is saved) and dq, dk, dv,
               write dqkv: 2 * 3 N C + (Nq + 2 Nkv) C.
 fwd+bwd counts both. `extra_info` carries the time-derived GB/s and its fraction of the
-device's HBM bandwidth (spec sheet, `HBM_GBPS`; None for an unknown device), and `fits_l2`
-where those bytes are at most twice the L2 cache: such a shape may be served from L2.
+device's HBM bandwidth (spec sheet, `mvit_fast.report.DEVICE_PEAKS`; None for an unknown
+device), and `fits_l2` where those bytes are at most twice the L2 cache: such a shape may be
+served from L2.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch.nn as nn
 
 from mvit_fast.attention import attention_pool
 from mvit_fast.config import MViTConfig, block_specs, get_config
+from mvit_fast.report import device_peaks
 
 CUDA = torch.cuda.is_available()
 # suite name -> (config, needs CUDA): bench/conftest.py's suites (a conftest is not importable
@@ -41,9 +43,6 @@ SUITES: dict[str, tuple[MViTConfig, bool]] = {
     "B32x224": (get_config("b"), True),
     "S4x64": (get_config("s", num_frames=4, crop_size=64), False),
 }
-# Spec-sheet HBM bandwidth in GB/s, matched against torch.cuda.get_device_name in order.
-HBM_GBPS = (("H200", 4800.0), ("H100 NVL", 3900.0), ("H100 PCIe", 2000.0), ("H100", 3350.0),
-            ("A100-SXM4-80GB", 2039.0), ("A100", 1555.0))
 
 
 @dataclass(frozen=True)
@@ -100,10 +99,9 @@ def pool_bytes(shape: PoolShape, batch: int, mode: str, itemsize: int) -> int:
 
 
 def _hbm_gbps(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((gbps for key, gbps in HBM_GBPS if key in name), None)
+    """The device's spec-sheet HBM bandwidth (mvit_fast.report.DEVICE_PEAKS) in GB/s."""
+    peaks = device_peaks(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    return peaks[1] / 1e9 if peaks else None
 
 
 def _params():

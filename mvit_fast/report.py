@@ -139,13 +139,16 @@ MODEL_VARIANTS = ("eager-fp32", "eager-bf16", "compile-sdpa-bf16", "compile-trit
 ATTENTION_BACKENDS = ("eager", "sdpa", "flex", "sdpa_aug", "triton")
 _SIZE_ORDER = {"s": 0, "b": 1, "l": 2}
 
-# Spec sheets (dense bf16 tensor-core FLOP/s, HBM bytes/s), matched by substring of the CUDA
-# device name, most specific first. The plain "H100" is the SXM part ("NVIDIA H100 80GB HBM3").
+# Spec sheets (dense bf16 tensor-core FLOP/s, HBM bytes/s), matched as whole words of the CUDA
+# device name, most specific first. The plain "H100" is the SXM part ("NVIDIA H100 80GB HBM3");
+# "H200" is not a GH200's.
 DEVICE_PEAKS: tuple[tuple[str, float, float], ...] = (
     ("H100 PCIe", 756e12, 2.0e12),
     ("H100 NVL", 835e12, 3.9e12),
     ("H100", 989e12, 3.35e12),
     ("H200", 989e12, 4.8e12),
+    ("A100-SXM4-80GB", 312e12, 2.039e12),
+    ("A100", 312e12, 1.555e12),
 )
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
@@ -153,7 +156,7 @@ _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 def device_peaks(device: str) -> tuple[float, float] | None:
     """(dense bf16 FLOP/s, memory bytes/s) of a CUDA device name from `DEVICE_PEAKS`, or None."""
     for key, flops, bandwidth in DEVICE_PEAKS:
-        if key.lower() in device.lower():
+        if re.search(rf"(?<![a-z0-9]){re.escape(key)}(?![a-z0-9])", device, re.IGNORECASE):
             return flops, bandwidth
     return None
 

@@ -89,6 +89,8 @@ def test_roofline_inputs(rows):
     assert device_peaks("NVIDIA H100 80GB HBM3") == (989e12, 3.35e12)
     assert device_peaks("NVIDIA H100 PCIe")[0] == 756e12
     assert device_peaks("cpu") is None
+    assert device_peaks("NVIDIA H200")[1] == 4.8e12 and device_peaks("NVIDIA GH200 480GB") is None
+    assert device_peaks("NVIDIA A100-SXM4-80GB")[1] == 2.039e12
     block0 = next(r for r in rows if r.get("kind") == "attention" and r["blocks"] == [0])
     # DESIGN's roofline: S block 0 moves q, k, v, out = (2 * 25089 + 2 * 393) * 96 bf16 per clip
     assert attention_io_bytes(block0) == 8 * (2 * 25089 + 2 * 393) * 96 * 2
