@@ -68,6 +68,18 @@ def test_short_side_jitter_crop_is_slowfasts_resize_then_crop():
     assert min(sides) == 16 and max(sides) == 32
     with pytest.raises(ValueError, match="short_side must be a range"):
         TrainAugment(crop_size=32, short_side=(24, 40))
+    # the short side resized to exactly S, where S / short does not round-trip in floats
+    # (288 / (288 / 224) is 223.99...): with S = crop size the crop spans the short side
+    # (offset 0 along it), and no draw fails
+    for height, width in ((288, 384), (384, 288), (224, 300), (322, 500)):
+        top, left, h, w = short_side_jitter_box(height, width, 224, (224, 224), rng)
+        assert (top, h) == (0, height) if height <= width else (left, w) == (0, width)
+    # S drawn inverse-uniformly (SlowFast's INV_UNIFORM_SAMPLE): 1/S uniform over [1/320, 1/256]
+    sizes = 240 * 224 / np.array([short_side_jitter_box(240, 427, 224, (256, 320), rng)[2]
+                                  for _ in range(4000)])
+    # (S read back from the box side, to a pixel: a uniform S would miss this mean by 2.7e-5)
+    assert abs(np.mean(1 / sizes) - (1 / 256 + 1 / 320) / 2) < 1e-5
+    assert abs(np.mean(sizes <= 284.4) - 0.5) < 0.03  # the median of S: the harmonic mean 2/(1/256+1/320)
     # draw_train_view takes it instead of the random resized crop
     augment = TrainAugment(crop_size=32, short_side=(80, 80), rand_augment=False, erase_prob=0.0)
     assert draw_train_view(40, 60, augment, rng).box[2:] == (16, 16)

@@ -39,7 +39,8 @@ class TrainAugment:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     # Instead of the random resized crop: the short side resized to a size drawn from this
-    # range, then a random crop_size square (SlowFast's TRAIN_JITTER_SCALES, its SSv2 recipe).
+    # range (inverse-uniformly), then a random crop_size square (SlowFast's TRAIN_JITTER_SCALES
+    # with INV_UNIFORM_SAMPLE, its SSv2 recipe).
     short_side: tuple[int, int] | None = None
     flip: bool = True
     rand_augment: bool = True  # m7 n4 mstd0.5, see randaugment.py
@@ -138,12 +139,22 @@ def random_resized_crop_box(
 def short_side_jitter_box(height: int, width: int, crop_size: int, short_side: tuple[int, int],
                           rng: np.random.Generator) -> tuple[int, int, int, int]:
     """(top, left, h, w) of SlowFast's scale-jitter crop as a box of the original frame: the
-    short side resized to round(uniform(short_side)), the long side floored in proportion,
+    short side resized to a size S drawn inverse-uniformly from `short_side` (1/S uniform, as
+    its SSv2 MViTv2 recipes set INV_UNIFORM_SAMPLE), the long side floored in proportion,
     then a crop_size square at a uniform offset. Resizing the box to crop_size gives that
     view (up to the interpolation)."""
-    size = int(round(rng.uniform(*short_side)))
-    scale = min(height, width) / size  # frame pixels per resized pixel
-    resized_h, resized_w = (int(math.floor(n / scale)) for n in (height, width))
+    low, high = short_side
+    size = int(round(1.0 / rng.uniform(1.0 / high, 1.0 / low)))
+    short = min(height, width)
+    scale = short / size  # frame pixels per resized pixel
+    # SlowFast's sizes: the short side exactly `size` (a frame already that size kept as is),
+    # the long side floor(long / short * size)
+    if short == size:
+        resized_h, resized_w = height, width
+    elif height <= width:
+        resized_h, resized_w = size, int(math.floor(width / height * size))
+    else:
+        resized_h, resized_w = int(math.floor(height / width * size)), size
     top = int(rng.integers(0, resized_h - crop_size + 1))
     left = int(rng.integers(0, resized_w - crop_size + 1))
     side_h, side_w = min(height, round(crop_size * scale)), min(width, round(crop_size * scale))
