@@ -54,8 +54,8 @@ class Recipe:
     sampling_rate: int = 4
     crop_size: int = 224
     min_crop_area: float = 0.08  # random resized crop area in [min_crop_area, 1]
-    # Instead of the random resized crop: short side resized to a size in this range, then a
-    # random crop (SlowFast's TRAIN_JITTER_SCALES; its SSv2 recipes)
+    # Instead of the random resized crop: short side resized to a size in this range (drawn
+    # inverse-uniformly), then a random crop (SlowFast's TRAIN_JITTER_SCALES; its SSv2 recipes)
     train_short_side: tuple[int, int] | None = None
     repeats: int = 2
     flip: bool = True
