@@ -266,6 +266,13 @@ def test_csv_rows_average_their_own_steps_across_a_stop_and_an_older_resume(tiny
         assert float(row["loss"]) == pytest.approx(sum(losses[i] for i in window) / len(window), rel=1e-5)
     # per step of its own window, not per log_every steps
     assert [(r["data_s"], r["compute_s"]) for r in rows] == [("1", "2")] * 3
+    # every checkpoint ends a window (step 3 is epoch 1's): an uninterrupted run writes the same
+    # rows, and so does a run resumed from its epoch checkpoint
+    whole = tmp_path / "whole"
+    main(**windowed, run_dir=str(whole))
+    assert _rows(whole) == rows
+    main(**windowed, resume=str(whole / "checkpoints" / "step_000000003.pt"))
+    assert _rows(whole) == rows
 
     # resumed from an older checkpoint (as after a hard kill): the steps after it are logged once
     main(**tiny, resume=str(every / "checkpoints" / "step_000000003.pt"))

@@ -505,9 +505,10 @@ def train(
                     f"ep {epoch} loss {loss_value:.4f} lr {lr:.2e} {clips_per_step / step_s:.1f} "
                     f"clips/s data {1e3 * data_s:.0f}ms compute {1e3 * (step_s - data_s):.0f}ms"
                 )
-                if pos.step % recipe.log_every == 0 or pos.step == total_steps or stop_votes > 0:
-                    # One row per window of steps (the last one cut short by a stop), averaged
-                    # over its steps; loss and grad norm over its finite ones (nan: none was).
+                if pos.step % recipe.log_every == 0 or pos.step % steps_per_epoch == 0 or stop_votes > 0:
+                    # One row per window of steps, averaged over its steps; loss and grad norm over
+                    # its finite ones (nan: none was). An epoch's end or a stop cuts a window short:
+                    # every checkpoint ends one, so a run resumed from any writes the same rows.
                     count, good = window["steps"], window["n"]
                     row = dict(
                         step=pos.step,
