@@ -338,6 +338,15 @@ def test_bad_main_arguments_raise_clear_value_errors(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="--run-dir .*a_file is a file"):
         main(run_dir=str(tmp_path / "a_file"), device="cpu")
+    # a new run in a folder that holds one: refused, nothing of that run touched
+    held = tmp_path / "held" / "checkpoints"
+    held.mkdir(parents=True)
+    (held / "step_000000003.pt").write_bytes(b"")
+    (held.parent / "train.csv").write_text("step\n1\n")
+    with pytest.raises(ValueError, match="--run-dir .*held holds a run already .*step_000000003.pt.: "
+                                         "continue it with --resume"):
+        main(run_dir=str(held.parent), device="cpu")
+    assert (held.parent / "train.csv").read_text() == "step\n1\n"
     with pytest.raises(ValueError, match="--dump .*preds.csv: cannot write there .*a_file is not a folder"):
         main(eval_only=True, checkpoint=__file__, dump=str(tmp_path / "a_file" / "preds.csv"), device="cpu")
     # a run folder is the checkpoint's grandparent only for a run's own checkpoints/ folder

@@ -53,6 +53,7 @@ from .trainer import (
     TrainingDiverged,
     accumulation,
     amp_dtype,
+    checkpoint_dir,
     compiled,
     latest_checkpoint,
     read_training_state,
@@ -259,6 +260,11 @@ def main(
         recipe = get_recipe(size, dataset or "synthetic", **overrides)
     if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise ValueError(f"--run-dir {run_dir} is a file")
+    if run_dir is not None and resume is None and not eval_only:
+        held = sorted(checkpoint_dir(Path(run_dir)).glob("step_*.pt"))
+        if held:  # a new run there would mix its logs and checkpoints with that run's
+            raise ValueError(f"--run-dir {run_dir} holds a run already ({held[-1]}): continue it with "
+                             f"--resume {run_dir}, or give a new run another --run-dir")
     # now, not after the whole evaluation
     if dump is not None and (reason := unwritable(dump, make_folders=True)):
         raise ValueError(f"--dump {dump}: cannot write there ({reason})")
