@@ -350,7 +350,8 @@ def pool_table(rows: list[dict]) -> list[str]:
     out += ["", "One call pools q, k and v of a block; GB/s is the op's unavoidable HBM traffic "
             "(bench/test_pool.py `pool_bytes`) over its time, against the device's spec bandwidth; "
             "(L2): those bytes fit in twice the L2 cache, so calls run back to back may be served "
-            "from it, and no HBM fraction is given.", ""]
+            "from it, and no HBM fraction is given. Under bf16 autocast the plain ops write q, k, v in "
+            "fp32 (LayerNorm runs in fp32), the fused kernel in bf16, what the attention reads.", ""]
     return out
 
 
