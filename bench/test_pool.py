@@ -10,8 +10,8 @@ Shapes are every distinct pooling shape (input grid, strides, heads, head_dim) o
 blocks of `block_specs`, MViTv2-S 16x224 and B 32x224, batch 8, on CUDA, as the model
 runs them in bf16 training: bf16 activations, fp32 parameters (the master weights), the
 eager and compile providers under bf16 autocast (whose LayerNorm runs, and writes q, k, v,
-in fp32 on CUDA, as in the model; the fused op writes bf16). Without CUDA the GPU suites skip and the
-CPU smoke suite (S 4x64) times the eager provider on its first shape only.
+in fp32 on CUDA, as in the model; the fused op writes bf16). Without CUDA the GPU suites
+skip and the CPU smoke suite (S 4x64) times the eager provider on its first shape only.
 
 Bytes (one documented function, `pool_bytes`): the op's unavoidable HBM traffic, with C =
 heads * head_dim per token and the dtype's item size:

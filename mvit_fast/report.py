@@ -243,10 +243,11 @@ def _attention_rows(rows: list[dict]) -> list[dict]:
 
 
 def by_device(rows: list[dict]) -> dict[str, list[dict]]:
-    """The rows of each device (name), in first-seen order: no ratio or sum mixes devices (one
-    GPU run's calls may land on different machines)."""
+    """The model, attention and pool rows of each device (name): no ratio or sum mixes devices
+    (one GPU run's calls may land on different machines). Other rows (bench/test_data.py's, whose
+    PyAV cases run on the "cpu") are not the report's."""
     out: dict[str, list[dict]] = {}
-    for r in rows:
+    for r in _model_rows(rows) + _attention_rows(rows) + _pool_rows(rows):
         out.setdefault(str(r.get("device", "?")), []).append(r)
     return out
 

@@ -79,6 +79,10 @@ def test_rows_of_two_devices_are_never_compared(rows, tmp_path):
     assert "| train | compile-triton-bf16 | 32 | 32.00 | - | - |" in h200_part
     assert "commit later)" in h200_part
     assert "| S16x224 | fwd | 8 | 7.00 | - | - | - | 1.50 |" in h100_part.splitlines()  # attention: H100
+    # the data benchmark's PyAV rows ("cpu") beside one GPU's rows: one device, no sections
+    pyav = dict(backend="pyav", sampling="16x4", clips_per_s=50.0, device="cpu", name="test_pyav_cpu[16x4]",
+                median_s=1.0)
+    assert throughput_tables(rows + [pyav]) == throughput_tables(rows)
     pytest.importorskip("matplotlib", reason="the plots need matplotlib (the `report` or `dev` extra)")
     made = write_plots(mixed, tmp_path)
     assert tmp_path / "NVIDIA_H200" / "throughput_vs_batch.png" in made
