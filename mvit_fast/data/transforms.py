@@ -145,16 +145,8 @@ def short_side_jitter_box(height: int, width: int, crop_size: int, short_side: t
     view (up to the interpolation)."""
     low, high = short_side
     size = int(round(1.0 / rng.uniform(1.0 / high, 1.0 / low)))
-    short = min(height, width)
-    scale = short / size  # frame pixels per resized pixel
-    # SlowFast's sizes: the short side exactly `size` (a frame already that size kept as is),
-    # the long side floor(long / short * size)
-    if short == size:
-        resized_h, resized_w = height, width
-    elif height <= width:
-        resized_h, resized_w = size, int(math.floor(width / height * size))
-    else:
-        resized_h, resized_w = int(math.floor(height / width * size)), size
+    scale = min(height, width) / size  # frame pixels per resized pixel
+    resized_h, resized_w = short_side_size(height, width, size)
     top = int(rng.integers(0, resized_h - crop_size + 1))
     left = int(rng.integers(0, resized_w - crop_size + 1))
     side_h, side_w = min(height, round(crop_size * scale)), min(width, round(crop_size * scale))
@@ -174,14 +166,17 @@ def resized_crop(clip: torch.Tensor, box: tuple[int, int, int, int], size: int) 
     return resize(clip[..., top : top + h, left : left + w], (size, size))
 
 
+def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(h, w) with the shorter side `short_side` and the longer one in proportion, rounded down
+    as SlowFast does (in integers: exact where the float ratio would land a hair below)."""
+    if height <= width:
+        return short_side, width * short_side // height
+    return height * short_side // width, short_side
+
+
 def short_side_resize(clip: torch.Tensor, short_side: int) -> torch.Tensor:
-    """Resize so the shorter side is `short_side`, keeping the aspect ratio (SlowFast rounds down)."""
-    h, w = clip.shape[-2:]
-    if h <= w:
-        size = (short_side, int(math.floor(w * short_side / h)))
-    else:
-        size = (int(math.floor(h * short_side / w)), short_side)
-    return resize(clip, size)
+    """Resize so the shorter side is `short_side`, keeping the aspect ratio (`short_side_size`)."""
+    return resize(clip, short_side_size(*clip.shape[-2:], short_side))
 
 
 def spatial_crops(clip: torch.Tensor, crop_size: int, num_crops: int) -> list[torch.Tensor]:
