@@ -310,6 +310,7 @@ def test_bad_loader_arguments_fail_before_any_decoding():
         (lambda: TrainAugment(erase_prob=2), r"erase_prob must be in \[0, 1\]"),
         (lambda: TrainAugment(std=(0.2, 0.2, 0.0)), "std must be positive"),
         (lambda: TestAugment(short_side=0), "short_side must be an integer >= 1"),
+        (lambda: TestAugment(short_side=200, crop_size=224), "short_side 200 is smaller than crop_size 224"),
         (lambda: TestAugment(mean=(0.5,) * 4), "one value per RGB channel"),
         (lambda: TestAugment(num_crops="3"), "num_crops must be 1 or 3, got '3'"),
     ],

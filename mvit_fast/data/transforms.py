@@ -82,6 +82,9 @@ class TestAugment:
     def __post_init__(self):
         check_int("short_side", self.short_side)
         check_int("crop_size", self.crop_size)
+        if self.short_side < self.crop_size:
+            raise ValueError(f"short_side {self.short_side} is smaller than crop_size {self.crop_size}: "
+                             "the crops would not fit the resized frames")
         if not _is_int(self.num_crops) or self.num_crops not in (1, 3):
             raise ValueError(f"num_crops must be 1 or 3, got {self.num_crops!r}")
         _check_mean_std(self)
