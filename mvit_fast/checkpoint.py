@@ -345,12 +345,16 @@ def unwritable(path: str | os.PathLike, make_folders: bool = False) -> str | Non
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
-    """torch.save through a temp file in the same folder and a rename: never a torn file."""
+    """torch.save through a temp file in the same folder and a rename: never a torn file.
+    The file gets the permissions a plain `open` would give it (the umask's)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            umask = os.umask(0)  # only readable by setting it
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # not mkstemp's 0600: a run's group reads its weights
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())

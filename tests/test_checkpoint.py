@@ -1,5 +1,6 @@
 """Checkpoint formats: key mapping round trips, interpolation, heads, errors, convert CLI."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from mvit_fast import load_checkpoint
 from mvit_fast.checkpoint import (
     FORMATS,
     CheckpointReadError,
+    atomic_save,
     detect_format,
     export_state_dict,
     read_checkpoint,
@@ -154,6 +156,20 @@ def test_unreadable_inputs(tmp_path):
         load_checkpoint(model, {"fc.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="not tensors"):
         read_checkpoint({"model_state": {"a": 1}})
+
+
+def test_saved_files_get_the_umasks_permissions_like_a_plain_open(tmp_path):
+    """Checkpoints, converted files and --dump files go through atomic_save: a group that
+    reads a run's logs reads its weights too, as it would a torch.save'd file."""
+    previous = os.umask(0o027)
+    try:
+        atomic_save({"w": torch.zeros(2)}, tmp_path / "saved.pt")
+        torch.save({"w": torch.zeros(2)}, tmp_path / "plain.pt")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "saved.pt").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "plain.pt").stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.pt", "saved.pt"]  # no temp file left
 
 
 def test_convert_cli(model, tmp_path, capsys):
