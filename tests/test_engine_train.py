@@ -343,17 +343,18 @@ def test_bad_videos_of_every_epoch_are_reported_with_their_paths(tiny, tmp_path,
     with open(tmp_path / "run" / "data_issues.csv") as f:
         rows = list(csv.DictReader(f))
     gone = str(Path(tiny["data_root"]) / "train" / "gone.mp4")
-    assert {(r["split"], r["epoch"]) for r in rows} == {("train", "0"), ("train", "1"), ("val", "0"),
-                                                       ("val", "1"), ("test", "")}
+    # epochs counted from 1, as val.csv counts them
+    assert {(r["split"], r["epoch"]) for r in rows} == {("train", "1"), ("train", "2"), ("val", "1"),
+                                                       ("val", "2"), ("test", "")}
     assert all((r["kind"], r["path"], r["rank"], r["detail"]) == ("missing", gone, "0", "no such file")
                for r in rows)
     assert caplog.text.count("epoch data report (rank 0)") == 5  # 2 train, 2 val, 1 test passes
 
-    # stopped at the last step of epoch 0, before its validation: what it saw is kept, and the
+    # stopped at the last step of epoch 1, before its validation: what it saw is kept, and the
     # resumed run adds the rest without repeating it
     assert main(**bad, run_dir=str(tmp_path / "cut"), max_steps=3)["status"] == "stopped"
     with open(tmp_path / "cut" / "data_issues.csv") as f:
-        assert [(r["split"], r["epoch"]) for r in csv.DictReader(f)] == [("train", "0")]
+        assert [(r["split"], r["epoch"]) for r in csv.DictReader(f)] == [("train", "1")]
     assert main(**bad, resume=str(tmp_path / "cut"))["status"] == "finished"
     with open(tmp_path / "cut" / "data_issues.csv") as f:
         resumed = sorted((r["split"], r["epoch"]) for r in csv.DictReader(f))

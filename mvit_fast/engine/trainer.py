@@ -192,7 +192,8 @@ def _fmt(v) -> str:
 def record_data_issues(run_dir: Path, split: str, epoch: int | None, report: DataReport, d: Dist) -> None:
     """Append every rank's bad-video issues of one pass (file, kind, detail) to
     `run_dir/data_issues.csv` and say so; every rank calls it, rank 0 writes. `epoch` is the
-    training epoch (from 0) the pass belongs to, None for the final test."""
+    training epoch the pass belongs to, counted from 1 as in val.csv and the log; None for
+    the final test."""
     from tqdm import tqdm
 
     per_rank = all_gather_objects(report.issues)
@@ -334,9 +335,9 @@ def train(
 ) -> TrainResult:
     """Train `model` (on `d.device`) by `recipe` over `train_loader` (this rank's shard).
 
-    `validate(model, epoch) -> top-1 %` runs every `recipe.eval_every` epochs and after the
-    last; the best score's checkpoint is kept as `best.pt`. Bad videos of each epoch go to
-    `run_dir/data_issues.csv`. Checkpoints: `run_dir/checkpoints/step_*.pt`
+    `validate(model, epoch) -> top-1 %` (epoch counted from 1) runs every `recipe.eval_every`
+    epochs and after the last; the best score's checkpoint is kept as `best.pt`. Bad videos
+    of each epoch go to `run_dir/data_issues.csv`. Checkpoints: `run_dir/checkpoints/step_*.pt`
     every epoch and on a stop, the last `keep_checkpoints` kept.
     """
     from tqdm import tqdm
@@ -467,9 +468,10 @@ def train(
                         )
                     if bad_in_row >= recipe.max_bad_steps:
                         raise TrainingDiverged(
-                            f"{bad_in_row} non-finite losses in a row at step {pos.step + 1} (epoch {epoch}, "
-                            f"lr {lr:.3g}): training diverged. Lower the lr (--base-lr), check the data, or "
-                            f"resume from the last checkpoint ({last_ckpt or 'none saved yet'})."
+                            f"{bad_in_row} non-finite losses in a row at step {pos.step + 1} "
+                            f"(epoch {epoch + 1}, lr {lr:.3g}): training diverged. Lower the lr "
+                            f"(--base-lr), check the data, or resume from the last checkpoint "
+                            f"({last_ckpt or 'none saved yet'})."
                         )
                     if scaler is not None:
                         scaler.update()
@@ -502,7 +504,7 @@ def train(
                 window["steps"] += 1
                 bar.update(1)
                 bar.set_postfix_str(
-                    f"ep {epoch} loss {loss_value:.4f} lr {lr:.2e} {clips_per_step / step_s:.1f} "
+                    f"ep {epoch + 1} loss {loss_value:.4f} lr {lr:.2e} {clips_per_step / step_s:.1f} "
                     f"clips/s data {1e3 * data_s:.0f}ms compute {1e3 * (step_s - data_s):.0f}ms"
                 )
                 if pos.step % recipe.log_every == 0 or pos.step % steps_per_epoch == 0 or stop_votes > 0:
@@ -530,7 +532,8 @@ def train(
                     status = "stopped"
                     break
             if status == "stopped":
-                record_data_issues(run_dir, "train", epoch, train_loader.report, d)  # so far: resume goes on
+                # what the epoch saw so far: the resumed run records the rest
+                record_data_issues(run_dir, "train", epoch + 1, train_loader.report, d)
                 pos.epoch = epoch
                 last_ckpt = checkpoint_dir(run_dir) / f"step_{pos.step:09d}.pt"
                 save_training_state(
@@ -543,14 +546,14 @@ def train(
                                f"continue with --resume {run_dir}")
                 break
             # Whole optimizer steps leave the loader's pass short of its end: close it here.
-            record_data_issues(run_dir, "train", epoch, train_loader.end_epoch(), d)
+            record_data_issues(run_dir, "train", epoch + 1, train_loader.end_epoch(), d)
             pos.epoch = epoch + 1
             last_epoch = epoch + 1 == recipe.epochs
             top1 = None
             if validate is not None and recipe.eval_every and (
                 last_epoch or pos.epoch % recipe.eval_every == 0
             ):
-                top1 = validate(sharded.full() if sharded is not None else model, epoch)
+                top1 = validate(sharded.full() if sharded is not None else model, pos.epoch)
                 if sharded is not None:
                     sharded.release()
                 val_log.write(step=pos.step, epoch=pos.epoch, top1=top1)
