@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import sys
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ from mvit_fast.engine import (
 from mvit_fast.engine.dist import Dist
 from mvit_fast.engine.evaluate import write_predictions
 from mvit_fast.engine.recipe import saved_recipe
-from mvit_fast.engine.run import build
+from mvit_fast.engine.run import build, cli
 from mvit_fast.engine.trainer import accumulation
 
 TINY = dict(depths=(1, 1, 1, 1), embed_dim=16, num_frames=4, crop_size=32, num_classes=6)
@@ -269,11 +270,11 @@ def test_bad_command_lines_are_argparse_errors(capsys):
         (["--size", "xl"], "invalid choice"),
         (["--dataset", "ucf"], "invalid choice"),
         (["--base-lr", "fast"], "invalid float"),
-        (["--optimizer", "lamb"], "optimizer must be"),
+        (["--optimizer", "lamb"], "argument --optimizer: invalid choice: 'lamb'"),
         (["--test-crops", "2"], "test_crops must be 1 or 3"),
         (["--warmup-epochs", "300", "--epochs", "200"], "warmup_epochs"),
-        (["--pool-backend", "fused"], "pool_backend must be one of ('auto', 'eager', 'triton')"),
-        (["--attention-backend", "fast"], "attention_backend must be one of ('auto', 'eager', 'sdpa'"),
+        (["--pool-backend", "fused"], "argument --pool-backend: invalid choice: 'fused'"),
+        (["--attention-backend", "fast"], "argument --attention-backend: invalid choice: 'fast'"),
         (["--base-lr", "-1"], "base_lr must be > 0, got -1.0"),
         (["--weight-decay", "-0.1"], "weight_decay must be >= 0"),
         (["--drop-path-rate", "1"], "drop_path_rate must be in [0, 1), got 1.0"),
@@ -291,6 +292,14 @@ def test_bad_command_lines_are_argparse_errors(capsys):
         with pytest.raises(SystemExit):
             parse_args(argv)
         assert message in capsys.readouterr().err
+    # a saved run's flags are checked against its own recipe (by main), not the published one:
+    # its crop may be 32 where the published k400 recipe's is 224
+    shorter = ["--size", "s", "--dataset", "k400", "--test-short-side", "40"]
+    with pytest.raises(SystemExit):
+        parse_args(shorter)
+    assert "test_short_side 40 is smaller than crop_size 224" in capsys.readouterr().err
+    for saved in (["--eval", "--checkpoint", "run/best.pt"], ["--resume", "run"]):
+        assert parse_args(saved + shorter)["test_short_side"] == 40
     kwargs = parse_args(["--size", "b", "--no-mixup", "--depths", "1", "1", "1", "1", "--base-lr", "3e-4"])
     assert kwargs["size"] == "b" and kwargs["mixup"] is False and kwargs["depths"] == (1, 1, 1, 1)
     assert kwargs["base_lr"] == 3e-4 and "epochs" not in kwargs  # untouched flags keep the recipe
@@ -357,3 +366,13 @@ def test_bad_main_arguments_raise_clear_value_errors(tmp_path):
         main(learning_rate=1.0, device="cpu")
     with pytest.raises(ValueError, match="unknown MViTv2 size 'xl'"):
         main(size="xl", device="cpu")
+
+
+def test_a_missing_decoder_is_named_before_the_run_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if not installed: its import fails
+    run = tmp_path / "run"
+    assert cli(["--loader", "dali", "--run-dir", str(run), "--data-root", str(tmp_path / "data"),
+                "--device", "cpu", "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: the DALI backend needs NVIDIA DALI: pip install 'mvit-fast[dali]'")
+    assert not run.exists() and not (tmp_path / "data").exists()  # nothing written, nothing generated

@@ -6,7 +6,7 @@ See `build_loader` for the batch contract.
 """
 
 from .lists import ListFormatError, VideoRecord, read_label_map, read_list
-from .loader import Batch, build_loader, choose_backend, shard_indices
+from .loader import Batch, build_loader, check_installed, choose_backend, shard_indices
 from .mixup import MixupCutmix
 from .report import DataError, DataReport
 from .sampling import ClipSampling, k400_test_indices, k400_train_indices, ssv2_indices
@@ -31,6 +31,7 @@ __all__ = [
     "TrainAugment",
     "VideoRecord",
     "build_loader",
+    "check_installed",
     "choose_backend",
     "k400_test_indices",
     "k400_train_indices",

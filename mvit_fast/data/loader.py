@@ -34,6 +34,7 @@ from .pyav_dataset import VideoDataset, collate
 from .report import DataReport
 from .sampling import ClipSampling
 from .transforms import TestAugment, TrainAugment, check_augment, check_int
+from .video_io import import_av
 
 log = logging.getLogger("mvit_fast.data")
 Backend = Literal["auto", "dali", "pyav"]
@@ -189,6 +190,17 @@ def choose_backend(backend: Backend, device: torch.device | str | None = None) -
     if backend not in ("dali", "pyav"):
         raise ValueError(f"unknown backend {backend!r}; use 'auto', 'dali' or 'pyav'")
     return backend
+
+
+def check_installed(backend: Backend) -> None:
+    """Raise ImportError (naming the extra to install) now, not at the first batch, when a
+    decoder the `backend` needs is missing: every backend probes files with PyAV; "dali" needs
+    DALI ("auto" takes DALI only where it is installed)."""
+    from .dali_loader import import_dali  # imports loader: not at the top
+
+    import_av()
+    if backend == "dali":
+        import_dali()
 
 
 def build_loader(

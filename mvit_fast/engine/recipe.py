@@ -250,17 +250,20 @@ def saved_recipe(saved: dict, where: str, size: str | None = None, dataset: str 
     return run
 
 
+# the values each setting of a fixed set may take (train.py's flags offer them as choices)
+CHOICES = dict(
+    protocol=("k400", "ssv2"),
+    optimizer=("adamw", "sgd"),
+    precision=("auto", "bf16", "fp16", "fp32"),
+    loader=("auto", "dali", "pyav"),
+    attention_backend=("auto", *BACKENDS),
+    pool_backend=POOL_BACKENDS,
+)
+
+
 def check_recipe(r: Recipe) -> None:
     """ValueError naming the setting when a value is outside what the engine supports."""
-    choices = dict(
-        protocol=("k400", "ssv2"),
-        optimizer=("adamw", "sgd"),
-        precision=("auto", "bf16", "fp16", "fp32"),
-        loader=("auto", "dali", "pyav"),
-        attention_backend=("auto", *BACKENDS),
-        pool_backend=POOL_BACKENDS,
-    )
-    for name, allowed in choices.items():
+    for name, allowed in CHOICES.items():
         if getattr(r, name) not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {getattr(r, name)!r}")
     positive = (

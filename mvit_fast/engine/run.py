@@ -41,6 +41,7 @@ from ..data import (
     TestAugment,
     TrainAugment,
     build_loader,
+    check_installed,
     make_synthetic,
     read_label_map,
     read_list,
@@ -48,7 +49,7 @@ from ..data import (
 from ..model import MViT, build_model
 from .dist import Dist, barrier, cleanup, init_distributed
 from .evaluate import EvalResult, evaluate, write_per_class, write_predictions
-from .recipe import RECIPE_DATASETS, Recipe, get_recipe, saved_recipe
+from .recipe import CHOICES, RECIPE_DATASETS, Recipe, get_recipe, saved_recipe
 from .trainer import (
     TrainingDiverged,
     accumulation,
@@ -268,6 +269,7 @@ def main(
     # now, not after the whole evaluation
     if dump is not None and (reason := unwritable(dump, make_folders=True)):
         raise ValueError(f"--dump {dump}: cannot write there ({reason})")
+    check_installed(recipe.loader)
     d = init_distributed(device)
     try:
         data = resolve_data(
@@ -490,7 +492,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py",
         description="Train or evaluate MViTv2 (S/B/L) on Kinetics-400, SSv2 or the built-in "
         "synthetic dataset with the published recipe. With no data arguments: the CPU quickstart.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--size",
@@ -541,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
             recipe.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=_HELP.get(f.name)
             )
+        elif f.name in CHOICES:
+            recipe.add_argument(flag, choices=CHOICES[f.name], default=None, help=_HELP.get(f.name))
         else:
             recipe.add_argument(
                 flag, type=tp, nargs=nargs, default=None, metavar=f.name.upper(), help=_HELP.get(f.name)
@@ -571,14 +574,16 @@ def parse_args(argv: list[str] | None = None) -> dict:
     for key in ("depths", "kv_stride_adaptive", "betas", "mean", "std"):
         if kwargs.get(key) is not None:
             kwargs[key] = tuple(kwargs[key])
-    try:
-        get_recipe(
-            kwargs.get("size"),
-            kwargs.get("dataset", "synthetic"),
-            **{k: v for k, v in kwargs.items() if k in _RECIPE_FLAGS},
-        )
-    except ValueError as e:
-        parser.error(str(e))
+    if kwargs.get("resume") is None and not kwargs.get("eval_only"):
+        # a saved run's flags apply to its own recipe, which `main` reads and checks
+        try:
+            get_recipe(
+                kwargs.get("size"),
+                kwargs.get("dataset", "synthetic"),
+                **{k: v for k, v in kwargs.items() if k in _RECIPE_FLAGS},
+            )
+        except ValueError as e:
+            parser.error(str(e))
     return kwargs
 
 
@@ -586,7 +591,7 @@ def cli(argv: list[str] | None = None) -> int:
     kwargs = parse_args(argv)
     try:
         results = main(**kwargs)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:  # ImportError: an extra not installed
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
