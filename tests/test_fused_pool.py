@@ -237,12 +237,14 @@ def test_registered_ops_fake_shapes() -> None:
     grads = [torch.randn_like(o) for o in _fused(qkv, params, case)]
     torch.library.opcheck(torch.ops.mvit_fast.pool_norm_bwd.default,
                           (grads, qkv, params[:3], params[3:6], *geometry), test_utils=checks)
-    # strided inputs: the gradients' strides (dqkv as qkv's, contiguous conv weight grads)
-    # are the fake implementation's too, as torch.compile relies on
+    # strided inputs (a sliced and a dense permuted qkv): the gradients' strides (all
+    # contiguous) are the fake implementation's too, as torch.compile relies on
     wide = torch.cat([qkv, qkv[..., :3]], dim=-1)[..., :qkv.shape[-1]]
+    permuted = qkv.permute(0, 2, 1, 3, 4).contiguous().permute(0, 2, 1, 3, 4)
     swapped = [w.transpose(2, 4).contiguous().transpose(2, 4) for w in params[:3]]
-    torch.library.opcheck(torch.ops.mvit_fast.pool_norm_bwd.default,
-                          (grads, wide, swapped, params[3:6], *geometry), test_utils=checks)
+    for strided in (wide, permuted):
+        torch.library.opcheck(torch.ops.mvit_fast.pool_norm_bwd.default,
+                              (grads, strided, swapped, params[3:6], *geometry), test_utils=checks)
 
 
 def test_rejects_unsupported_inputs() -> None:

@@ -81,8 +81,7 @@ def _fwd_fake(qkv, weights, norm_weights, norm_biases, thw, strides, has_cls, ep
 
 @_bwd.register_fake
 def _bwd_fake(grads, qkv, weights, norm_weights, thw, strides, has_cls, eps):
-    # As the launcher allocates them: dqkv like qkv (zeros_like), the rest contiguous.
-    return [torch.empty_like(qkv), *(w.new_empty(w.shape) for w in weights),
+    return [qkv.new_empty(qkv.shape), *(w.new_empty(w.shape) for w in weights),
             *(g.new_empty(g.shape) for g in norm_weights), *(g.new_empty(g.shape) for g in norm_weights)]
 
 
