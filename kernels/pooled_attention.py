@@ -77,7 +77,8 @@ def _load_rel(R, stride_rm, stride_rk, rows, row_ok, col_off, n_cols, PAD: tl.co
 
 @triton.jit
 def _split(x, DTYPE: tl.constexpr, IS_FP32: tl.constexpr):
-    """fp32 x -> (hi, lo) with hi + lo == x to ~16 bits, both in the dot dtype (fp32: x, x)."""
+    """fp32 x -> (hi, lo) with hi + lo == x to ~16 bits, both in the dot dtype (fp32: x, x).
+    In fp16 |x| must stay below 65504: a log2(e)-scaled bias beyond ±45,000 becomes inf."""
     if IS_FP32:
         return x, x
     hi = x.to(DTYPE)
