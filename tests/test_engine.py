@@ -341,6 +341,7 @@ def test_bad_main_arguments_raise_clear_value_errors(tmp_path):
     with pytest.raises(ValueError, match="--train-list .*past_head.txt: 2 entries have labels >= 400"):
         main(dataset="k400", train_list=str(lists["past_head"]), val_list=str(lists["ok"]), device="cpu",
              run_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # refused before a run folder is made
     with pytest.raises(ValueError, match="--label-map .*classes.txt: 2 class names for a model of 400"):
         main(dataset="k400", train_list=str(lists["ok"]), val_list=str(lists["ok"]),
              label_map=str(lists["classes"]), device="cpu")

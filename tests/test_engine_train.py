@@ -449,3 +449,4 @@ def test_eval_loads_foreign_checkpoints_and_dumps_predictions(tiny, tmp_path):
     torch.save({"model_state": wider.state_dict()}, other)
     with pytest.raises(ValueError, match="does not fit the model of --size s.*width 24"):
         main(**tiny, eval_only=True, checkpoint=str(other), run_dir=str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()  # refused before a run folder is made

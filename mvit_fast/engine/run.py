@@ -288,6 +288,12 @@ def main(
                 f"--label-map {label_map}: {len(data.class_names)} class names for a model of "
                 f"{recipe.num_classes} classes (--num-classes)"
             )
+        # what can still fail on the command's inputs fails before a run folder is made
+        if not eval_only:
+            per_device, accum = accumulation(recipe, d.world_size)
+            train_records = read_list(data.train_list, root=data.root)
+            check_labels(train_records, recipe.num_classes, "--train-list", data.train_list)
+        model = build(recipe, checkpoint, d, reinit_head=not eval_only)  # a checkpoint that does not fit
         if run_dir is None:
             run_dir = (
                 resume_path.parent.parent
@@ -313,7 +319,6 @@ def main(
             "eval_only": eval_only,
         }
         if not eval_only:
-            per_device, accum = accumulation(recipe, d.world_size)
             resolved.update(batch_per_device=per_device, grad_accumulation=accum)
         if d.is_main:
             print("resolved config:\n" + json.dumps(resolved, indent=1, default=str), flush=True)
@@ -326,11 +331,8 @@ def main(
 
         labels = [r.label for r in val_records]
         dtype = amp_dtype(recipe, d.device)
-        model = build(recipe, checkpoint, d, reinit_head=not eval_only)
         results: dict = {"run_dir": str(run_dir)}
         if not eval_only:
-            train_records = read_list(data.train_list, root=data.root)
-            check_labels(train_records, recipe.num_classes, "--train-list", data.train_list)
             sampling = ClipSampling(recipe.protocol, recipe.num_frames, recipe.sampling_rate, 1)
             augment = TrainAugment(
                 crop_size=recipe.crop_size,
