@@ -293,7 +293,7 @@ def main(
             per_device, accum = accumulation(recipe, d.world_size)
             train_records = read_list(data.train_list, root=data.root)
             check_labels(train_records, recipe.num_classes, "--train-list", data.train_list)
-        model = build(recipe, checkpoint, d, reinit_head=not eval_only)  # a checkpoint that does not fit
+        model = build(recipe, checkpoint, d, reinit_head=not eval_only)  # loads (and checks) --checkpoint
         if run_dir is None:
             run_dir = (
                 resume_path.parent.parent
