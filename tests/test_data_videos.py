@@ -102,6 +102,29 @@ def test_decode_names_the_error_that_stopped_it(tmp_path):
     assert read_codes(frames)[0].tolist()[0] == 3
 
 
+def test_an_edit_list_preroll_is_not_counted_as_frames(tmp_path):
+    # An MP4 cut without re-encoding keeps the packets from the previous keyframe, flagged
+    # discard by an edit list: they decode to no frame, and the file is not truncated.
+    source, cut = write_test_video(tmp_path / "a.mp4", 31), str(tmp_path / "cut.mp4")
+    with av.open(source) as src, av.open(cut, "w") as dst:
+        stream = src.streams.video[0]
+        out = dst.add_stream_from_template(stream)
+        shift = int(5 / float(stream.average_rate) / stream.time_base)  # 5 frames earlier
+        for packet in src.demux(stream):
+            if packet.dts is not None:
+                packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, out
+                dst.mux(packet)
+    with av.open(cut) as container:
+        discarded = sum(p.is_discard for p in container.demux(video=0) if p.size)
+    with av.open(cut) as container:
+        shown = sum(1 for _ in container.decode(video=0))
+    info = probe(cut, count_packets=True)
+    assert discarded > 0 and info.num_frames == shown and info.shortfall() is None
+    frames, decoded, error = decode_frames(cut, np.arange(shown))
+    assert decoded == shown and error is None
+    assert read_codes(frames)[0].tolist() == list(range(31 - shown, 31))
+
+
 def test_write_is_atomic_and_rejects_unknown_codecs(tmp_path):
     with pytest.raises(ValueError, match="unknown codec"):
         write_video(tmp_path / "a.mp4", make_frames(2), codec="mpeg2")

@@ -31,13 +31,13 @@ def import_av():
 class VideoInfo:
     """What a file's container says about its first video stream."""
 
-    num_frames: int  # from container metadata, else counted packets
+    num_frames: int  # from container metadata, else counted packets (those that decode to a frame)
     fps: float
     codec: str
     width: int
     height: int
     variable_frame_rate: bool  # packet durations differ (only known when packets were counted)
-    header_frames: int = 0  # what the container's header claims (0: it claims nothing, e.g. webm)
+    header_frames: int = 0  # the container header's frame count (0: it claims nothing: webm, edit lists)
 
     def shortfall(self, listed: int | None = None) -> str | None:
         """"N of M frames" when the list entry or the header claims M frames, more than the N
@@ -55,9 +55,14 @@ def probe(path: str, *, count_packets: bool = False) -> VideoInfo:
         if not container.streams.video:
             raise ValueError(f"{path}: no video stream")
         stream = container.streams.video[0]
-        num_frames, vfr = stream.frames, False
+        num_frames, header_frames, vfr = stream.frames, max(stream.frames, 0), False
         if count_packets or num_frames <= 0:
-            pts = [p.pts for p in container.demux(stream) if p.size and p.pts is not None]
+            # Discard-flagged packets (an MP4 edit list's pre-roll, as a cut at a non-key frame
+            # leaves) decode to no output frame; the header counts them, so with an edit list
+            # it claims nothing we can hold the file to.
+            packets = [p for p in container.demux(stream) if p.size and p.pts is not None]
+            pts = [p.pts for p in packets if not p.is_discard]
+            header_frames = header_frames if len(pts) == len(packets) else 0
             num_frames = len(pts)
             steps = np.diff(np.sort(np.asarray(pts, dtype=np.int64)))
             vfr = bool(steps.size and steps.max() - steps.min() > 1)  # 1 tick of rounding allowed
@@ -69,7 +74,7 @@ def probe(path: str, *, count_packets: bool = False) -> VideoInfo:
             stream.codec_context.width,
             stream.codec_context.height,
             vfr,
-            max(stream.frames, 0),
+            header_frames,
         )
 
 
