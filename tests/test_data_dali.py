@@ -12,8 +12,9 @@ import torch
 from mvit_fast.data import ClipSampling, TestAugment, TrainAugment, VideoRecord, build_loader
 from mvit_fast.data.randaugment import OPS, SIGNED, RandOp, apply_op
 from mvit_fast.data.transforms import ViewDraw
+from mvit_fast.data.video_io import write_video
 from tests.test_data_pyav import PLAIN_TRAIN, decode_views
-from tests.test_data_videos import corrupt_frame, make_list
+from tests.test_data_videos import corrupt_frame, make_frames, make_list
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'mvit-fast[dali]')")
 
@@ -58,10 +59,23 @@ def test_both_backends_sample_over_the_frames_a_file_holds_whatever_the_list_say
                build_loader(records, backend="pyav", num_workers=0, **kw)]
     for loader in loaders:
         (batch,) = list(loader)
-        frames, _ = decode_views(batch)  # 2 clips over 32 frames: starts 0 and 32 - 16 = 16
-        assert frames == [[0, 4, 8, 12], [16, 20, 24, 28]] * 2
+        frames, _ = decode_views(batch)  # 2 clips of 16 over 32 frames: starts 0 and 32 - 16 = 16
+        assert frames == [[0, 5, 10, 15], [16, 21, 26, 31]] * 2
         assert [(i.kind, i.path, i.detail) for i in loader.report.issues] == [
             ("truncated", webm_videos[1].path, "32 of 40 frames")]
+
+
+def test_both_backends_span_the_same_seconds_at_any_frame_rate(tmp_path):
+    # 4x4 counts frames at 30 fps: 16 frames' time; at 60 fps the clip spans 32 frames
+    path = str(tmp_path / "fast.webm")
+    write_video(path, make_frames(32), fps=60, codec="vp9")
+    kw = dict(train=False, batch_size=1, sampling=ClipSampling("k400", 4, 4, num_clips=2),
+              augment=TestAugment(48, 48, 1))
+    for placement in (dict(backend="dali", device="cpu", num_workers=1), dict(backend="pyav", num_workers=0)):
+        loader = build_loader([VideoRecord(path, 0)], **placement, **kw)
+        (batch,) = list(loader)
+        assert decode_views(batch)[0] == [[0, 10, 20, 31]] * 2, placement["backend"]  # delta 0
+        assert loader.report.issues == []
 
 
 def test_same_train_positions_as_pyav(webm_videos):
@@ -111,6 +125,77 @@ def test_train_views_crop_flip_and_erase_as_pyav_does(webm_videos, device):
     pyav = torch.cat(_train_batches(webm_videos, device, augment, backend="pyav"))
     levels = ((dali - pyav).abs() * 0.225 * 255).flatten(1)  # per view, in levels of 255
     assert levels.mean(1).max() < 2 and levels.quantile(0.99, dim=1).max() < 6, levels.mean(1)
+
+
+def _blocks(shape: tuple[int, ...], block: int, seed: int = 0) -> np.ndarray:
+    """uint8 frames of random `block`-pixel squares: any shift of them shows."""
+    t, h, w, c = shape
+    cells = np.random.default_rng(seed).integers(0, 256, (t, -(-h // block), -(-w // block), c))
+    return np.kron(cells, np.ones((1, block, block, 1)))[:, :h, :w].astype(np.uint8)
+
+
+@pytest.mark.parametrize("name", ["ShearX", "TranslateXRel", "Rotate"])
+def test_flipped_views_are_flipped_after_rand_augment_in_both_backends(name):
+    # these ops are not mirror-symmetric: flip then shear is another view than shear then flip;
+    # both backends flip last, as SlowFast (RandAugment before its crop and flip)
+    import nvidia.dali as dali
+    from nvidia.dali import fn, types
+
+    from mvit_fast.data.dali_augment import train_draw_inputs, train_views_graph
+    from mvit_fast.data.transforms import train_view
+
+    frames = _blocks((2, 48, 48, 3), 8)
+    augment = TrainAugment(crop_size=48, repeats=1, erase_prob=0.0)
+    raw = dict(mean=[0.0] * 3, std=[1.0] * 3, output_layout="CFHW")  # levels of 255, (C, T, H, W)
+
+    @dali.pipeline_def(enable_conditionals=True, batch_size=1, num_threads=1, device_id=None,
+                       prefetch_queue_depth=1, exec_dynamic=True)
+    def pipeline():
+        clip = fn.external_source(name="clip", dtype=types.UINT8, ndim=4, layout="FHWC")
+        return tuple(train_views_graph(clip, augment, raw))
+
+    pipe = pipeline()
+    pipe.build()
+    views = {}
+    for flip in (False, True):
+        draw = ViewDraw((0, 0, 48, 48), flip, (RandOp(OPS.index(name), 0.7, 1),), None)
+        pipe.feed_input("clip", [frames])
+        for key, value in train_draw_inputs([draw], augment).items():
+            pipe.feed_input(key, [value])
+        dali_view = torch.from_numpy(np.asarray(pipe.run()[0].as_tensor())[0])
+        pyav_view = train_view(torch.from_numpy(frames).permute(0, 3, 1, 2).float(), draw,
+                               dataclasses.replace(augment, mean=(0.0,) * 3, std=(1 / 255,) * 3))
+        inner = (slice(None), slice(None), slice(4, -4), slice(4, -4))  # the warps' borders differ
+        views[flip] = (dali_view[inner], pyav_view[inner])
+        assert (dali_view - pyav_view)[inner].abs().mean() < 3, (name, flip)
+    # SlowFast's order: the flipped view is the unflipped one mirrored
+    assert torch.equal(views[True][1], views[False][1].flip(-1))
+    assert (views[True][0] - views[False][0].flip(-1)).abs().mean() < 1
+
+
+@pytest.mark.parametrize("height,width", [(48, 71), (71, 48)])
+@pytest.mark.parametrize("num_crops", [1, 3])
+def test_test_crops_where_slowfast_puts_them_in_both_backends(tmp_path, height, width, num_crops):
+    # an odd margin (23): SlowFast's uniform_crop rounds the centre up, ceil(23 / 2) = 12
+    from mvit_fast.data.video_io import decode_frames, write_video
+
+    path = str(tmp_path / "blocks.webm")
+    write_video(path, np.repeat(_blocks((1, height, width, 3), 4), 2, 0), codec="vp9")
+    frame = decode_frames(path, np.array([0]))[0][0].astype(float)
+
+    def origin(view: np.ndarray) -> tuple[int, int]:  # where in the frame a (48, 48, 3) view was cut
+        fits = {(y, x): np.abs(frame[y : y + 48, x : x + 48] - view).mean()
+                for y in range(height - 47) for x in range(width - 47)}
+        return min(fits, key=fits.get)
+
+    long_side = [(0, 0), (0, 12), (0, 23)] if width > height else [(0, 0), (12, 0), (23, 0)]
+    want = long_side if num_crops == 3 else [long_side[1]]
+    kw = dict(train=False, batch_size=1, sampling=ClipSampling("k400", 2, 1),
+              augment=TestAugment(48, 48, num_crops))
+    for placement in (dict(backend="dali", device="cpu", num_workers=1), dict(backend="pyav", num_workers=0)):
+        (batch,) = list(build_loader([VideoRecord(path, 0)], **kw, **placement))
+        views = (batch.clips[:, :, 0].permute(0, 2, 3, 1).numpy() * 0.225 + 0.45) * 255
+        assert [origin(v) for v in views] == want, placement["backend"]
 
 
 @pytest.mark.cuda  # on the CPU: tests/test_engine_train.py's stop-and-resume run with DALI

@@ -49,8 +49,8 @@ def test_test_protocol_frames_labels_and_order(videos):
     for batch in batches:
         frames, ids = decode_views(batch)
         assert batch.clips.shape[1:] == (3, 4, 48, 48) and batch.clips.dtype == torch.float32
-        # delta = 32 - 16 = 16: clips start at 0, 8, 16, every 4 frames; clip-major per video.
-        assert frames == [[0, 4, 8, 12], [8, 12, 16, 20], [16, 20, 24, 28]] * (len(ids) // 3)
+        # clip_size 16, delta 16: clips start at 0, 8, 16, frames 15 / 3 = 5 apart; clip-major per video.
+        assert frames == [[0, 5, 10, 15], [8, 13, 18, 23], [16, 21, 26, 31]] * (len(ids) // 3)
         assert ids == batch.video_index.tolist()
         assert batch.labels.tolist() == [videos[v].label for v in ids]
     assert loader.report.summary() == "6 samples, no bad videos"
@@ -76,7 +76,7 @@ def test_train_frames_repeated_views_and_determinism(videos):
         assert len(frames) == 4 and ids[0::2] == ids[1::2]  # repeats: two views of each video, adjacent
         assert frames[0::2] == frames[1::2]  # ... of the same decoded frames
         for f in frames:
-            assert f[0] in range(0, 17) and np.diff(f).tolist() == [4, 4, 4]
+            assert f[0] in range(0, 17) and np.diff(f).tolist() == [5, 5, 5]
         assert labels == [videos[v].label for v in ids]
     assert epoch(0) == first and epoch(1) != first
     assert sorted(v for _, ids, _ in first for v in ids[0::2]) == list(range(6))
@@ -228,12 +228,12 @@ def test_bad_videos_are_replaced_or_padded_and_reported(tmp_path, caplog):
         for f, v, i in zip(frames, ids, batch.video_index.tolist()):
             if v < 4:
                 assert v == i or i == -1
-            if v == 4:  # 5 frames, 4x4: centre clip 0 4 8 12 -> padded to the last frame
+            if v == 4:  # 5 frames, 4x4: centre clip 0 5 10 15 -> padded to the last frame
                 assert f == [0, 4, 4, 4]
             if v == 5:  # cut: the header claims 32 frames, 16 are there; the centre clip of those 16
-                assert f == [0, 4, 8, 12]
+                assert f == [0, 5, 10, 15]
             if v == 6:  # the list claims 32 frames, the file has 20: the centre clip of the 20 (as DALI)
-                assert f == [2, 6, 10, 14]
+                assert f == [2, 7, 12, 17]
 
 
 def test_mostly_missing_list_raises_a_clear_error(tmp_path):

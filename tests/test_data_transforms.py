@@ -54,7 +54,12 @@ def test_short_side_jitter_crop_is_slowfasts_resize_then_crop():
         assert (h, w) == (16, 16) and 0 <= top <= 40 - 16 and 0 <= left <= 60 - 16
         tops.append(top)
         lefts.append(left)
-    assert set(tops) == set(range(0, 25)) and set(lefts) == set(range(0, 45))  # the last included
+    assert set(tops) == set(range(0, 25)) and set(lefts) == set(range(0, 45))  # 0..47, 0..87 halved
+    # at S = the short side (no resize) the offsets are SlowFast's randint(0, margin): the
+    # margin itself excluded (40 - 32 = 8, 60 - 32 = 28), and 0 where there is none
+    boxes = [short_side_jitter_box(40, 60, 32, (40, 40), rng) for _ in range(1000)]
+    assert {b[0] for b in boxes} == set(range(8)) and {b[1] for b in boxes} == set(range(28))
+    assert {short_side_jitter_box(32, 60, 32, (32, 32), rng)[0] for _ in range(50)} == {0}
     # uniform offsets of the resized frame (0..48, 0..88), halved: uniform over the frame's
     assert abs(np.mean(tops) - 12) < 0.5 and abs(np.mean(lefts) - 22) < 0.8
     # the view equals resizing the whole frame to short side 80 and cropping there
@@ -97,6 +102,17 @@ def test_short_side_resize_and_three_crops_landscape():
 def test_three_crops_portrait_go_top_to_bottom():
     top, center, bottom = spatial_crops(ramp_clip(h=30, w=20), 20, 3)
     assert [c[0, 1, 0, 0].item() for c in (top, center, bottom)] == [0, 5, 10]
+
+
+@pytest.mark.parametrize("h,w", [(21, 31), (31, 21)])
+def test_odd_margins_round_up_as_slowfasts_uniform_crop(h, w):
+    # SlowFast's uniform_crop: offsets ceil((h - size) / 2), ceil((w - size) / 2); the long
+    # side's first and last crops at 0 and its full margin (11 here), the short side centred.
+    crops = spatial_crops(ramp_clip(h=h, w=w), 20, 3)
+    origins = [(int(c[0, 1, 0, 0]), int(c[0, 0, 0, 0])) for c in crops]  # (row, column) of the first pixel
+    assert origins == ([(1, 0), (1, 6), (1, 11)] if w > h else [(0, 1), (6, 1), (11, 1)])
+    (center,) = spatial_crops(ramp_clip(h=h, w=w), 20, 1)
+    assert (int(center[0, 1, 0, 0]), int(center[0, 0, 0, 0])) == origins[1]
 
 
 def test_normalize_layout_and_values():

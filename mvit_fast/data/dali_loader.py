@@ -219,11 +219,11 @@ class DALILoader(EpochLoader):
                 report.check(self.max_fail_fraction)
                 index = int(rng.integers(len(self.records)))
                 continue
-            if num_frames < self.sampling.min_frames:
-                report.add([Issue(path, "too_short", f"{num_frames} < {self.sampling.min_frames} frames")])
+            if num_frames < (min_frames := self.sampling.min_frames(info.fps)):
+                report.add([Issue(path, "too_short", f"{num_frames} < {min_frames} frames")])
             if shortfall := info.shortfall(record.num_frames):
                 report.add([Issue(path, "truncated", shortfall)])
-            clips = self.sampling.indices(num_frames, train=self.train, rng=rng)
+            clips = self.sampling.indices(num_frames, train=self.train, rng=rng, fps=info.fps)
             # the view draws follow the frame positions' in `rng`, as in the PyAV backend
             draws = [draw_train_view(info.height, info.width, self.augment, rng)
                      for _ in range(self.augment.repeats)] if self.train else []

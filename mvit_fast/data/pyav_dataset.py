@@ -100,15 +100,15 @@ class VideoDataset(torch.utils.data.Dataset):
             num_frames = info.num_frames
             if num_frames <= 0:
                 raise BadVideo(path, "zero_frames", "the container has no video frames")
-            clips = self.sampling.indices(num_frames, train=self.train, rng=rng)
+            clips = self.sampling.indices(num_frames, train=self.train, rng=rng, fps=info.fps)
             frames, decoded, decode_error = decode_frames(path, np.concatenate(clips))
         except NoFrames as e:
             raise BadVideo(path, "zero_frames", str(e)) from e
         except (av.error.FFmpegError, OSError, ValueError, IndexError) as e:
             raise BadVideo(path, "undecodable", f"{type(e).__name__}: {e}") from e
         issues = []
-        if num_frames < self.sampling.min_frames:
-            issues.append(Issue(path, "too_short", f"{num_frames} < {self.sampling.min_frames} frames"))
+        if num_frames < (min_frames := self.sampling.min_frames(info.fps)):
+            issues.append(Issue(path, "too_short", f"{num_frames} < {min_frames} frames"))
         needed = int(max(c.max() for c in clips)) + 1
         if shortfall := info.shortfall(record.num_frames):
             issues.append(Issue(path, "truncated", shortfall))

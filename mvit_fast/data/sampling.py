@@ -1,15 +1,17 @@
-"""Which frames to decode: one pure numpy function per protocol, shared by every backend.
+"""Which frames to decode: one pure function per protocol, shared by every backend.
 
 Each function returns int64 frame indices into the video's decoded frames, already
 clamped to ``[0, num_frames - 1]``: a video shorter than the clip repeats its last
-frame, as SlowFast pads short clips. Frame indices count decoded frames at the file's
-own frame rate (no resampling to 30 fps).
+frame, as SlowFast pads short clips.
 
-- K400 train: `num_samples` frames every `rate` from a random start in
-  ``[0, max(num_frames - num_samples * rate, 0)]``.
-- K400 test: clip k of n starts at ``k * floor(delta / (n - 1))`` with
-  ``delta = max(num_frames - num_samples * rate, 0)``; one clip starts at ``floor(delta / 2)``
-  (SlowFast's `get_start_end_idx` with `use_offset`; the clip span is num_samples * rate).
+- K400 (SlowFast's `decoder.decode` with `use_offset`, MViTv2's setting): a clip spans
+  ``clip_size = num_samples * rate * fps / 30`` frames of the file (`rate` counts frames
+  at 30 fps, so a 25 fps video's clip covers the same seconds) and its `num_samples`
+  frames are spread evenly from its first to its last frame, ``linspace(start, start +
+  clip_size - 1, num_samples)`` floored (16x4 at 30 fps: every 63 / 15 = 4.2 frames, not
+  every 4). With ``delta = max(num_frames - clip_size, 0)``, train starts uniformly at random
+  in ``[0, delta]``; test clip k of n starts at ``k * floor(delta / (n - 1))``, a single
+  clip at ``floor(delta / 2)``.
 - SSv2: SlowFast's `get_seq_frames`: segment i spans ``round(s*i) .. round(s*(i+1))`` with
   ``s = (num_frames - 1) / num_segments``; train takes a random frame in it (both ends
   included), test its midpoint ``(start + end) // 2``.
@@ -17,33 +19,53 @@ own frame rate (no resampling to 30 fps).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import torch
 
 Protocol = Literal["k400", "ssv2"]
+TARGET_FPS = 30.0  # the frame rate `rate` is counted at (SlowFast's DATA.TARGET_FPS)
 
 
 def _clamp(indices: np.ndarray, num_frames: int) -> np.ndarray:
     return np.clip(indices, 0, max(num_frames - 1, 0)).astype(np.int64)
 
 
-def k400_train_indices(num_frames: int, num_samples: int, rate: int, rng: np.random.Generator) -> np.ndarray:
-    """`num_samples` frames every `rate` frames from a uniformly random start."""
-    delta = max(num_frames - num_samples * rate, 0)
-    start = int(rng.integers(0, delta + 1))
-    return _clamp(start + rate * np.arange(num_samples), num_frames)
+def k400_clip_size(num_samples: int, rate: int, fps: float = TARGET_FPS) -> float:
+    """Frames of a `fps` video one K400 clip spans (fractional; an unknown fps, <= 0, is
+    taken as 30)."""
+    fps = fps if fps > 0 else TARGET_FPS
+    return max(1.0, num_samples * rate * fps / TARGET_FPS)
 
 
-def k400_test_indices(num_frames: int, num_samples: int, rate: int, num_clips: int) -> list[np.ndarray]:
+def _spread(start: float, clip_size: float, num_samples: int, num_frames: int) -> np.ndarray:
+    # torch's float32 linspace, then clamp and truncate, as SlowFast's temporal_sampling:
+    # float64 would land a hair on the other side of an integer at some positions.
+    index = torch.linspace(start, start + clip_size - 1, num_samples)
+    return index.clamp(0, max(num_frames - 1, 0)).long().numpy()
+
+
+def k400_train_indices(num_frames: int, num_samples: int, rate: int, rng: np.random.Generator,
+                       fps: float = TARGET_FPS) -> np.ndarray:
+    """One training clip of `num_samples` frames from a uniformly random start."""
+    clip_size = k400_clip_size(num_samples, rate, fps)
+    start = rng.uniform(0, max(num_frames - clip_size, 0))
+    return _spread(start, clip_size, num_samples, num_frames)
+
+
+def k400_test_indices(num_frames: int, num_samples: int, rate: int, num_clips: int,
+                      fps: float = TARGET_FPS) -> list[np.ndarray]:
     """`num_clips` clips at SlowFast's offset positions (test/val protocol)."""
-    delta = max(num_frames - num_samples * rate, 0)
+    clip_size = k400_clip_size(num_samples, rate, fps)
+    delta = max(num_frames - clip_size, 0)
     if num_clips == 1:
-        starts = [delta // 2]
+        starts = [math.floor(delta / 2)]
     else:
-        starts = [k * (delta // (num_clips - 1)) for k in range(num_clips)]
-    return [_clamp(s + rate * np.arange(num_samples), num_frames) for s in starts]
+        starts = [k * math.floor(delta / (num_clips - 1)) for k in range(num_clips)]
+    return [_spread(s, clip_size, num_samples, num_frames) for s in starts]
 
 
 def ssv2_indices(num_frames: int, num_segments: int, rng: np.random.Generator | None) -> np.ndarray:
@@ -76,17 +98,20 @@ class ClipSampling:
         if min(self.num_samples, self.rate, self.num_clips) < 1:
             raise ValueError(f"num_samples, rate and num_clips must be >= 1, got {self}")
 
-    @property
-    def min_frames(self) -> int:
-        """Fewest frames a video needs so that no index is clamped (shorter ones are padded)."""
-        return (self.num_samples - 1) * self.rate + 1 if self.protocol == "k400" else self.num_samples
+    def min_frames(self, fps: float = TARGET_FPS) -> int:
+        """Fewest frames a `fps` video needs so that no index is clamped (shorter ones are padded)."""
+        if self.protocol == "ssv2":
+            return self.num_samples
+        return math.floor(k400_clip_size(self.num_samples, self.rate, fps) - 1) + 1
 
-    def indices(self, num_frames: int, *, train: bool, rng: np.random.Generator) -> list[np.ndarray]:
-        """Frame indices per temporal clip: one clip when training, `num_clips` when testing."""
+    def indices(self, num_frames: int, *, train: bool, rng: np.random.Generator,
+                fps: float = TARGET_FPS) -> list[np.ndarray]:
+        """Frame indices per temporal clip of a `num_frames`, `fps` video: one clip when
+        training, `num_clips` when testing (`fps` matters to K400 only)."""
         if self.protocol == "ssv2":
             if train:
                 return [ssv2_indices(num_frames, self.num_samples, rng)]
             return [ssv2_indices(num_frames, self.num_samples, None)] * self.num_clips
         if train:
-            return [k400_train_indices(num_frames, self.num_samples, self.rate, rng)]
-        return k400_test_indices(num_frames, self.num_samples, self.rate, self.num_clips)
+            return [k400_train_indices(num_frames, self.num_samples, self.rate, rng, fps)]
+        return k400_test_indices(num_frames, self.num_samples, self.rate, self.num_clips, fps)

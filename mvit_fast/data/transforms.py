@@ -150,8 +150,9 @@ def short_side_jitter_box(height: int, width: int, crop_size: int, short_side: t
     size = int(round(1.0 / rng.uniform(1.0 / high, 1.0 / low)))
     scale = min(height, width) / size  # frame pixels per resized pixel
     resized_h, resized_w = short_side_size(height, width, size)
-    top = int(rng.integers(0, resized_h - crop_size + 1))
-    left = int(rng.integers(0, resized_w - crop_size + 1))
+    # SlowFast's random_crop: randint(0, margin), the last offset excluded (0 with no margin)
+    top = int(rng.integers(0, resized_h - crop_size)) if resized_h > crop_size else 0
+    left = int(rng.integers(0, resized_w - crop_size)) if resized_w > crop_size else 0
     side_h, side_w = min(height, round(crop_size * scale)), min(width, round(crop_size * scale))
     return (min(round(top * scale), height - side_h), min(round(left * scale), width - side_w),
             side_h, side_w)
@@ -188,7 +189,7 @@ def spatial_crops(clip: torch.Tensor, crop_size: int, num_crops: int) -> list[to
     h, w = clip.shape[-2:]
     if min(h, w) < crop_size:
         raise ValueError(f"crop {crop_size} is larger than the resized frame {h}x{w}")
-    center = ((h - crop_size) // 2, (w - crop_size) // 2)
+    center = (-(-(h - crop_size) // 2), -(-(w - crop_size) // 2))  # odd margins round up, as SlowFast
     if num_crops == 1:
         offsets = [center]
     elif w >= h:
@@ -259,7 +260,8 @@ class ViewDraw(NamedTuple):
 
 
 def draw_train_view(height: int, width: int, augment: TrainAugment, rng: np.random.Generator) -> ViewDraw:
-    """The draws of one view of (height, width) frames, in the order crop, flip, RandAugment, erasing."""
+    """The draws of one view of (height, width) frames, in the order crop, flip, RandAugment,
+    erasing (they apply as crop, RandAugment, flip, erasing)."""
     if augment.short_side is not None:
         box = short_side_jitter_box(height, width, augment.crop_size, augment.short_side, rng)
     else:
@@ -272,8 +274,7 @@ def draw_train_view(height: int, width: int, augment: TrainAugment, rng: np.rand
 
 def train_view(frames: torch.Tensor, draw: ViewDraw, augment: TrainAugment) -> torch.Tensor:
     """(T, C, H, W) float frames in [0, 255] -> one normalized (C, T, crop, crop) view."""
-    clip = resized_crop(frames, draw.box, augment.crop_size)
-    if draw.flip:
+    clip = apply_rand_ops(resized_crop(frames, draw.box, augment.crop_size), draw.rand_ops)
+    if draw.flip:  # after RandAugment, as SlowFast: shear, translate, rotate are not mirror-symmetric
         clip = clip.flip(-1)
-    clip = apply_rand_ops(clip, draw.rand_ops)
     return erase(normalize(clip, augment.mean, augment.std), draw.erase)

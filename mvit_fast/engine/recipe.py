@@ -49,7 +49,7 @@ class Recipe:
     pool_backend: str = "auto"  # q/k/v pooling: "auto" (follows attention_backend), "eager", "triton"
     checkpoint_activations: bool = False
     # data
-    protocol: str = "k400"  # frame sampling: "k400" (every `sampling_rate` frames) or "ssv2" (segments)
+    protocol: str = "k400"  # frame sampling: "k400" (`sampling_rate` apart at 30 fps) or "ssv2" (segments)
     num_frames: int = 16
     sampling_rate: int = 4
     crop_size: int = 224
