@@ -21,10 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from .attention.reference import resize_rel_pos
-from .config import MViTConfig, get_config
+from .config import MViTConfig, from_saved, get_config
 
 __all__ = ["FORMATS", "CheckpointReadError", "LoadReport", "atomic_save", "detect_format",
-           "export_state_dict", "infer_config", "load_checkpoint", "preset_name", "read_checkpoint",
+           "export_state_dict", "infer_config", "load_checkpoint", "not_a_checkpoint_file", "preset_name",
+           "read_checkpoint",
            "save_checkpoint", "to_native", "unwritable"]
 
 FORMAT_TAG = "mvit-fast"
@@ -119,31 +120,48 @@ def load_file(path: Path, weights_only: bool = True, mmap: bool = False) -> obje
         raise CheckpointReadError(f"could not read checkpoint {path}: {reason}") from e
 
 
+def not_a_checkpoint_file(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be a checkpoint file ("no such file", "a folder ..."), or None."""
+    path = Path(path)
+    if path.is_dir():
+        best = path / "best.pt"
+        hint = f" (a run's best weights: {best})" if best.is_file() else ""
+        return f"is a folder, not a checkpoint file{hint}"
+    return None if path.is_file() else "no such file"
+
+
 def read_checkpoint(path_or_state_dict: str | os.PathLike | Mapping,
                     *, weights_only: bool = True) -> tuple[dict[str, Tensor], str]:
     """(state_dict, format) from a file or an in-memory checkpoint of any known format."""
+    sd, fmt, _ = _read(path_or_state_dict, weights_only)
+    return sd, fmt
+
+
+def _read(path_or_state_dict, weights_only: bool) -> tuple[dict[str, Tensor], str, Mapping | None]:
+    """(state_dict, format, the MViTConfig fields saved with our format or None)."""
     obj = path_or_state_dict
     if isinstance(obj, (str, os.PathLike)):
-        path = Path(obj)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        obj = load_file(path, weights_only)
+        if problem := not_a_checkpoint_file(obj):
+            raise FileNotFoundError(f"checkpoint {obj}: {problem}")
+        obj = load_file(Path(obj), weights_only)
     if not isinstance(obj, Mapping):
         raise ValueError(f"a checkpoint must be a dict, got {type(obj).__name__}")
-    fmt = None
+    fmt, saved_config = None, None
     if obj.get("format") == FORMAT_TAG:
-        obj, fmt = obj["model"], "mvit_fast"
+        obj, fmt, saved_config = obj["model"], "mvit_fast", obj.get("config")
     elif "model_state" in obj:  # SlowFast .pyth
         obj = obj["model_state"]
     elif "state_dict" in obj:  # mmaction2 / mmengine
         obj = obj["state_dict"]
     elif "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"not a state_dict: the checkpoint's weights are a {type(obj).__name__}")
     sd = {k.removeprefix("module."): v for k, v in obj.items()}
     non_tensors = [k for k, v in sd.items() if not isinstance(v, Tensor)]
     if non_tensors:
         raise ValueError(f"not a state_dict: entries {non_tensors[:5]} are not tensors")
-    return sd, fmt or detect_format(sd)
+    return sd, fmt or detect_format(sd), saved_config if isinstance(saved_config, Mapping) else None
 
 
 def detect_format(state_dict: Mapping[str, Tensor]) -> str:
@@ -201,6 +219,7 @@ class LoadReport:
     reinitialized: list[str] = field(default_factory=list)  # left at the model's init
     missing: list[str] = field(default_factory=list)  # model keys the checkpoint lacks
     unexpected: list[str] = field(default_factory=list)  # checkpoint keys the model lacks
+    config_differs: dict[str, tuple] = field(default_factory=dict)  # field -> (saved, model's)
 
     def summary(self) -> str:
         lines = [f"format: {self.format}",
@@ -208,11 +227,13 @@ class LoadReport:
                  f"{self.format} keys)"]
         for key, (a, b) in self.interpolated.items():
             lines.append(f"interpolated: {key} {a} -> {b} rows")
+        for name, (saved, ours) in self.config_differs.items():
+            lines.append(f"architecture differs: {name} {saved} in the checkpoint, {ours} in the model")
         for title, keys in (("re-initialized (not loaded)", self.reinitialized),
                             ("missing from checkpoint", self.missing),
                             ("left out (not in model)", self.unexpected)):
             lines += [f"{title}: {k}" for k in keys]
-        if not (self.reinitialized or self.missing or self.unexpected):
+        if not (self.reinitialized or self.missing or self.unexpected or self.config_differs):
             lines.append("every model tensor loaded, every checkpoint tensor used")
         return "\n".join(lines)
 
@@ -226,17 +247,24 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     A classifier head of another class count (e.g. K400 weights into an SSv2
     model) raises unless `reinit_head=True`, which keeps the model's own head; so does a
     checkpoint without a head (a backbone from pretraining).
-    With `strict`, missing or unexpected keys raise a ValueError listing them;
-    otherwise they are only reported. A model built on the meta device
+    With `strict`, missing or unexpected keys raise a ValueError listing them, as does one of
+    our files whose saved config differs from `model.cfg` in a setting the tensors do not show
+    (strides, padding, residual pooling, norm eps: anything but the clip size, the classes
+    and the regularization); otherwise they are only reported. A model built on the meta device
     (`with torch.device("meta"): build_model("l")`) is loaded with `assign=True`:
     no init, and no copy of a file's tensors (a state_dict passed in is copied, so the two
     never share storage); its tensors take the dtypes the model was built with either way.
     Returns the `LoadReport`.
     """
-    raw, fmt = read_checkpoint(path_or_state_dict, weights_only=weights_only)
+    raw, fmt, saved_config = _read(path_or_state_dict, weights_only)
     sd, renamed = to_native(raw, fmt)
     target = model.state_dict()
     report = LoadReport(format=fmt)
+    if saved_config is not None and isinstance(cfg := getattr(model, "cfg", None), MViTConfig):
+        report.config_differs = _architecture_differences(from_saved(MViTConfig, saved_config), cfg)
+        if strict and report.config_differs:
+            raise ValueError("checkpoint is for another architecture: its saved config has " + ", ".join(
+                f"{k}={a} where the model has {b}" for k, (a, b) in report.config_differs.items()))
     report.unexpected = sorted(k for k in sd if k not in target)
     report.missing = sorted(k for k in target if k not in sd)
     if reinit_head:  # a backbone-only file (e.g. a pretraining checkpoint) keeps the model's head
@@ -281,6 +309,17 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     return report
 
 
+# Settings that change what a model computes but not its tensors' shapes or names, apart from
+# the clip size (rel-pos tables are interpolated), the classes (the head is checked) and
+# training-only regularization.
+_UNCHECKED_FIELDS = ("num_frames", "crop_size", "num_classes", "drop_path_rate", "head_dropout")
+
+
+def _architecture_differences(saved: MViTConfig, model: MViTConfig) -> dict[str, tuple]:
+    return {f.name: (getattr(saved, f.name), getattr(model, f.name)) for f in dataclasses.fields(MViTConfig)
+            if f.name not in _UNCHECKED_FIELDS and getattr(saved, f.name) != getattr(model, f.name)}
+
+
 def _short(keys: list[str], n: int = 8) -> str:
     return "[]" if not keys else f"{keys[:n]}" + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
@@ -315,15 +354,25 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> MViTConfig:
     if fields["rel_pos_spatial"]:
         h_grid = (state_dict["blocks.0.attn.rel_pos_h"].shape[0] + 1) // 2
         fields["crop_size"] = h_grid * base.patch_stride[1]
-    return MViTConfig(**fields)
+    cfg = MViTConfig(**fields)
+    dataset = {400: "k400", 174: "ssv2"}.get(cfg.num_classes)
+    if (size := _published_size(cfg)) and dataset:  # a published model: its regularization too
+        cfg = dataclasses.replace(cfg, drop_path_rate=get_config(size, dataset).drop_path_rate)
+    return cfg
+
+
+def _published_size(cfg: MViTConfig) -> str | None:
+    for size in ("s", "b", "l"):
+        ref = get_config(size)
+        if (ref.depths, ref.embed_dim, ref.num_heads) == (cfg.depths, cfg.embed_dim, cfg.num_heads):
+            return size
+    return None
 
 
 def preset_name(cfg: MViTConfig) -> str:
     """"MViTv2-S" etc. when `cfg` has a published architecture, else a description."""
-    for size in ("s", "b", "l"):
-        ref = get_config(size)
-        if (ref.depths, ref.embed_dim, ref.num_heads) == (cfg.depths, cfg.embed_dim, cfg.num_heads):
-            return f"MViTv2-{size.upper()}"
+    if size := _published_size(cfg):
+        return f"MViTv2-{size.upper()}"
     return f"MViTv2 depths {cfg.depths}, width {cfg.embed_dim}, {cfg.num_heads} head(s)"
 
 

@@ -25,6 +25,7 @@ from .checkpoint import (
     infer_config,
     load_checkpoint,
     load_file,
+    not_a_checkpoint_file,
     preset_name,
     read_checkpoint,
     save_checkpoint,
@@ -48,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"cannot write {args.dst}: {reason}")
     try:
         src = args.src
-        if not Path(src).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {src}")
+        if problem := not_a_checkpoint_file(src):
+            raise FileNotFoundError(f"checkpoint {src}: {problem}")
         # mapped, not read: loading into the model below makes the only copy in memory
         container = load_file(Path(src), weights_only=not args.allow_pickle, mmap=True)
         raw, fmt = read_checkpoint(container)

@@ -135,10 +135,35 @@ def test_checkpoint_of_another_architecture(model):
             load_checkpoint(mvit_fast.build_model("s", **MINI), sd, reinit_head=reinit_head)
 
 
+def test_our_checkpoints_config_must_match_where_the_tensors_cannot_tell(model, tmp_path):
+    # k/v strides, residual pooling, norm eps: same tensors, another model
+    save_checkpoint(tmp_path / "a.pt", model)
+    for change in (dict(kv_stride_adaptive=(1, 4, 4)), dict(residual_pooling=False), dict(norm_eps=1e-5)):
+        other = mvit_fast.build_model("s", **MINI, **change)
+        ((name, value),) = change.items()
+        with pytest.raises(ValueError, match=f"another architecture: its saved config has {name}="):
+            load_checkpoint(other, tmp_path / "a.pt")
+        report = load_checkpoint(other, tmp_path / "a.pt", strict=False)
+        assert report.config_differs == {name: (getattr(model.cfg, name), value)}
+        assert f"architecture differs: {name}" in report.summary()
+    # the clip size, the classes and the regularization may differ
+    other = mvit_fast.build_model("s", **{**MINI, "num_frames": 6, "crop_size": 48}, drop_path_rate=0.5,
+                                  head_dropout=0.1)
+    assert load_checkpoint(other, tmp_path / "a.pt").config_differs == {}
+    assert load_checkpoint(other, model.state_dict()).config_differs == {}  # a bare state_dict: no config
+
+
 def test_unreadable_inputs(tmp_path):
     model = mvit_fast.build_model("s", **MINI)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing.pyth: no such file"):
         load_checkpoint(model, tmp_path / "missing.pyth")
+    with pytest.raises(FileNotFoundError, match="is a folder, not a checkpoint file$"):
+        load_checkpoint(model, tmp_path)
+    save_checkpoint(tmp_path / "run" / "best.pt", model)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint file \(a run.s best weights: .*run/best.pt\)"):
+        load_checkpoint(model, tmp_path / "run")
+    with pytest.raises(ValueError, match="not a state_dict: the checkpoint's weights are a NoneType"):
+        load_checkpoint(model, {"state_dict": None})
     (tmp_path / "garbage.pyth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointReadError, match="garbage.pyth is not a PyTorch checkpoint"):
         load_checkpoint(model, tmp_path / "garbage.pyth")
@@ -187,7 +212,9 @@ def test_convert_cli(model, tmp_path, capsys):
     sd, fmt = read_checkpoint(tmp_path / "mm.pth")
     assert fmt == "mmaction2" and torch.equal(sd["cls_head.fc_cls.weight"], model.head.projection.weight)
     assert convert_main([str(tmp_path / "nope.pth"), str(tmp_path / "x.pt")]) == 2
-    assert "checkpoint not found" in capsys.readouterr().err
+    assert "nope.pth: no such file" in capsys.readouterr().err
+    assert convert_main([str(tmp_path), str(tmp_path / "x.pt")]) == 2
+    assert "is a folder, not a checkpoint file" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:  # refused before SRC is read
         convert_main([str(tmp_path / "nope.pth"), str(tmp_path)])
     assert exit_.value.code == 2
@@ -241,6 +268,7 @@ def test_infer_config_recognizes_published_models(size, dataset):
     assert (cfg.depths, cfg.embed_dim, cfg.num_heads, cfg.num_classes, cfg.num_frames, cfg.crop_size) == (
         ref.depths, ref.embed_dim, ref.num_heads, ref.num_classes, ref.num_frames, ref.crop_size)
     assert preset_name(cfg) == f"MViTv2-{size.upper()}"
+    assert cfg.drop_path_rate == ref.drop_path_rate  # the published regularization, not S-K400's
 
 
 def test_model_built_on_meta_device_is_assigned(model, tmp_path):

@@ -331,6 +331,8 @@ def test_bad_main_arguments_raise_clear_value_errors(tmp_path):
         main(eval_only=True, device="cpu")
     with pytest.raises(ValueError, match="--checkpoint .*nope.pt: no such file"):
         main(eval_only=True, checkpoint=str(tmp_path / "nope.pt"), device="cpu")
+    with pytest.raises(ValueError, match="--checkpoint .*: is a folder, not a checkpoint file"):
+        main(eval_only=True, checkpoint=str(tmp_path), device="cpu")
     lists = {name: tmp_path / f"{name}.txt" for name in ("ok", "past_head", "classes")}
     lists["ok"].write_text("a.mp4 0\nb.mp4 399\n")
     lists["past_head"].write_text("a.mp4 0\nb.mp4 400\nc.mp4 401\n")

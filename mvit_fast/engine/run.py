@@ -30,6 +30,7 @@ from ..checkpoint import (
     infer_config,
     load_checkpoint,
     load_file,
+    not_a_checkpoint_file,
     preset_name,
     read_checkpoint,
     to_native,
@@ -243,8 +244,8 @@ def main(
         raise ValueError("--resume continues training; use --checkpoint with --eval")
     if resume is not None and checkpoint is not None:
         raise ValueError("--resume continues a run from its own weights; leave out --checkpoint")
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise ValueError(f"--checkpoint {checkpoint}: no such file")
+    if checkpoint is not None and (problem := not_a_checkpoint_file(checkpoint)):
+        raise ValueError(f"--checkpoint {checkpoint}: {problem}")
     resume_path = latest_checkpoint(resume) if resume is not None else None
     if resume_path is not None and run_dir is None and resume_path.parent.name != "checkpoints":
         raise ValueError(f"--resume {resume_path}: not in a run's checkpoints/ folder; name the run "
