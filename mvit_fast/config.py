@@ -123,7 +123,10 @@ class BlockSpec:
     block-input size SlowFast sizes the rel-pos tables from: it propagates with
     floor division (`size // stride`) while the pooling convs round up, so for
     L at 312 the stored tables are shorter than the grids need and get
-    interpolated on every forward, exactly as in the official model.
+    interpolated on every forward, exactly as in the official model. It starts from
+    the patch embedding's grid, as mmaction2's; SlowFast's starts from the clip size over
+    the patch stride, the same grid wherever the stride divides the clip (every published
+    size; SlowFast and torchvision run no other).
     """
 
     index: int
