@@ -196,15 +196,20 @@ def batch() -> int:
 
 
 def _git_commit() -> str:
-    """MVIT_FAST_COMMIT if set (the device machine gets a copy without .git), else HEAD."""
+    """MVIT_FAST_COMMIT if set (the device machine gets a copy without .git), else HEAD, with
+    "-dirty" when tracked files differ from it (what ran is then not that commit)."""
     if os.environ.get("MVIT_FAST_COMMIT"):
         return os.environ["MVIT_FAST_COMMIT"]
+    here = Path(__file__).parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=Path(__file__).parent,
+        out = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=here,
                              capture_output=True, text=True, timeout=10)
+        if out.returncode != 0:
+            return "unknown"
+        clean = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=here, timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+    return out.stdout.strip() + ("" if clean else "-dirty")
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,9 @@
 #   profile_B32x224     the same for B, compiled Triton vs eager bf16   profile_*.json
 #   data_pip, data      DALI GPU decoding vs PyAV (bench/test_data.py), only where the wheel
 #                       parts came along (bench/fetch_wheels.sh data)   bench_data.json
+# An unknown step name or a DEADLINE that is not whole seconds stops the call (exit 2)
+# before anything runs; without a CUDA device the steps past pip are not started (cuda=1);
+# a benchmark step that writes no JSON (every case skipped) is recorded as NAME-json=1.
 #   report              python -m mvit_fast.report throughput           throughput.md (+ PNGs)
 # A step gets at most the time left to the deadline minus what the report and the packing
 # need, so the report runs however long the steps before it took.
@@ -72,7 +75,8 @@
 #
 # The device tool brings back at most 8 files from $OUT, and its copy of the repo has no
 # .git; there, run it as
-#   PACK=1 MVIT_FAST_COMMIT=<sha of HEAD> bash bench/gpu_suite.sh
+#   PACK=1 MVIT_FAST_COMMIT=<sha of HEAD, "-dirty" appended for uncommitted changes> bash bench/gpu_suite.sh
+# with the sha from `echo $(git rev-parse HEAD)$(git diff --quiet HEAD || echo -dirty)`.
 # PACK=1 packs everything under $OUT into gpu_suite.tar.gz (gpu_suite-<first step after pip>
 # with STEPS), leaving the run info and throughput.md beside it.
 # Commit the results (development machine; the device tool copies $OUT to its files_at,
@@ -91,7 +95,8 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 
-export MVIT_FAST_COMMIT=${MVIT_FAST_COMMIT:-$(git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)}
+export MVIT_FAST_COMMIT=${MVIT_FAST_COMMIT:-$(git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)$(
+  git diff --quiet HEAD 2>/dev/null || echo -dirty)}
 export MVIT_BENCH_MACS_CACHE="$OUT/macs_per_clip.json"  # fvcore counts once for all model steps
 # One Triton cache for every step, the one `warm` fills: once a process compiles anything
 # with Inductor (a compiled model, FlexAttention), Inductor points an unset TRITON_CACHE_DIR
@@ -100,10 +105,17 @@ export MVIT_BENCH_MACS_CACHE="$OUT/macs_per_clip.json"  # fvcore counts once for
 # look for the warmed binaries there.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 DEADLINE=${DEADLINE:-570}
+DEADLINE=${DEADLINE%.*}  # whole seconds (budget_left_s may come as a float)
+if ! [[ $DEADLINE =~ ^[0-9]+$ ]]; then echo "DEADLINE must be seconds, got '$DEADLINE'" >&2; exit 2; fi
 START=$SECONDS
 EXIT_CODES=()
 
+ALL_STEPS="pip tests train_compiled model_eager warm attention_S16x224 pool attention_B32x224
+  model_compiled_S16x224 profile_S16x224 model_compiled_B32x224 profile_B32x224 data_pip data report"
 STEPS=${STEPS:-}
+for s in $STEPS; do  # a misspelt step would be skipped without a word, its call wasted
+  [[ " $(echo $ALL_STEPS) " == *" $s "* ]] || { echo "unknown step '$s'; the steps: $(echo $ALL_STEPS)" >&2; exit 2; }
+done
 # Calls with STEPS share one results folder: what every call writes (run_info, the archive,
 # pip's and report's logs, throughput.md) is tagged with the call's first step after pip.
 TAG=$(for s in $STEPS; do [ "$s" = pip ] || { echo "-$s"; break; }; done)
@@ -138,12 +150,19 @@ print(json.dumps({
 PY
 }
 
+RAN=0  # whether the last `step` started its command
 step() {  # step NAME BUDGET_S CMD...: CMD under min(BUDGET_S, time to the deadline)
   local name=$1 budget=$2
   shift 2
+  RAN=0
   if [ -n "$STEPS" ] && [[ " $STEPS " != *" $name "* ]]; then return 0; fi
   local file=$name
   case $name in pip|report) file=$name$TAG ;; esac  # every call runs these
+  if [ -n "$NO_CUDA" ] && [ "$name" != pip ] && [ "$name" != report ]; then
+    echo "== $name: not started, no CUDA device" | tee "$OUT/$file.log"
+    EXIT_CODES+=("$name=125")
+    return 0
+  fi
   # Held back from the deadline: 20 s for the last run_info and packing; for every step but
   # the report also the report's 30 s and the 15 s a cut step may take to exit (INT, KILL).
   local reserve=20
@@ -157,6 +176,7 @@ step() {  # step NAME BUDGET_S CMD...: CMD under min(BUDGET_S, time to the deadl
   local limit=$((budget < left ? budget : left))
   echo "== $name: timeout ${limit}s at $((SECONDS - START))s"
   printf '%q ' "$@" > "$OUT/$file.cmd"
+  RAN=1
   timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee "$OUT/$file.log"
   EXIT_CODES+=("$name=${PIPESTATUS[0]}")
 }
@@ -166,8 +186,13 @@ bench() {  # bench NAME BUDGET_S FILE PYTEST_ARGS...: one pytest-benchmark run i
   shift 3
   step "$name" "$budget" "$PY" -m pytest "$file" --benchmark-only -p no:cacheprovider \
     --benchmark-columns=min,median,mean,stddev,rounds --benchmark-json="$OUT/bench_$name.json" "$@"
+  if [ "$RAN" = 1 ] && [ ! -s "$OUT/bench_$name.json" ]; then  # every case skipped, or killed
+    echo "== $name: wrote no benchmark JSON"
+    EXIT_CODES+=("$name-json=1")
+  fi
 }
 
+NO_CUDA=
 run_info
 # (timeout runs programs, not shell functions: the install is a `bash -c` script)
 # pyproject's SPDX `license = "..."` needs setuptools >= 77 (an older one rejects the file),
@@ -183,6 +208,16 @@ step pip 90 bash -c 'if [ -d .whl ]; then
   fi
   "$PY" -m pip install --no-index --no-deps --no-build-isolation -e . || exit
   "$PY" -c "import fvcore, mvit_fast.kernels" || { echo "fvcore (FLOP counts) is missing: carry .whl"; exit 1; }'
+# Nothing but the install and the report measures anything without a GPU: say so, once,
+# rather than as a run of skipped tests and benchmarks that exits 0 (MVIT_FAST_SUITE_CPU=1
+# runs the steps anyway, to try the suite's plumbing on a CPU machine).
+if [ "$(echo " ${STEPS:-all} " | sed 's/ pip / /; s/ report / /' | tr -d ' ')" != "" ] \
+  && [ "${MVIT_FAST_SUITE_CPU:-0}" != 1 ] \
+  && ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  echo "== no CUDA device visible to torch: the GPU steps are not started"
+  NO_CUDA=1
+  EXIT_CODES+=("cuda=1")
+fi
 # The numerics tests pin one launch config per kernel: autotuning every shape, dtype and
 # head-dim layout of the suite would compile for many minutes (the benchmarks autotune).
 # 32 x 32 tiles because they fit every case in shared memory: an sm_90 compile of the fp32

@@ -70,7 +70,7 @@ def run_epoch(loader) -> float:
     return clips / (time.perf_counter() - start)
 
 
-def bench_backend(benchmark, records, backend: str, sampling: str, **kw):
+def bench_backend(benchmark, run_info, records, backend: str, sampling: str, **kw):
     loader = build_loader(
         records,
         backend=backend,
@@ -85,6 +85,8 @@ def bench_backend(benchmark, records, backend: str, sampling: str, **kw):
     rates = []
     benchmark.pedantic(lambda: rates.append(run_epoch(loader)), rounds=ROUNDS, iterations=1)
     benchmark.extra_info.update(
+        run_info,  # device, versions, commit (bench/conftest.py)
+        kind="data",
         clips_per_s=round(statistics.median(rates), 2),
         clips_per_s_rounds=[round(r, 2) for r in rates],
         backend=backend,
@@ -92,21 +94,21 @@ def bench_backend(benchmark, records, backend: str, sampling: str, **kw):
         batch=BATCH,
         clips_per_epoch=len(records),
         cpu_cores=CPU_CORES,
-        device=torch.cuda.get_device_name() if backend == "dali" else "cpu",
-        torch=torch.__version__,
         av=av.__version__,
         files="340x256 30fps 10s h264",
     )
+    if backend == "pyav":  # on this machine's CPU cores, whatever GPU it has
+        benchmark.extra_info.update(device="cpu", device_type="cpu")
 
 
 @pytest.mark.parametrize("sampling", list(SAMPLINGS))
-def test_pyav_cpu(benchmark, k400_like, sampling):
-    bench_backend(benchmark, k400_like, "pyav", sampling)
+def test_pyav_cpu(benchmark, run_info, k400_like, sampling):
+    bench_backend(benchmark, run_info, k400_like, "pyav", sampling)
 
 
 @pytest.mark.skipif(
     not HAS_DALI_GPU, reason="DALI GPU decoding needs CUDA and nvidia-dali (the `dali` extra)"
 )
 @pytest.mark.parametrize("sampling", list(SAMPLINGS))
-def test_dali_gpu(benchmark, k400_like, sampling):
-    bench_backend(benchmark, k400_like, "dali", sampling, device="cuda")
+def test_dali_gpu(benchmark, run_info, k400_like, sampling):
+    bench_backend(benchmark, run_info, k400_like, "dali", sampling, device="cuda")

@@ -53,3 +53,28 @@ def test_op_benchmarks_time_rounds_of_back_to_back_calls_on_the_device_clock(tmp
     (case,) = json.loads(out.read_text())["benchmarks"]
     assert case["options"]["timer"] == "device_clock" and case["options"]["min_time"] == ROUND_MIN_S
     assert case["options"]["max_time"] == 0.2  # the CPU smoke case's own limit stays
+
+
+def test_results_name_a_modified_tree_dirty(tmp_path, monkeypatch):
+    # what ran is not the commit when tracked files differ from it
+    import importlib.util
+    import shutil
+
+    monkeypatch.delenv("MVIT_FAST_COMMIT", raising=False)
+    (tmp_path / "bench").mkdir()
+    shutil.copy(Path(__file__).parent.parent / "bench" / "conftest.py", tmp_path / "bench" / "conftest.py")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t",
+           "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "x"], check=True)
+    sha = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+    spec = importlib.util.spec_from_file_location("copied_conftest", tmp_path / "bench" / "conftest.py")
+    copied = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "copied_conftest", copied)  # its dataclasses look themselves up
+    spec.loader.exec_module(copied)
+    sha = sha.strip()
+    assert copied._git_commit() == sha
+    with open(tmp_path / "bench" / "conftest.py", "a") as f:
+        f.write("# an edit\n")
+    assert copied._git_commit() == sha + "-dirty"

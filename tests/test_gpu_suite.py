@@ -14,13 +14,16 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).parent.parent
 FIXTURE = Path(__file__).parent / "fixtures" / "bench_small.json"
 
 
-def _suite(out: Path, steps: str, deadline: int) -> subprocess.CompletedProcess:
+def _suite(out: Path, steps: str, deadline: int | str, **env_vars: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OUT=str(out), STEPS=steps, PACK="1", MVIT_FAST_COMMIT="abc1234",
-               DEADLINE=str(deadline), PY=sys.executable)
+               DEADLINE=str(deadline), PY=sys.executable, **env_vars)
     return subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh")], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
@@ -56,6 +59,33 @@ def test_a_step_the_deadline_leaves_no_time_for_is_not_started(tmp_path):
     run = _suite(out, "report", deadline=45)  # 45 - 20 held back < 30 s
     assert run.returncode == 1
     assert json.loads((out / "run_info-report.json").read_text())["exit_codes"] == {"report": 125}
+
+
+def test_unknown_steps_and_a_bad_deadline_stop_the_call_before_anything_runs(tmp_path):
+    run = _suite(tmp_path, "pip attention_s16x224 report", deadline=200)  # S, not s
+    assert run.returncode == 2 and "unknown step 'attention_s16x224'" in run.stderr
+    run = _suite(tmp_path, "report", deadline="570s")
+    assert run.returncode == 2 and "DEADLINE must be seconds, got '570s'" in run.stderr
+    assert list(tmp_path.iterdir()) == []
+    shutil.copy(FIXTURE, tmp_path / "bench_fixture.json")
+    run = _suite(tmp_path, "report", deadline="200.7")  # as a budget may come
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what the suite does without a GPU")
+def test_without_a_gpu_the_gpu_steps_are_not_started_and_the_call_fails(tmp_path):
+    shutil.copy(FIXTURE, tmp_path / "bench_fixture.json")
+    run = _suite(tmp_path, "warm report", deadline=200)
+    assert run.returncode == 1 and "no CUDA device visible to torch" in run.stdout
+    codes = json.loads((tmp_path / "run_info-warm.json").read_text())["exit_codes"]
+    assert codes == {"cuda": 1, "warm": 125, "report": 0}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="B's attention cases all skip on a CPU")
+def test_a_benchmark_step_that_measured_nothing_fails(tmp_path):
+    run = _suite(tmp_path, "attention_B32x224", deadline=200, MVIT_FAST_SUITE_CPU="1")
+    codes = json.loads((tmp_path / "run_info-attention_B32x224.json").read_text())["exit_codes"]
+    assert run.returncode == 1 and codes == {"attention_B32x224": 0, "attention_B32x224-json": 1}, run.stdout
 
 
 CUT_IN_FIRST_ROUND = '''

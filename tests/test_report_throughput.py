@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,41 @@ def test_cli_reports_unreadable_inputs(tmp_path, capsys):
                           ("other.json", "other.json: not a pytest-benchmark JSON file")):
         assert main(["throughput", str(tmp_path / name), "--no-plots"]) == 1, name
         assert message in capsys.readouterr().err, name
+
+
+def test_cli_without_matplotlib_prints_the_tables_and_says_why_no_plots(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert main(["throughput", str(FIXTURE), "--plot-dir", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "| train | eager-bf16 | 16 |" in captured.out
+    assert "no plots: the throughput plots need matplotlib" in captured.err and not list(tmp_path.iterdir())
+    (tmp_path / "null.json").write_text('{"benchmarks": null}')
+    assert main(["throughput", str(tmp_path / "null.json"), "--no-plots"]) == 1
+    assert "null.json: not a pytest-benchmark JSON file" in capsys.readouterr().err
+
+
+def _data_row(sampling: str, backend: str, clips_per_s: float) -> dict:
+    """extra_info as bench/test_data.py writes it."""
+    device = "NVIDIA H100 80GB HBM3" if backend == "dali" else "cpu"
+    return dict(kind="data", sampling=sampling, backend=backend, device=device, batch=8,
+                clips_per_s=clips_per_s, device_type="cuda" if backend == "dali" else "cpu")
+
+
+def test_data_table_against_pyav_and_the_training_step_it_feeds(rows, tmp_path, capsys):
+    data = [_data_row("16x4", "dali", 96.0), _data_row("16x4", "pyav", 24.0), _data_row("32x3", "pyav", 10.0)]
+    lines = throughput_tables(rows + data).splitlines()
+    # the fixture's fastest S16x224 training step on that H100: compile-triton-bf16, 32 clips/s
+    assert ("| 16x4 | dali | NVIDIA H100 80GB HBM3 | 8 | 96.00 | 4.00x | S16x224 compile-triton-bf16 (32.00) "
+            "| 3.00x |") in lines
+    assert "| 16x4 | pyav | cpu | 8 | 24.00 | - | - | - |" in lines
+    assert "| 32x3 | pyav | cpu | 8 | 10.00 | - | - | - |" in lines
+    # a data benchmark alone is a report (the suite's data call)
+    only = {"benchmarks": [{"name": f"test_{i}", "stats": {"median": 1.0}, "extra_info": r}
+                           for i, r in enumerate(data)]}
+    (tmp_path / "bench_data.json").write_text(json.dumps(only))
+    assert main(["throughput", str(tmp_path / "bench_data.json"), "--no-plots"]) == 0
+    assert "| 16x4 | dali | NVIDIA H100 80GB HBM3 | 8 | 96.00 | 4.00x | - | - |" in capsys.readouterr().out
 
 
 def _pool_row(provider: str, median_s: float, **extra) -> dict:
