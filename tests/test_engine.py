@@ -63,6 +63,11 @@ def test_k400_schedule_warmup_peak_and_cosine_end():
     peak = lrs.index(max(lrs))
     assert peak == 300 and all(a <= b for a, b in zip(lrs[:peak], lrs[1 : peak + 1]))
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))
+    # four machines' batch (SlowFast's BASE_LR_SCALE_NUM_SHARDS): every lr of the schedule x4
+    r4 = dataclasses.replace(r, batch_size=64)
+    assert [lr_at(e, r4) for e in (0.0, 15.0, 30.0, 115.0, 200.0)] == pytest.approx(
+        [4 * lr_at(e, r) for e in (0.0, 15.0, 30.0, 115.0, 200.0)])
+    assert lr_at(0.0, r4) == pytest.approx(4e-6) and lr_at(200.0, r4) == pytest.approx(4e-6)
     assert get_recipe("s", "k400", batch_size=64).lr == pytest.approx(4e-4)  # linear in the global batch
 
 

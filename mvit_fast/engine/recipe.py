@@ -6,7 +6,8 @@ for L (only `MVITv2_L_40x3_test.yaml`), so K400-L trains with B's solver and L's
 and test settings. SlowFast's `BASE_LR_SCALE_NUM_SHARDS` multiplies the lr by the number of
 machines, each running the config's `TRAIN.BATCH_SIZE` videos: the lr is linear in the
 global batch, `lr = base_lr * batch_size / base_lr_batch`, and the default batch is the
-released config's one-machine batch. `WARMUP_START_LR` and `COSINE_END_LR` are absolute.
+released config's one-machine batch. It scales `WARMUP_START_LR` and `COSINE_END_LR` alike
+(`assert_and_infer_cfg`), so the whole schedule is linear in the batch.
 
 `synthetic` is this repository's CPU quickstart on the built-in motion dataset (no
 published recipe): small clips, no flip (left/right motion is the label), a narrow model.
@@ -103,9 +104,14 @@ class Recipe:
     log_every: int = 10  # optimizer steps between CSV rows
 
     @property
+    def lr_scale(self) -> float:
+        """How this global batch scales the schedule's lrs: `batch_size / base_lr_batch`."""
+        return self.batch_size / self.base_lr_batch
+
+    @property
     def lr(self) -> float:
         """Peak lr at this global batch (linear scaling from `base_lr` per `base_lr_batch`)."""
-        return self.base_lr * self.batch_size / self.base_lr_batch
+        return self.base_lr * self.lr_scale
 
     @property
     def model_dataset(self) -> str:
@@ -152,7 +158,7 @@ _SSV2 = {
               max_batch_per_device=1),
 }
 # CPU quickstart: the built-in synthetic dataset at 32x32 (1200 train / 120 val clips of 48
-# frames, see run.SYNTHETIC), 8 frames every 4th; a 5-block MViTv2 of width 32 (1.2M parameters)
+# frames, see run.SYNTHETIC), 8 frames over 32 (rate 4); a 5-block MViTv2 of width 32 (1.2M parameters)
 # whose k/v are not pooled (the published (1, 8, 8) stride would pool a 32x32 clip's 8x8 token
 # grid to a single token per frame, and motion, the only cue, could not be seen); no flip
 # (left/right motion is the label), no RandAugment / erasing / mixup (too few steps to pay off).
@@ -329,14 +335,16 @@ def check_recipe(r: Recipe) -> None:
 
 def lr_at(epoch: float, r: Recipe) -> float:
     """SlowFast's per-iteration lr at fractional `epoch`: linear warmup from `warmup_start_lr`
-    to the cosine's value at the warmup's end, then cosine from `lr` to `end_lr` (cosine after warmup)."""
+    to the cosine's value at the warmup's end, then cosine from `lr` to `end_lr` (cosine after
+    warmup); the start and end lrs scaled with the batch as the peak is (`lr_scale`)."""
+    start_lr, end_lr = r.warmup_start_lr * r.lr_scale, r.end_lr * r.lr_scale
 
     def cosine(e: float) -> float:
         t = (e - r.warmup_epochs) / (r.epochs - r.warmup_epochs)
-        return r.end_lr + (r.lr - r.end_lr) * (math.cos(math.pi * t) + 1) / 2
+        return end_lr + (r.lr - end_lr) * (math.cos(math.pi * t) + 1) / 2
 
     if epoch < r.warmup_epochs:
-        return r.warmup_start_lr + (cosine(r.warmup_epochs) - r.warmup_start_lr) * epoch / r.warmup_epochs
+        return start_lr + (cosine(r.warmup_epochs) - start_lr) * epoch / r.warmup_epochs
     return cosine(epoch)
 
 
@@ -363,5 +371,5 @@ def build_optimizer(model: nn.Module, r: Recipe) -> torch.optim.Optimizer:
     """AdamW (K400) or SGD with Nesterov momentum (SSv2); the lr is set every step from `lr_at`."""
     groups = param_groups(model, r)
     if r.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=r.warmup_start_lr, betas=r.betas)
-    return torch.optim.SGD(groups, lr=r.warmup_start_lr, momentum=r.momentum, nesterov=r.nesterov)
+        return torch.optim.AdamW(groups, lr=lr_at(0.0, r), betas=r.betas)
+    return torch.optim.SGD(groups, lr=lr_at(0.0, r), momentum=r.momentum, nesterov=r.nesterov)
