@@ -387,7 +387,7 @@ def test_resume_and_eval_take_the_recipe_from_the_checkpoint_and_refuse_another(
         main(**data, eval_only=True, checkpoint=out["checkpoint"], embed_dim=32)
 
 
-def test_a_resume_on_another_number_of_processes_says_it_is_not_exact(tiny, tmp_path, capsys):
+def test_a_resume_in_other_micro_batches_says_it_is_not_exact(tiny, tmp_path, capsys):
     run = tmp_path / "run"
     main(**tiny, run_dir=str(run), max_steps=2)
     path = trainer_module.latest_checkpoint(run)
@@ -395,7 +395,17 @@ def test_a_resume_on_another_number_of_processes_says_it_is_not_exact(tiny, tmp_
     torch.save(dict(state, world_size=2), path)  # as if saved by a 2-process run
     capsys.readouterr()
     assert main(**tiny, resume=str(run))["status"] == "finished"
-    assert "saved by 2 processes, resumed by 1" in capsys.readouterr().out
+    assert ("saved by 2 process(es) of 1 micro-batch(es) of 2 videos, resumed by 1 of 1 of 4: "
+            in capsys.readouterr().out)
+    # the same global batch in micro-batches of another size: other mixup pairs, other draws
+    run = tmp_path / "split"
+    main(**tiny, run_dir=str(run), max_steps=2)
+    capsys.readouterr()
+    assert main(**tiny, resume=str(run), max_steps=3)["status"] == "stopped"
+    assert "not the ones an uninterrupted run would take" not in capsys.readouterr().out
+    assert main(**tiny, resume=str(run), batch_per_device=2)["status"] == "finished"
+    assert "saved by 1 process(es) of 1 micro-batch(es) of 4 videos, resumed by 1 of 2 of 2: " in (
+        capsys.readouterr().out)
 
 
 def test_a_state_that_does_not_fit_is_a_resume_error(tiny, tmp_path):

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from ..checkpoint import load_file, save_checkpoint
+from ..config import from_saved
 from ..data import MixupCutmix
 from ..data.mixup import smooth_one_hot
 from ..data.report import DataReport
@@ -364,11 +365,15 @@ def train(
     pos = Position()
     if resume is not None:
         pos = load_training_state(resume, model, optimizer, scaler, recipe, steps_per_epoch, sharded)
-        saved_world = read_training_state(resume, mmap=True).get("world_size", d.world_size)
-        if saved_world != d.world_size and d.is_main:
-            print(f"--resume {resume}: saved by {saved_world} processes, resumed by {d.world_size}: "
+        saved = read_training_state(resume, mmap=True)
+        saved_world = saved.get("world_size", d.world_size)
+        saved_split = accumulation(from_saved(Recipe, saved["recipe"]), saved_world)
+        if (saved_world, saved_split) != (d.world_size, (per_device, accum)) and d.is_main:
+            print(f"--resume {resume}: saved by {saved_world} process(es) of {saved_split[1]} "
+                  f"micro-batch(es) of {saved_split[0]} videos, resumed by {d.world_size} of {accum} "
+                  f"of {per_device}: "
                   "training goes on from the same step, but the steps are not the ones an "
-                  "uninterrupted run would take (micro-batches and per-rank draws differ)", flush=True)
+                  "uninterrupted run would take (micro-batches and their draws differ)", flush=True)
     ddp = None
     if d.enabled and sharded is None:
         ddp = nn.parallel.DistributedDataParallel(
