@@ -173,6 +173,41 @@ def test_flipped_views_are_flipped_after_rand_augment_in_both_backends(name):
     assert (views[True][0] - views[False][0].flip(-1)).abs().mean() < 1
 
 
+def test_both_backends_shrink_as_slowfasts_interpolate():
+    # SlowFast resizes with F.interpolate(bilinear, align_corners=False), no antialiasing: with
+    # a 1-pixel stripe every 3rd column shrunk 3x, every sample lands on a stripe (white), where
+    # an antialiased shrink averages the stripes into a gray of 255 / 3
+    import nvidia.dali as dali
+    import torch.nn.functional as F
+    from nvidia.dali import fn, types
+
+    from mvit_fast.data.dali_augment import train_draw_inputs, train_views_graph
+    from mvit_fast.data.transforms import train_view
+
+    frames = np.zeros((2, 48, 48, 3), dtype=np.uint8)
+    frames[:, :, 1::3] = 255
+    clip = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    want = F.interpolate(clip, size=(16, 16), mode="bilinear", align_corners=False).permute(1, 0, 2, 3)
+    assert want.min() == 255
+    augment = TrainAugment(crop_size=16, repeats=1, rand_augment=False, erase_prob=0.0)
+    draw = ViewDraw((0, 0, 48, 48), False, (), None)
+    pyav = train_view(clip, draw, dataclasses.replace(augment, mean=(0.0,) * 3, std=(1 / 255,) * 3))
+
+    @dali.pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1, exec_dynamic=True)
+    def pipeline():
+        video = fn.external_source(name="clip", dtype=types.UINT8, ndim=4, layout="FHWC")
+        raw = dict(mean=[0.0] * 3, std=[1.0] * 3, output_layout="CFHW")  # levels of 255, (C, T, H, W)
+        return tuple(train_views_graph(video, augment, raw))
+
+    pipe = pipeline()
+    pipe.build()
+    pipe.feed_input("clip", [frames])
+    for key, value in train_draw_inputs([draw], augment).items():
+        pipe.feed_input(key, [value])
+    dali_view = torch.from_numpy(np.asarray(pipe.run()[0].as_tensor())[0])
+    assert (pyav - want).abs().max() < 1e-3 and (dali_view - want).abs().max() < 1.5
+
+
 @pytest.mark.parametrize("height,width", [(48, 71), (71, 48)])
 @pytest.mark.parametrize("num_crops", [1, 3])
 def test_test_crops_where_slowfast_puts_them_in_both_backends(tmp_path, height, width, num_crops):

@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from mvit_fast.data.mixup import MixupCutmix, smooth_one_hot
-from mvit_fast.data.randaugment import LEVEL_STEPS, OPS, SIGNED, apply_op, apply_rand_ops, draw_rand_ops
+from mvit_fast.data.randaugment import (
+    LEVEL_STEPS,
+    OPS,
+    SIGNED,
+    apply_op,
+    apply_rand_ops,
+    draw_rand_ops,
+    posterize_bits,
+)
 from mvit_fast.data.transforms import (
     TrainAugment,
     draw_erase,
@@ -125,13 +133,19 @@ def test_normalize_layout_and_values():
     )
 
 
-def test_random_erase_same_box_on_every_frame():
+def test_random_erase_same_box_on_every_frame_new_noise_in_each():
+    # SlowFast's cube erasing of a (T, C, H, W) clip: one box, its pixels drawn per frame
     rng = np.random.default_rng(3)
     clip = torch.zeros(3, 4, 32, 32)
-    erased = erase(clip, draw_erase((3, 32, 32), 1.0, rng))
+    box = draw_erase((3, 32, 32), 1.0, rng)
+    erased = erase(clip, box)
     changed = erased != 0
-    assert changed.any()
-    assert torch.equal(changed[:, 0], changed[:, 3]) and torch.equal(erased[:, 0], erased[:, 2])
+    assert changed.sum() == 3 * 4 * box.height * box.width
+    assert all(torch.equal(changed[:, 0], changed[:, t]) for t in range(4))
+    inside = erased[..., box.top : box.top + box.height, box.left : box.left + box.width]
+    assert abs(torch.corrcoef(inside[0, :2].reshape(2, -1))[0, 1].item()) < 0.3  # frames 0, 1: unrelated
+    assert abs(inside.mean().item()) < 0.2 and abs(inside.std().item() - 1) < 0.2  # N(0, 1)
+    assert torch.equal(erase(clip, box), erased)  # the seed decides
     assert draw_erase((3, 32, 32), 0.0, rng) is None and erase(clip, None) is clip
 
 
@@ -165,9 +179,14 @@ def test_rand_augment_draws_timm_m7_n4_mstd05():
     ops = [op for d in draws for op in d]
     assert all(len(d) <= 4 for d in draws)
     assert abs(len(ops) / (4 * len(draws)) - 0.5) < 0.02  # each of n=4 kept with p=0.5
-    levels = np.array([op.level for op in ops])
+    levels = np.array([op.level for op in ops if OPS[op.op] != "PosterizeIncreasing"])
     assert abs(levels.mean() - 0.7) < 0.005 and abs(levels.std() - 0.05) < 0.005  # N(7, 0.5) / 10
     assert np.allclose(levels * LEVEL_STEPS, np.round(levels * LEVEL_STEPS))  # DALI's bins
+    # Posterize keeps 4 - int(4 m / 10) bits of the unrounded magnitude m: 2 bits at m = 7.45
+    # (a level rounded to the bins first, 0.75, would keep 1)
+    draws = [draw_rand_ops(np.random.default_rng(s), magnitude=7.45, magnitude_std=0) for s in range(300)]
+    at = [op for d in draws for op in d if OPS[op.op] == "PosterizeIncreasing"]
+    assert at and {posterize_bits(op.level) for op in at} == {2}
     counts = np.bincount([op.op for op in ops], minlength=len(OPS))
     assert counts.min() > 0.8 * len(ops) / len(OPS)  # uniform over the 15 ops
     signs = np.array([op.sign for op in ops])

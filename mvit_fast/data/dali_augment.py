@@ -114,7 +114,7 @@ def train_views_graph(video, augment: TrainAugment, normalize: dict) -> list:
     size = (augment.crop_size,) * 2
     views = []
     for r in range(augment.repeats):
-        clip = fn.resize(video, size=size, roi_start=crop[r, 0:2], roi_end=crop[r, 2:4], antialias=True)
+        clip = fn.resize(video, size=size, roi_start=crop[r, 0:2], roi_end=crop[r, 2:4], antialias=False)
         if augment.rand_augment:
             for slot in range(NUM_OPS):
                 clip = rand_augment_op(clip, op_index[r, slot], level_bin[r, slot], negate[r, slot], size)

@@ -80,7 +80,7 @@ def build_pipeline(
             return tuple(train_views_graph(video, augment, _normalize_args(augment)))
         landscape = fn.external_source(name="landscape", dtype=types.FLOAT, ndim=0)
         views = []
-        video = fn.resize(video, resize_shorter=augment.short_side, antialias=True)
+        video = fn.resize(video, resize_shorter=augment.short_side, antialias=False)
         positions = [0.5] if augment.num_crops == 1 else [0.0, 0.5, 1.0]
         for p in positions:  # along the long side: x for landscape frames, y for portrait ones
             views.append(

@@ -187,8 +187,10 @@ def draw_rand_ops(
             continue
         m = rng.normal(magnitude, magnitude_std) if magnitude_std > 0 else magnitude
         sign = -1 if OPS[op] in SIGNED and rng.random() < 0.5 else 1
-        level = round(float(np.clip(m, 0, 10)) / 10 * LEVEL_STEPS) / LEVEL_STEPS
-        ops.append(RandOp(int(op), level, sign))
+        level = float(np.clip(m, 0, 10)) / 10
+        if OPS[op] == "PosterizeIncreasing":  # its bits step at quarters: floor there, not at the bins
+            level = int(4 * level) / 4
+        ops.append(RandOp(int(op), round(level * LEVEL_STEPS) / LEVEL_STEPS, sign))
     return tuple(ops)
 
 

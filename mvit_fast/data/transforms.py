@@ -159,10 +159,11 @@ def short_side_jitter_box(height: int, width: int, crop_size: int, short_side: t
 
 
 def resize(clip: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of (T, C, H, W) to `size` (antialiased when shrinking, like DALI's linear)."""
+    """Bilinear resize of (T, C, H, W) to `size`, without antialiasing when shrinking, as
+    SlowFast's `F.interpolate` (the DALI backend's linear resize is set alike)."""
     if tuple(clip.shape[-2:]) == tuple(size):
         return clip
-    return F.interpolate(clip, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(clip, size=size, mode="bilinear", align_corners=False)
 
 
 def resized_crop(clip: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
@@ -207,11 +208,13 @@ def normalize(clip: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...
 
 
 class EraseBox(NamedTuple):
-    """A random-erasing box (top, left) and its noise, (C, 1, h, w) float32."""
+    """A random-erasing box and the seed of its noise."""
 
     top: int
     left: int
-    noise: np.ndarray
+    height: int
+    width: int
+    seed: int
 
 
 def draw_erase(
@@ -222,11 +225,11 @@ def draw_erase(
     ratio: tuple[float, float] = (0.3, 1 / 0.3),
 ) -> EraseBox | None:
     """timm/SlowFast RandomErasing, "pixel" mode, one box, for a (C, H, W) `shape`: with
-    probability `prob`, a box of area fraction in `scale` and log-uniform aspect in `ratio`,
-    filled with standard normal noise. None: nothing erased."""
+    probability `prob`, a box of area fraction in `scale` and log-uniform aspect in `ratio`.
+    None: nothing erased."""
     if prob <= 0 or rng.random() >= prob:
         return None
-    c, height, width = shape
+    _, height, width = shape
     for _ in range(10):
         target = height * width * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
@@ -234,18 +237,21 @@ def draw_erase(
         w = int(round(math.sqrt(target / aspect)))
         if w < width and h < height:
             top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
-            return EraseBox(top, left, rng.standard_normal((c, 1, h, w), dtype=np.float32))
+            return EraseBox(top, left, h, w, int(rng.integers(0, 2**62)))
     return None
 
 
 def erase(clip: torch.Tensor, box: EraseBox | None) -> torch.Tensor:
-    """Fill `box` of a normalized (C, T, H, W) clip with its noise, the same box and noise on
-    every frame (SlowFast's `cube` erasing)."""
+    """Fill `box` of a normalized (C, T, H, W) clip with standard normal noise: the box in the
+    same place on every frame, new noise in every frame (SlowFast's `cube` erasing of a clip's
+    frames). The noise comes from the box's seed on the CPU, so both backends erase alike."""
     if box is None:
         return clip
-    _, _, h, w = box.noise.shape
+    noise = torch.randn((*clip.shape[:2], box.height, box.width),
+                        generator=torch.Generator().manual_seed(box.seed))
     clip = clip.clone()
-    clip[..., box.top : box.top + h, box.left : box.left + w] = torch.from_numpy(box.noise).to(clip.device)
+    rows, cols = slice(box.top, box.top + box.height), slice(box.left, box.left + box.width)
+    clip[..., rows, cols] = noise.to(clip.device, clip.dtype)
     return clip
 
 
