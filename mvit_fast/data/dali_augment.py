@@ -8,9 +8,9 @@ exactly what the uninterrupted one did, and the two backends crop and flip alike
 RandAugment runs `randaugment.OPS` in DALI's ops (`nvidia.dali.auto_aug`), one op per slot
 chosen per sample with `select`; a slot the draw left empty runs the identity. Levels
 arrive as bins of 1/LEVEL_STEPS, the resolution `draw_rand_ops` rounds them to.
-Known differences from randaugment.py's ops: Equalize is OpenCV's, per frame; Color
-is DALI's saturation; resampling and rounding to uint8 between ops differ by a few levels.
-AutoContrast and Contrast take their statistics over the whole clip, as randaugment.py does.
+Known differences from randaugment.py's ops: Equalize is OpenCV's formula; Color is
+DALI's saturation; resampling and rounding to uint8 between ops differ by a few levels.
+AutoContrast, Contrast and Equalize take each frame's statistics, as randaugment.py does.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ def _posterize(data, mask):
 
 @augmentation
 def _auto_contrast(data, _):
-    """Stretch each channel's range over the clip to [0, 255]; a flat channel stays as it is."""
-    lo = fn.cast(fn.reductions.min(data, axis_names="FHW", keep_dims=True), dtype=types.FLOAT)
-    hi = fn.cast(fn.reductions.max(data, axis_names="FHW", keep_dims=True), dtype=types.FLOAT)
+    """Stretch each frame's channels to [0, 255]; a flat channel stays as it is."""
+    lo = fn.cast(fn.reductions.min(data, axis_names="HW", keep_dims=True), dtype=types.FLOAT)
+    hi = fn.cast(fn.reductions.max(data, axis_names="HW", keep_dims=True), dtype=types.FLOAT)
     flat = fn.cast(hi == lo, dtype=types.FLOAT)
     return fn.cast((data - lo) * (255 / (hi - lo + flat)) + lo * flat, dtype=types.UINT8)
 
@@ -57,8 +57,8 @@ def _sharpness(data, kernel):
 
 @augmentation(mag_range=(0, 0.9), randomly_negate=True, mag_to_param=aa.shift_enhance_range)
 def _contrast(data, factor):
-    """Blend with the clip's mean gray level (PIL's Contrast, over the whole clip)."""
-    mean = fn.reductions.mean(data, axis_names="FHW", keep_dims=True)
+    """Blend each frame with its mean gray level (PIL's Contrast)."""
+    mean = fn.reductions.mean(data, axis_names="HW", keep_dims=True)
     gray = fn.reductions.sum(mean * types.Constant(np.array([0.299, 0.587, 0.114], np.float32)),
                              axis_names="C", keep_dims=True)
     return fn.cast(dmath.clamp(gray + (data - gray) * factor, 0, 255), dtype=types.UINT8)

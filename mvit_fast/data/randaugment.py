@@ -4,8 +4,8 @@
 with probability 0.5 at magnitude ~ N(m, mstd) clipped to [0, 10] (out of 10). Every
 random choice is made once per clip: all frames get the same ops, magnitudes and signs,
 so the augmentation never adds motion. Works on float (T, C, H, W) in [0, 255].
-Statistics (autocontrast range, equalize histogram, contrast mean) are taken over the
-whole clip for the same reason; PIL takes them per image.
+Statistics (autocontrast range, equalize histogram, contrast mean) are each frame's, as
+SlowFast's ops take them (PIL, one image per frame).
 
 The draws (`draw_rand_ops`) are separate from the pixels (`apply_rand_ops`): the DALI
 backend applies the same draws with its own ops, and nothing random is left in its graph.
@@ -59,23 +59,25 @@ def _rotate(clip: torch.Tensor, degrees: float) -> torch.Tensor:
 
 
 def _equalize(clip: torch.Tensor) -> torch.Tensor:
+    """PIL's ImageOps.equalize of each frame and channel."""
     out = torch.empty_like(clip)
-    for ch in range(clip.shape[1]):
-        values = clip[:, ch].round().clamp(0, 255).long()
-        hist = torch.bincount(values.flatten(), minlength=256)
-        nonzero = hist[hist > 0]
-        step = (nonzero.sum() - nonzero[-1]) // 255
-        if step == 0:
-            out[:, ch] = clip[:, ch]
-            continue
-        lut = ((torch.cumsum(hist, 0) - hist + step // 2) // step).clamp(0, 255)
-        out[:, ch] = lut[values].to(clip.dtype)
+    for t in range(clip.shape[0]):
+        for ch in range(clip.shape[1]):
+            values = clip[t, ch].round().clamp(0, 255).long()
+            hist = torch.bincount(values.flatten(), minlength=256)
+            nonzero = hist[hist > 0]
+            step = (nonzero.sum() - nonzero[-1]) // 255
+            if step == 0:
+                out[t, ch] = clip[t, ch]
+                continue
+            lut = ((torch.cumsum(hist, 0) - hist + step // 2) // step).clamp(0, 255)
+            out[t, ch] = lut[values].to(clip.dtype)
     return out
 
 
 def _autocontrast(clip: torch.Tensor) -> torch.Tensor:
-    low = clip.amin(dim=(0, 2, 3), keepdim=True)
-    high = clip.amax(dim=(0, 2, 3), keepdim=True)
+    low = clip.amin(dim=(2, 3), keepdim=True)  # per frame and channel, as PIL's autocontrast
+    high = clip.amax(dim=(2, 3), keepdim=True)
     scale = torch.where(high > low, 255.0 / (high - low).clamp(min=1e-6), torch.ones_like(high))
     offset = torch.where(high > low, low, torch.zeros_like(low))
     return ((clip - offset) * scale).clamp(0, 255)
@@ -120,7 +122,7 @@ def apply_op(name: str, clip: torch.Tensor, level: float, sign: int = 1) -> torc
         if name == "ColorIncreasing":
             return _blend(clip, _gray(clip), factor)
         if name == "ContrastIncreasing":
-            return _blend(clip, _gray(clip).mean(), factor)  # over the clip, as the module says
+            return _blend(clip, _gray(clip).mean(dim=(1, 2, 3), keepdim=True), factor)  # each frame's mean
         if name == "BrightnessIncreasing":
             return _blend(clip, 0.0, factor)
         return _sharpness(clip, factor)

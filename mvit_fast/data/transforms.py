@@ -4,10 +4,11 @@ Clips here are float tensors (T, C, H, W) with values in [0, 255] until `normali
 which returns (C, T, H, W) in the model's input scale. Every random choice is drawn
 once per clip, so all frames get the same crop, flip, RandAugment ops and erased box.
 
-Train order: random resized crop -> flip -> RandAugment -> normalize -> random erasing,
+Train order: random resized crop -> RandAugment -> flip -> normalize -> random erasing,
 each view's random choices drawn first (`draw_train_view`), then applied (`train_view`).
 (SlowFast runs RandAugment before the crop, at full resolution; we run it at crop size,
-which is cheaper and is what the DALI pipeline does too.)
+which is cheaper and is what the DALI pipeline does too: its rotations and shears turn
+about the crop's centre and leave more of the fill in the view.)
 """
 
 from __future__ import annotations
