@@ -13,9 +13,10 @@ import os
 import pickle
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from .attention.reference import resize_rel_pos
 from .config import MViTConfig, from_saved, get_config
 
-__all__ = ["FORMATS", "CheckpointReadError", "LoadReport", "atomic_save", "detect_format",
+__all__ = ["FORMATS", "CheckpointReadError", "LoadReport", "atomic_save", "atomic_write", "detect_format",
            "export_state_dict", "infer_config", "load_checkpoint", "not_a_checkpoint_file", "preset_name",
            "read_checkpoint",
            "save_checkpoint", "to_native", "unwritable"]
@@ -396,6 +397,11 @@ def unwritable(path: str | os.PathLike, make_folders: bool = False) -> str | Non
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """torch.save through a temp file in the same folder and a rename: never a torn file.
     The file gets the permissions a plain `open` would give it (the umask's)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """`write(f)` into a temp file in the same folder, then a rename: never a torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -404,7 +410,7 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
             umask = os.umask(0)  # only readable by setting it
             os.umask(umask)
             os.fchmod(f.fileno(), 0o666 & ~umask)  # not mkstemp's 0600: a run's group reads its weights
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

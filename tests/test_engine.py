@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import math
+import pickle
 import sys
 
 import pytest
@@ -240,6 +242,23 @@ def test_evaluate_counts_every_listed_video_once(tmp_path):
     write_predictions(tmp_path / "preds.pt", result, paths)
     dump = torch.load(tmp_path / "preds.pt", weights_only=False)
     assert dump["views"].tolist() == [2, 2, 2, 0] and dump["incomplete"] == [3] and dump["paths"] == paths
+    # mmaction2's test dump: its own metric reads it (videos 0 and 2: right; video 1's two
+    # classes tie, which mmaction2's argsort breaks the other way)
+    write_predictions(tmp_path / "preds.pkl", result, paths)
+    with open(tmp_path / "preds.pkl", "rb") as f:
+        samples = pickle.load(f)
+    assert [(s["filename"], s["num_views"], s["gt_label"].tolist()) for s in samples] == [
+        (p, v, [y]) for p, v, y in zip(paths, [2, 2, 2, 0], labels)]
+    assert torch.allclose(torch.stack([s["pred_score"] for s in samples[:3]]).sum(1), torch.ones(3))
+    if importlib.util.find_spec("mmaction") is not None:
+        from mmaction.evaluation.metrics.acc_metric import AccMetric
+
+        metric = AccMetric(metric_list=("top_k_accuracy",))
+        metric.process([], [samples[0], samples[2]])
+        assert metric.compute_metrics(metric.results)["top1"] == 1.0
+        metric = AccMetric(metric_list=("top_k_accuracy",))
+        metric.process([], [samples[0], dict(samples[2], gt_label=torch.tensor([0]))])
+        assert metric.compute_metrics(metric.results)["top1"] == 0.5
 
 
 def test_a_saved_run_keeps_its_recipe_and_each_setting_a_command_changes_is_named():

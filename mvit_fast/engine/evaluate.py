@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import pickle
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import atomic_save, atomic_write
 from .dist import all_reduce_sum
 
 
@@ -159,12 +161,21 @@ def write_predictions(
     path: str | os.PathLike, result: EvalResult, paths: list[str], class_names: list[str] | None = None
 ) -> None:
     """`.csv`: one row per video (index, path, label, views scored, top-5 predictions, top-1
-    probability; the last two empty for a video with no view); anything else: a torch file with
-    the per-video mean softmax scores (zeros: no view), labels, paths, view counts, the
-    incomplete videos and the metrics."""
+    probability; the last two empty for a video with no view); `.pkl`: mmaction2's test dump
+    (`tools/test.py --dump`), a pickled list of one dict per video with `pred_score` (the mean
+    softmax over its views), `pred_label`, `gt_label`, plus `filename` and `num_views` (a video
+    with no view has zero scores: mmaction2's metrics, unlike ours, may count it right);
+    anything else: a torch file with the per-video mean softmax scores (zeros: no view), labels,
+    paths, view counts, the incomplete videos and the metrics."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     probs = result.scores / result.scores.sum(1, keepdim=True).clamp(min=1e-12)
+    if path.suffix == ".pkl":
+        samples = [{"pred_score": probs[i].float().clone(), "pred_label": probs[i].argmax(0, keepdim=True),
+                    "gt_label": result.labels[i : i + 1].clone(), "filename": p,
+                    "num_views": int(result.views[i])} for i, p in enumerate(paths)]
+        atomic_write(path, lambda f: pickle.dump(samples, f))
+        return
     if path.suffix == ".csv":
         top = probs.topk(min(5, probs.shape[1]), dim=1)
         with open(path, "w", newline="") as f:
@@ -183,8 +194,6 @@ def write_predictions(
                     ]
                 )
         return
-    from ..checkpoint import atomic_save
-
     atomic_save(
         {
             "scores": probs.float(),
