@@ -2,8 +2,9 @@
 
 Values come from SlowFast's released configs (configs/Kinetics/MVITv2_{S_16x4,B_32x3}.yaml,
 configs/SSv2/MVITv2_{S_16x4,B_32x3,L_40x3}.yaml); SlowFast publishes no K400 training config
-for L (only `MVITv2_L_40x3_test.yaml`), so K400-L trains with B's solver and L's model, data
-and test settings. SlowFast's `BASE_LR_SCALE_NUM_SHARDS` multiplies the lr by the number of
+for L (only `MVITv2_L_40x3_test.yaml`), so K400-L trains with B's solver and augmentation
+(repeated augmentation, mixup: that file's single sample and MIXUP.PROB 0 only test) and L's
+model, data and test settings. SlowFast's `BASE_LR_SCALE_NUM_SHARDS` multiplies the lr by the number of
 machines, each running the config's `TRAIN.BATCH_SIZE` videos: the lr is linear in the
 global batch, `lr = base_lr * batch_size / base_lr_batch`, and the default batch is the
 released config's one-machine batch. It scales `WARMUP_START_LR` and `COSINE_END_LR` alike
