@@ -95,8 +95,8 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 
-export MVIT_FAST_COMMIT=${MVIT_FAST_COMMIT:-$(git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)$(
-  git diff --quiet HEAD 2>/dev/null || echo -dirty)}
+export MVIT_FAST_COMMIT=${MVIT_FAST_COMMIT:-$(sha=$(git rev-parse --verify -q HEAD 2>/dev/null) \
+  && { git diff --quiet HEAD && echo "$sha" || echo "$sha-dirty"; } || echo unknown)}
 export MVIT_BENCH_MACS_CACHE="$OUT/macs_per_clip.json"  # fvcore counts once for all model steps
 # One Triton cache for every step, the one `warm` fills: once a process compiles anything
 # with Inductor (a compiled model, FlexAttention), Inductor points an unset TRITON_CACHE_DIR
@@ -177,6 +177,7 @@ step() {  # step NAME BUDGET_S CMD...: CMD under min(BUDGET_S, time to the deadl
   echo "== $name: timeout ${limit}s at $((SECONDS - START))s"
   printf '%q ' "$@" > "$OUT/$file.cmd"
   RAN=1
+  [ -z "${BENCH_JSON:-}" ] || rm -f "$BENCH_JSON"  # an earlier call's: not what this step measured
   timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee "$OUT/$file.log"
   EXIT_CODES+=("$name=${PIPESTATUS[0]}")
 }
@@ -184,8 +185,9 @@ step() {  # step NAME BUDGET_S CMD...: CMD under min(BUDGET_S, time to the deadl
 bench() {  # bench NAME BUDGET_S FILE PYTEST_ARGS...: one pytest-benchmark run into bench_NAME.json
   local name=$1 budget=$2 file=$3
   shift 3
-  step "$name" "$budget" "$PY" -m pytest "$file" --benchmark-only -p no:cacheprovider \
-    --benchmark-columns=min,median,mean,stddev,rounds --benchmark-json="$OUT/bench_$name.json" "$@"
+  BENCH_JSON="$OUT/bench_$name.json" step "$name" "$budget" "$PY" -m pytest "$file" --benchmark-only \
+    -p no:cacheprovider --benchmark-columns=min,median,mean,stddev,rounds \
+    --benchmark-json="$OUT/bench_$name.json" "$@"
   if [ "$RAN" = 1 ] && [ ! -s "$OUT/bench_$name.json" ]; then  # every case skipped, or killed
     echo "== $name: wrote no benchmark JSON"
     EXIT_CODES+=("$name-json=1")

@@ -2,7 +2,7 @@
 
 K400-like files are generated at bench time (340x256, 30 fps, 10 s, H.264) into a
 temporary folder. Cases: 16x4 and 32x3 sampling, train augmentation at 224 (random
-resized crop, flip, RandAugment, normalize, random erasing). GPU cases skip without
+resized crop, RandAugment, flip, normalize, random erasing). GPU cases skip without
 CUDA + DALI; the CPU cases run on a handful of files so they finish in seconds.
 
 Both backends read the same list at the same batch size. An epoch holds WAVES batches per
@@ -98,7 +98,7 @@ def bench_backend(benchmark, run_info, records, backend: str, sampling: str, **k
         files="340x256 30fps 10s h264",
     )
     if backend == "pyav":  # on this machine's CPU cores, whatever GPU it has
-        benchmark.extra_info.update(device="cpu", device_type="cpu")
+        benchmark.extra_info.update(device="cpu", device_type="cpu", l2_cache_bytes=None)
 
 
 @pytest.mark.parametrize("sampling", list(SAMPLINGS))

@@ -226,6 +226,13 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _short_commit(commit) -> str:
+    """The first 10 digits of a commit, keeping a "-dirty" mark (a tree that differed from it)."""
+    commit = str(commit)
+    dirty = commit.endswith("-dirty")
+    return commit.removesuffix("-dirty")[:10] + ("-dirty" if dirty else "")
+
+
 def _suite_key(suite: str) -> tuple:
     return (_SIZE_ORDER.get(suite[:1].lower(), 9), suite)
 
@@ -286,9 +293,11 @@ def data_table(rows: list[dict]) -> list[str]:
            "| sampling | backend | device | batch | clips/s | DALI / PyAV | training step it feeds "
            "(clips/s) | DALI / training step |",
            "|---|---|---|---:|---:|---:|---|---:|"]
-    for sampling in sorted({r["sampling"] for r in data}):
-        best = {b: _best([r for r in data if r["sampling"] == sampling and r["backend"] == b])
-                for b in ("dali", "pyav")}
+    # one data call measures both backends on one machine: DALI is compared with the PyAV of
+    # its own file, never with another machine's
+    for sampling, source in sorted({(r["sampling"], str(r.get("source"))) for r in data}):
+        best = {b: _best([r for r in data if (r["sampling"], str(r.get("source"))) == (sampling, source)
+                          and r["backend"] == b]) for b in ("dali", "pyav")}
         suite = _SAMPLING_SUITES.get(sampling)
         for backend, row in best.items():
             if row is None:
@@ -299,7 +308,9 @@ def data_table(rows: list[dict]) -> list[str]:
                           and r.get("device") == row["device"]]) if backend == "dali" else None
             fed = f"{suite} {step['variant']} ({step['clips_per_s']:.2f})" if step else "-"
             headroom = f"{row['clips_per_s'] / step['clips_per_s']:.2f}x" if step else "-"
-            out.append(f"| {sampling} | {backend} | {row['device']} | {row['batch']} | "
+            cores = row.get("cpu_cores") if backend == "pyav" else None
+            device = row["device"] + (f", {cores} cores" if cores else "")
+            out.append(f"| {sampling} | {backend} | {device} | {row['batch']} | "
                        f"{row['clips_per_s']:.2f} | {ratio} | {fed} | {headroom} |")
     out += ["", "K400-like H.264 files (340x256, 30 fps, 10 s) made at bench time; PyAV on every CPU "
             "core of the machine. A clip is one augmented view, as a training step counts them.", ""]
@@ -312,7 +323,7 @@ def _device_tables(rows: list[dict]) -> str:
     for suite in sorted({r["suite"] for r in models}, key=_suite_key):
         in_suite = [r for r in models if r["suite"] == suite]
         first = in_suite[0]
-        commits = sorted({str(r.get("commit"))[:10] for r in in_suite})
+        commits = sorted({_short_commit(r.get("commit")) for r in in_suite})
         out += [f"### {first.get('model', suite)} {suite[1:]} ({first.get('device', '?')}; torch "
                 f"{first.get('torch')}, triton {first.get('triton')}, "
                 f"commit{'s' if len(commits) > 1 else ''} {', '.join(commits)})",
@@ -584,7 +595,7 @@ def time_breakdown_tables(profiles: list[dict]) -> str:
                             for key in ("timed", "batch", "steps")]
         out += [f"### Where the time goes: {first['model']} {suite[1:]} {mode}, batch {facts[2]} "
                 f"({facts[0]}; {facts[1]} per step, torch.profiler over {facts[3]} steps; "
-                f"torch {first['torch']}, commit {str(first['commit'])[:10]})",
+                f"torch {first['torch']}, commit {_short_commit(first['commit'])})",
                 "",
                 "| category | " + " | ".join(variants) + " |",
                 "|---|" + "---:|" * len(variants)]

@@ -36,6 +36,7 @@ def test_k400_clip_spans_the_same_seconds_at_any_frame_rate():
         c.tolist() for c in k400_test_indices(300, 16, 4, 2)]
     sampling = ClipSampling("k400", 16, 4)
     assert (sampling.min_frames(), sampling.min_frames(25.0), sampling.min_frames(60.0)) == (64, 53, 128)
+    assert ClipSampling("k400", 1, 4).min_frames() == 1  # one frame, the start: never padded
 
 
 def test_k400_short_video_is_padded_with_its_last_frame():

@@ -12,7 +12,7 @@ from mvit_fast.data.scan import check_file
 from mvit_fast.data.synthetic import CLASSES, render_clip
 from mvit_fast.data.video_io import decode_frames, probe
 from tests.test_data_pyav import bad_videos
-from tests.test_data_videos import corrupt_frame, write_test_video
+from tests.test_data_videos import corrupt_frame, cut_without_reencoding, write_test_video
 
 
 def test_scan_counts_every_kind_and_writes_bad_paths(tmp_path, capsys):
@@ -67,6 +67,12 @@ def test_scan_counts_every_kind_and_writes_bad_paths(tmp_path, capsys):
         ]
     )
     assert capsys.readouterr().out.splitlines()[4] == out.splitlines()[4]  # same fingerprint
+
+
+def test_scan_counts_the_frames_an_edit_list_shows_as_the_loaders_do(tmp_path):
+    cut = cut_without_reencoding(write_test_video(tmp_path / "a.mp4", 31), tmp_path / "cut.mp4")
+    check = check_file(cut)
+    assert (check.status, check.num_frames) == ("ok", probe(cut, count_packets=True).num_frames)
 
 
 def test_decode_all_finds_what_the_first_frame_misses(tmp_path, capsys):

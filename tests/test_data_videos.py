@@ -102,18 +102,23 @@ def test_decode_names_the_error_that_stopped_it(tmp_path):
     assert read_codes(frames)[0].tolist()[0] == 3
 
 
-def test_an_edit_list_preroll_is_not_counted_as_frames(tmp_path):
-    # An MP4 cut without re-encoding keeps the packets from the previous keyframe, flagged
-    # discard by an edit list: they decode to no frame, and the file is not truncated.
-    source, cut = write_test_video(tmp_path / "a.mp4", 31), str(tmp_path / "cut.mp4")
-    with av.open(source) as src, av.open(cut, "w") as dst:
+def cut_without_reencoding(source, out, frames: int = 5) -> str:
+    """A copy of MP4 `source` starting `frames` frames in, as a cut without re-encoding makes
+    it: the packets before the cut kept (from the keyframe), flagged discard by an edit list."""
+    with av.open(str(source)) as src, av.open(str(out), "w") as dst:
         stream = src.streams.video[0]
-        out = dst.add_stream_from_template(stream)
-        shift = int(5 / float(stream.average_rate) / stream.time_base)  # 5 frames earlier
+        copy = dst.add_stream_from_template(stream)
+        shift = int(frames / float(stream.average_rate) / stream.time_base)
         for packet in src.demux(stream):
             if packet.dts is not None:
-                packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, out
+                packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, copy
                 dst.mux(packet)
+    return str(out)
+
+
+def test_an_edit_list_preroll_is_not_counted_as_frames(tmp_path):
+    # the pre-roll decodes to no frame, and the file is not truncated
+    cut = cut_without_reencoding(write_test_video(tmp_path / "a.mp4", 31), tmp_path / "cut.mp4")
     with av.open(cut) as container:
         discarded = sum(p.is_discard for p in container.demux(video=0) if p.size)
     with av.open(cut) as container:

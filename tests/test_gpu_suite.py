@@ -83,6 +83,7 @@ def test_without_a_gpu_the_gpu_steps_are_not_started_and_the_call_fails(tmp_path
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="B's attention cases all skip on a CPU")
 def test_a_benchmark_step_that_measured_nothing_fails(tmp_path):
+    (tmp_path / "bench_attention_B32x224.json").write_text(FIXTURE.read_text())  # an earlier call's
     run = _suite(tmp_path, "attention_B32x224", deadline=200, MVIT_FAST_SUITE_CPU="1")
     codes = json.loads((tmp_path / "run_info-attention_B32x224.json").read_text())["exit_codes"]
     assert run.returncode == 1 and codes == {"attention_B32x224": 0, "attention_B32x224-json": 1}, run.stdout

@@ -161,11 +161,12 @@ def test_cli_without_matplotlib_prints_the_tables_and_says_why_no_plots(tmp_path
     assert "null.json: not a pytest-benchmark JSON file" in capsys.readouterr().err
 
 
-def _data_row(sampling: str, backend: str, clips_per_s: float) -> dict:
-    """extra_info as bench/test_data.py writes it."""
-    device = "NVIDIA H100 80GB HBM3" if backend == "dali" else "cpu"
-    return dict(kind="data", sampling=sampling, backend=backend, device=device, batch=8,
-                clips_per_s=clips_per_s, device_type="cuda" if backend == "dali" else "cpu")
+def _data_row(sampling: str, backend: str, clips_per_s: float, gpu: str = "NVIDIA H100 80GB HBM3",
+              source: str = "bench_data.json") -> dict:
+    """A row as load_benchmarks makes it from bench/test_data.py's extra_info."""
+    return dict(kind="data", sampling=sampling, backend=backend, device=gpu if backend == "dali" else "cpu",
+                batch=8, clips_per_s=clips_per_s, device_type="cuda" if backend == "dali" else "cpu",
+                source=source)
 
 
 def test_data_table_against_pyav_and_the_training_step_it_feeds(rows, tmp_path, capsys):
@@ -182,6 +183,20 @@ def test_data_table_against_pyav_and_the_training_step_it_feeds(rows, tmp_path, 
     (tmp_path / "bench_data.json").write_text(json.dumps(only))
     assert main(["throughput", str(tmp_path / "bench_data.json"), "--no-plots"]) == 0
     assert "| 16x4 | dali | NVIDIA H100 80GB HBM3 | 8 | 96.00 | 4.00x | - | - |" in capsys.readouterr().out
+    # two machines' data calls: each DALI row against its own machine's PyAV
+    h200 = [_data_row("16x4", "dali", 90.0, gpu="NVIDIA H200", source="b.json"),
+            _data_row("16x4", "pyav", 45.0, source="b.json")]
+    lines = throughput_tables(data[:2] + h200).splitlines()
+    assert "| 16x4 | dali | NVIDIA H100 80GB HBM3 | 8 | 96.00 | 4.00x | - | - |" in lines
+    assert "| 16x4 | dali | NVIDIA H200 | 8 | 90.00 | 2.00x | - | - |" in lines
+
+
+def test_a_dirty_commit_is_shown_as_one():
+    from mvit_fast.report import _short_commit
+
+    assert _short_commit("0123456789abcdef" * 2 + "01234567-dirty") == "0123456789-dirty"
+    assert _short_commit("0123456789abcdef") == "0123456789"
+    assert _short_commit("abc1234-dirty") == "abc1234-dirty"
 
 
 def _pool_row(provider: str, median_s: float, **extra) -> dict:

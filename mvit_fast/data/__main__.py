@@ -13,7 +13,8 @@ def main(argv: list[str] | None = None) -> int:
     scan = commands.add_parser("scan", help="pre-flight check of every file in a list")
     scan.add_argument("list", help="annotation list (path label, or video_id num_frames label)")
     scan.add_argument("--root", default="", help="folder the list's paths are relative to")
-    scan.add_argument("--min-frames", type=int, default=1, help="fewer frames count as too short (16x4: 61)")
+    scan.add_argument("--min-frames", type=int, default=1,
+                      help="fewer frames count as too short (K400 16x4 at 30 fps: 64)")
     scan.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     scan.add_argument("--decode-all", action="store_true",
                       help="decode every frame, not only the first: finds data corrupted mid-stream")

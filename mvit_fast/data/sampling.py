@@ -82,7 +82,8 @@ def ssv2_indices(num_frames: int, num_segments: int, rng: np.random.Generator | 
 class ClipSampling:
     """A sampling protocol and its sizes.
 
-    `num_samples` frames per clip; `rate` is the K400 stride (unused by SSv2);
+    `num_samples` frames per clip; `rate` sets the K400 clip's span, `num_samples * rate`
+    frames at 30 fps (unused by SSv2);
     `num_clips` temporal clips per video at test time (K400: 5 in SlowFast's
     multi-view test; SSv2: 1).
     """
@@ -102,6 +103,8 @@ class ClipSampling:
         """Fewest frames a `fps` video needs so that no index is clamped (shorter ones are padded)."""
         if self.protocol == "ssv2":
             return self.num_samples
+        if self.num_samples == 1:  # its one frame is the start: never past the end
+            return 1
         return math.floor(k400_clip_size(self.num_samples, self.rate, fps) - 1) + 1
 
     def indices(self, num_frames: int, *, train: bool, rng: np.random.Generator,

@@ -62,13 +62,17 @@ def check_file(path: str, min_frames: int = 1, decode_all: bool = False) -> File
             except av.error.FFmpegError as e:
                 decode_error = str(e)  # none decoded: zero_frames below, if the file opened
         with av.open(path) as container:  # ...and count packets, a fresh demuxer for each
-            pts, truncated_by = [], ""
+            pts, truncated_by, discarded = [], "", 0
             try:
                 for packet in container.demux(container.streams.video[0]):
                     if packet.size and packet.pts is not None:
-                        pts.append(packet.pts)
+                        if packet.is_discard:  # an edit list's pre-roll: no frame (as video_io.probe)
+                            discarded += 1
+                        else:
+                            pts.append(packet.pts)
             except av.error.FFmpegError as e:
                 truncated_by = str(e)
+            promised = 0 if discarded else promised  # the header counts the pre-roll too
     except (av.error.FFmpegError, OSError, ValueError) as e:
         return FileCheck(path, "undecodable", detail=f"{type(e).__name__}: {e}")
     steps = sorted({b - a for a, b in zip(sorted(pts), sorted(pts)[1:])})

@@ -51,7 +51,7 @@ class Recipe:
     pool_backend: str = "auto"  # q/k/v pooling: "auto" (follows attention_backend), "eager", "triton"
     checkpoint_activations: bool = False
     # data
-    protocol: str = "k400"  # frame sampling: "k400" (`sampling_rate` apart at 30 fps) or "ssv2" (segments)
+    protocol: str = "k400"  # frame sampling: "k400" (spans num_frames * sampling_rate at 30 fps) or "ssv2"
     num_frames: int = 16
     sampling_rate: int = 4
     crop_size: int = 224

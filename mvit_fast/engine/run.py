@@ -531,8 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue a run exactly, with the recipe saved in it: its run dir (newest checkpoint) "
         "or a checkpoint file; give the data flags again",
     )
-    p.add_argument("--dump", help="write test predictions: .csv (a row per video), .pkl (mmaction2's test dump) "
-                   "or any other name (a torch file of the scores)")
+    p.add_argument("--dump", help="write test predictions: .csv (a row per video), .pkl (mmaction2's "
+                   "test dump) or any other name (a torch file of the scores)")
     p.add_argument("--device", type=_device, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     recipe = p.add_argument_group("recipe (defaults: the published recipe of --size and --dataset)")
