@@ -64,7 +64,7 @@ def render_clip(motion: str, num_frames: int, size: int, rng: np.random.Generato
     # Radians per frame. The texture is one angular period (light on one side, dark on the
     # other), so it looks the same only after 2*pi: a sampled step (spin * frames apart) below
     # pi keeps cw and ccw apart. The quickstart's 8x4 clips take frames 31 / 7 = 4.4 apart:
-    # steps of 0.7-1.3 rad, the rim moving 3-12 pixels per sampled frame at 32x32, about as
+    # steps of 0.7-1.3 rad, the rim moving 4-13 pixels per sampled frame at 32x32, about as
     # far as the translations go.
     spin = rng.uniform(0.15, 0.3)
     step = np.array(_DIRECTIONS.get(motion, (0, 0)), dtype=float) * speed
