@@ -211,3 +211,17 @@ def test_profile_step_cpu_smoke(tmp_path, capsys):
     assert len(top) == 25
     assert [row["ms_per_step"] for row in top] == sorted((row["ms_per_step"] for row in top), reverse=True)
     assert all(row["category"] == category(row["name"]) for row in top)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke suite is skipped where a GPU is")
+def test_profile_counts_the_cpu_optimizer_step_as_the_optimizer(tmp_path):
+    # on a CPU AdamW runs per tensor (aten::sqrt, addcdiv_, ...): inside its step they are its time
+    from bench.profile_step import main as profile_main
+
+    assert profile_main(["--suite", "S4x64", "--mode", "train", "--variants", "eager-fp32", "--batch", "1",
+                         "--steps", "1", "--out", str(tmp_path)]) == 0
+    profile = json.loads((tmp_path / "profile_S4x64-train-eager-fp32.json").read_text())
+    assert profile["categories"]["optimizer"] > 0.2 * profile["total_ms"]
+    names = {row["name"]: row["category"] for row in profile["top"]}
+    assert not {"aten::sqrt", "aten::addcdiv_", "aten::lerp_"} & names.keys()
+    assert names.get("optimizer: aten::sqrt") == "optimizer"
