@@ -31,10 +31,10 @@
 #   profile_B32x224     the same for B, compiled Triton vs eager bf16   profile_*.json
 #   data_pip, data      DALI GPU decoding vs PyAV (bench/test_data.py), only where the wheel
 #                       parts came along (bench/fetch_wheels.sh data)   bench_data.json
+#   report              python -m mvit_fast.report throughput           throughput.md (+ PNGs)
 # An unknown step name or a DEADLINE that is not whole seconds stops the call (exit 2)
 # before anything runs; without a CUDA device the steps past pip are not started (cuda=1);
 # a benchmark step that writes no JSON (every case skipped) is recorded as NAME-json=1.
-#   report              python -m mvit_fast.report throughput           throughput.md (+ PNGs)
 # A step gets at most the time left to the deadline minus what the report and the packing
 # need, so the report runs however long the steps before it took.
 # A session has 30 device-minutes, the machine's start-up (a minute or more) and idle time
@@ -213,8 +213,8 @@ step pip 90 bash -c 'if [ -d .whl ]; then
 # Nothing but the install and the report measures anything without a GPU: say so, once,
 # rather than as a run of skipped tests and benchmarks that exits 0 (MVIT_FAST_SUITE_CPU=1
 # runs the steps anyway, to try the suite's plumbing on a CPU machine).
-if [ "$(echo " ${STEPS:-all} " | sed 's/ pip / /; s/ report / /' | tr -d ' ')" != "" ] \
-  && [ "${MVIT_FAST_SUITE_CPU:-0}" != 1 ] \
+GPU_STEPS=$(for s in ${STEPS:-all}; do case $s in pip|report) ;; *) echo "$s" ;; esac; done)
+if [ -n "$GPU_STEPS" ] && [ "${MVIT_FAST_SUITE_CPU:-0}" != 1 ] \
   && ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   echo "== no CUDA device visible to torch: the GPU steps are not started"
   NO_CUDA=1

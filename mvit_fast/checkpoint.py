@@ -26,8 +26,7 @@ from .config import MViTConfig, from_saved, get_config
 
 __all__ = ["FORMATS", "CheckpointReadError", "LoadReport", "atomic_save", "atomic_write", "detect_format",
            "export_state_dict", "infer_config", "load_checkpoint", "not_a_checkpoint_file", "preset_name",
-           "read_checkpoint",
-           "save_checkpoint", "to_native", "unwritable"]
+           "read_checkpoint", "save_checkpoint", "to_native", "unwritable"]
 
 FORMAT_TAG = "mvit-fast"
 FORMATS = ("mvit_fast", "slowfast", "mmaction2", "torchvision")
