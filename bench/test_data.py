@@ -1,8 +1,8 @@
 """Decoded + augmented clips/s: DALI on the GPU vs PyAV on every CPU core.
 
 K400-like files are generated at bench time (340x256, 30 fps, 10 s, H.264) into a
-temporary folder. Cases: 16x4 and 32x3 sampling, train augmentation at 224 (random
-resized crop, RandAugment, flip, normalize, random erasing). GPU cases skip without
+temporary folder. Cases: 16x4 and 32x3 sampling, train augmentation at 224 (RandAugment
+on the whole frame, random resized crop, flip, normalize, random erasing). GPU cases skip without
 CUDA + DALI; the CPU cases run on a handful of files so they finish in seconds.
 
 Both backends read the same list at the same batch size. An epoch holds WAVES batches per

@@ -134,21 +134,17 @@ def _blocks(shape: tuple[int, ...], block: int, seed: int = 0) -> np.ndarray:
     return np.kron(cells, np.ones((1, block, block, 1)))[:, :h, :w].astype(np.uint8)
 
 
-@pytest.mark.parametrize("name", ["ShearX", "TranslateXRel", "Rotate"])
-def test_flipped_views_are_flipped_after_rand_augment_in_both_backends(name):
-    # these ops are not mirror-symmetric: flip then shear is another view than shear then flip;
-    # both backends flip last, as SlowFast (RandAugment before its crop and flip)
+def _graph_view(frames: np.ndarray, draw: ViewDraw, augment: TrainAugment) -> torch.Tensor:
+    """`train_views_graph`'s view of uint8 (T, H, W, C) `frames` for `draw`, on DALI's CPU,
+    in levels of 255, (C, T, H, W)."""
     import nvidia.dali as dali
     from nvidia.dali import fn, types
 
     from mvit_fast.data.dali_augment import train_draw_inputs, train_views_graph
-    from mvit_fast.data.transforms import train_view
 
-    frames = _blocks((2, 48, 48, 3), 8)
-    augment = TrainAugment(crop_size=48, repeats=1, erase_prob=0.0)
-    raw = dict(mean=[0.0] * 3, std=[1.0] * 3, output_layout="CFHW")  # levels of 255, (C, T, H, W)
+    raw = dict(mean=[0.0] * 3, std=[1.0] * 3, output_layout="CFHW")
 
-    @dali.pipeline_def(enable_conditionals=True, batch_size=1, num_threads=1, device_id=None,
+    @dali.pipeline_def(enable_conditionals=augment.rand_augment, batch_size=1, num_threads=1, device_id=None,
                        prefetch_queue_depth=1, exec_dynamic=True)
     def pipeline():
         clip = fn.external_source(name="clip", dtype=types.UINT8, ndim=4, layout="FHWC")
@@ -156,15 +152,30 @@ def test_flipped_views_are_flipped_after_rand_augment_in_both_backends(name):
 
     pipe = pipeline()
     pipe.build()
+    pipe.feed_input("clip", [frames])
+    for key, value in train_draw_inputs([draw], augment).items():
+        pipe.feed_input(key, [value])
+    return torch.from_numpy(np.asarray(pipe.run()[0].as_tensor())[0])
+
+
+def _torch_view(frames: np.ndarray, draw: ViewDraw, augment: TrainAugment) -> torch.Tensor:
+    """`transforms.train_view` (the PyAV backend's) of the same, in the same units and layout."""
+    from mvit_fast.data.transforms import train_view
+
+    levels = dataclasses.replace(augment, mean=(0.0,) * 3, std=(1 / 255,) * 3)
+    return train_view(torch.from_numpy(frames).permute(0, 3, 1, 2).float(), draw, levels)
+
+
+@pytest.mark.parametrize("name", ["ShearX", "TranslateXRel", "Rotate"])
+def test_flipped_views_are_flipped_after_rand_augment_in_both_backends(name):
+    # these ops are not mirror-symmetric: flip then shear is another view than shear then flip;
+    # both backends flip last, as SlowFast (RandAugment before its crop and flip)
+    frames = _blocks((2, 48, 48, 3), 8)
+    augment = TrainAugment(crop_size=48, repeats=1, erase_prob=0.0)
     views = {}
     for flip in (False, True):
         draw = ViewDraw((0, 0, 48, 48), flip, (RandOp(OPS.index(name), 0.7, 1),), None)
-        pipe.feed_input("clip", [frames])
-        for key, value in train_draw_inputs([draw], augment).items():
-            pipe.feed_input(key, [value])
-        dali_view = torch.from_numpy(np.asarray(pipe.run()[0].as_tensor())[0])
-        pyav_view = train_view(torch.from_numpy(frames).permute(0, 3, 1, 2).float(), draw,
-                               dataclasses.replace(augment, mean=(0.0,) * 3, std=(1 / 255,) * 3))
+        dali_view, pyav_view = _graph_view(frames, draw, augment), _torch_view(frames, draw, augment)
         inner = (slice(None), slice(None), slice(4, -4), slice(4, -4))  # the warps' borders differ
         views[flip] = (dali_view[inner], pyav_view[inner])
         assert (dali_view - pyav_view)[inner].abs().mean() < 3, (name, flip)
@@ -173,16 +184,24 @@ def test_flipped_views_are_flipped_after_rand_augment_in_both_backends(name):
     assert (views[True][0] - views[False][0].flip(-1)).abs().mean() < 1
 
 
+@pytest.mark.parametrize("name", ["TranslateXRel", "TranslateYRel", "Rotate"])
+def test_rand_augment_runs_on_the_whole_frame_before_the_crop_in_both_backends(name):
+    # SlowFast's order: translations are fractions of the frame's sides and rotations turn
+    # about its centre, not the crop's (tests/test_data_transforms.py checks the torch side
+    # against shifted pixels); a box off the frame's centre shows the difference
+    frames = _blocks((2, 40, 80, 3), 4)
+    augment = TrainAugment(crop_size=32, repeats=1, erase_prob=0.0)
+    draw = ViewDraw((4, 20, 32, 32), False, (RandOp(OPS.index(name), 0.5, -1),), None)
+    inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))  # the warps' borders differ
+    difference = (_graph_view(frames, draw, augment) - _torch_view(frames, draw, augment))[inner]
+    assert difference.abs().mean() < 3, name
+
+
 def test_both_backends_shrink_as_slowfasts_interpolate():
     # SlowFast resizes with F.interpolate(bilinear, align_corners=False), no antialiasing: with
     # a 1-pixel stripe every 3rd column shrunk 3x, every sample lands on a stripe (white), where
     # an antialiased shrink averages the stripes into a gray of 255 / 3
-    import nvidia.dali as dali
     import torch.nn.functional as F
-    from nvidia.dali import fn, types
-
-    from mvit_fast.data.dali_augment import train_draw_inputs, train_views_graph
-    from mvit_fast.data.transforms import train_view
 
     frames = np.zeros((2, 48, 48, 3), dtype=np.uint8)
     frames[:, :, 1::3] = 255
@@ -191,20 +210,7 @@ def test_both_backends_shrink_as_slowfasts_interpolate():
     assert want.min() == 255
     augment = TrainAugment(crop_size=16, repeats=1, rand_augment=False, erase_prob=0.0)
     draw = ViewDraw((0, 0, 48, 48), False, (), None)
-    pyav = train_view(clip, draw, dataclasses.replace(augment, mean=(0.0,) * 3, std=(1 / 255,) * 3))
-
-    @dali.pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1, exec_dynamic=True)
-    def pipeline():
-        video = fn.external_source(name="clip", dtype=types.UINT8, ndim=4, layout="FHWC")
-        raw = dict(mean=[0.0] * 3, std=[1.0] * 3, output_layout="CFHW")  # levels of 255, (C, T, H, W)
-        return tuple(train_views_graph(video, augment, raw))
-
-    pipe = pipeline()
-    pipe.build()
-    pipe.feed_input("clip", [frames])
-    for key, value in train_draw_inputs([draw], augment).items():
-        pipe.feed_input(key, [value])
-    dali_view = torch.from_numpy(np.asarray(pipe.run()[0].as_tensor())[0])
+    pyav, dali_view = _torch_view(frames, draw, augment), _graph_view(frames, draw, augment)
     assert (pyav - want).abs().max() < 1e-3 and (dali_view - want).abs().max() < 1.5
 
 

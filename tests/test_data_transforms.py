@@ -6,9 +6,11 @@ import torch
 
 from mvit_fast.data.mixup import MixupCutmix, smooth_one_hot
 from mvit_fast.data.randaugment import (
+    FILL,
     LEVEL_STEPS,
     OPS,
     SIGNED,
+    RandOp,
     apply_op,
     apply_rand_ops,
     draw_rand_ops,
@@ -16,6 +18,7 @@ from mvit_fast.data.randaugment import (
 )
 from mvit_fast.data.transforms import (
     TrainAugment,
+    ViewDraw,
     draw_erase,
     draw_train_view,
     erase,
@@ -25,6 +28,7 @@ from mvit_fast.data.transforms import (
     short_side_jitter_box,
     short_side_resize,
     spatial_crops,
+    train_view,
 )
 
 
@@ -166,6 +170,31 @@ def test_statistics_are_each_frames_as_pils(name):
     clip[:, :, :16] += 10  # two levels per frame, so no frame is flat
     per_frame = torch.cat([apply_op(name, frame[None], 0.5) for frame in clip])
     assert torch.equal(apply_op(name, clip, 0.5), per_frame)
+
+
+def shifted(frames: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """out[..., y, x] = frames[..., y + dy, x + dx], FILL where that falls outside the frame."""
+    out = torch.full_like(frames, FILL)
+    h, w = frames.shape[-2:]
+    out[..., max(0, -dy) : min(h, h - dy), max(0, -dx) : min(w, w - dx)] = \
+        frames[..., max(0, dy) : min(h, h + dy), max(0, dx) : min(w, w + dx)]
+    return out
+
+
+@pytest.mark.parametrize("name", ["TranslateXRel", "TranslateYRel"])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_rand_augment_runs_on_the_whole_frame_before_the_crop(name, sign):
+    # SlowFast's _aug_frame: RandAugment on the decoded frames, then the crop. A relative
+    # translation at level 0.5 moves the content by 0.45 * 0.5 of the frame's side (18 of 80
+    # columns, 9 of 40 rows), not of the crop's (7.2 of 32), and the fill comes in at the
+    # frame's edges (rows 40-44 or -5 to -1 reach into this box), not at the crop's
+    frames = torch.randint(0, 256, (2, 3, 40, 80)).float()
+    draw = ViewDraw((4, 20, 32, 32), False, (RandOp(OPS.index(name), 0.5, sign),), None)
+    levels = TrainAugment(crop_size=32, erase_prob=0.0, mean=(0.0,) * 3, std=(1 / 255,) * 3)
+    view = train_view(frames, draw, levels).permute(1, 0, 2, 3)  # (T, C, H, W) in levels of 255
+    dy, dx = (0, 18 * sign) if name == "TranslateXRel" else (9 * sign, 0)
+    want = shifted(frames, dy, dx)[..., 4:36, 20:52]
+    assert (view - want).abs().max() < 0.05
 
 
 def test_rand_augment_changes_the_clip_but_not_across_frames():

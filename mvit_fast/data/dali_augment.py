@@ -88,9 +88,10 @@ OPS_AND_IDENTITY = [op for op, _ in SUITE.values()] + [aa.identity]
 DIRECTION = np.array([direction for _, direction in SUITE.values()])
 
 
-def rand_augment_op(clip, op_index, level_bin, negate, size: tuple[int, int]):
+def rand_augment_op(clip, op_index, level_bin, negate, size):
     """Per sample, OPS[op_index] (the identity for len(OPS)) at level level_bin / LEVEL_STEPS, its
-    direction reversed where `negate` is 1, on (F, H, W, C) uint8 frames of `size`."""
+    direction reversed where `negate` is 1, on (F, H, W, C) uint8 frames of `size` (H, W): a
+    pair, or a DataNode of each sample's (translations are fractions of it)."""
     return select(
         OPS_AND_IDENTITY,
         op_index,
@@ -103,21 +104,25 @@ def rand_augment_op(clip, op_index, level_bin, negate, size: tuple[int, int]):
 
 
 def train_views_graph(video, augment: TrainAugment, normalize: dict) -> list:
-    """Random resized crop -> RandAugment -> flip + `crop_mirror_normalize(**normalize)` of a
-    decoded (F, H, W, C) uint8 batch, one output per repeat, from `train_draw_inputs`."""
+    """RandAugment on the whole frames -> random resized crop -> flip + `crop_mirror_normalize(
+    **normalize)` of a decoded (F, H, W, C) uint8 batch (SlowFast's order, see transforms.py),
+    one output per repeat, from `train_draw_inputs`."""
     crop = fn.external_source(name="crop", dtype=types.FLOAT, ndim=2)  # (repeats, 4): y0, x0, y1, x1
     mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=1)  # (repeats,)
     if augment.rand_augment:  # (repeats, num_ops) each
         op_index = fn.external_source(name="ra_op", dtype=types.INT32, ndim=2)
         level_bin = fn.external_source(name="ra_bin", dtype=types.INT32, ndim=2)
         negate = fn.external_source(name="ra_negate", dtype=types.INT32, ndim=2)
+        frame_size = video.shape(dtype=types.FLOAT)[1:3]  # (H, W) of each sample
     size = (augment.crop_size,) * 2
     views = []
     for r in range(augment.repeats):
-        clip = fn.resize(video, size=size, roi_start=crop[r, 0:2], roi_end=crop[r, 2:4], antialias=False)
+        clip = video
         if augment.rand_augment:
             for slot in range(NUM_OPS):
-                clip = rand_augment_op(clip, op_index[r, slot], level_bin[r, slot], negate[r, slot], size)
+                slot_draw = op_index[r, slot], level_bin[r, slot], negate[r, slot]
+                clip = rand_augment_op(clip, *slot_draw, frame_size)
+        clip = fn.resize(clip, size=size, roi_start=crop[r, 0:2], roi_end=crop[r, 2:4], antialias=False)
         views.append(fn.crop_mirror_normalize(clip, mirror=mirror[r], dtype=types.FLOAT, **normalize))
     return views
 

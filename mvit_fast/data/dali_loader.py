@@ -13,7 +13,7 @@ A file the decoder fails on (data corrupted mid-stream) fails its whole batch, a
 DALI's error names no sample: the batch's samples are then decoded one by one on a
 decode-only pipeline, the failing files reported as undecodable and replaced, and the
 batch run again on a rebuilt pipeline.
-Graph side: decode -> random resized crop -> RandAugment -> flip + normalize (train), or
+Graph side: decode -> RandAugment -> random resized crop -> flip + normalize (train), or
 short-side resize -> 1 or 3 crops + normalize (test). Training views take their random
 choices from Python (`transforms.draw_train_view`, as the PyAV backend does; see
 dali_augment.py), so the pipeline holds no random state and a resumed epoch repeats

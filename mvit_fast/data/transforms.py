@@ -4,11 +4,10 @@ Clips here are float tensors (T, C, H, W) with values in [0, 255] until `normali
 which returns (C, T, H, W) in the model's input scale. Every random choice is drawn
 once per clip, so all frames get the same crop, flip, RandAugment ops and erased box.
 
-Train order: random resized crop -> RandAugment -> flip -> normalize -> random erasing,
-each view's random choices drawn first (`draw_train_view`), then applied (`train_view`).
-(SlowFast runs RandAugment before the crop, at full resolution; we run it at crop size,
-which is cheaper and is what the DALI pipeline does too: its rotations and shears turn
-about the crop's centre and leave more of the fill in the view.)
+Train order, SlowFast's (`_aug_frame`): RandAugment on the whole decoded frames -> random
+resized crop -> flip -> normalize -> random erasing, each view's random choices drawn first
+(`draw_train_view`), then applied (`train_view`). RandAugment before the crop matters: its
+translations are fractions of the frame's size, and its rotations turn about the frame's centre.
 """
 
 from __future__ import annotations
@@ -268,7 +267,7 @@ class ViewDraw(NamedTuple):
 
 def draw_train_view(height: int, width: int, augment: TrainAugment, rng: np.random.Generator) -> ViewDraw:
     """The draws of one view of (height, width) frames, in the order crop, flip, RandAugment,
-    erasing (they apply as crop, RandAugment, flip, erasing)."""
+    erasing (they apply as RandAugment, crop, flip, erasing)."""
     if augment.short_side is not None:
         box = short_side_jitter_box(height, width, augment.crop_size, augment.short_side, rng)
     else:
@@ -281,7 +280,7 @@ def draw_train_view(height: int, width: int, augment: TrainAugment, rng: np.rand
 
 def train_view(frames: torch.Tensor, draw: ViewDraw, augment: TrainAugment) -> torch.Tensor:
     """(T, C, H, W) float frames in [0, 255] -> one normalized (C, T, crop, crop) view."""
-    clip = apply_rand_ops(resized_crop(frames, draw.box, augment.crop_size), draw.rand_ops)
+    clip = resized_crop(apply_rand_ops(frames, draw.rand_ops), draw.box, augment.crop_size)
     if draw.flip:  # after RandAugment, as SlowFast: shear, translate, rotate are not mirror-symmetric
         clip = clip.flip(-1)
     return erase(normalize(clip, augment.mean, augment.std), draw.erase)
