@@ -20,6 +20,7 @@ import torch
 from mvit_fast import build_model
 from mvit_fast.checkpoint import export_state_dict
 from mvit_fast.data import make_synthetic
+from mvit_fast.data.mixup import MixupCutmix
 from mvit_fast.engine import TrainingDiverged, get_recipe, main
 from mvit_fast.engine import run as run_module
 from mvit_fast.engine import trainer as trainer_module
@@ -165,6 +166,8 @@ def torchrun_train(overrides: dict, run_dir: Path, *flags: str, nproc: int = 2) 
 
 def test_two_gloo_processes_match_one_process_with_accumulation(tiny, tmp_path):
     # no per-rank randomness, so 2 ranks x 2 videos == 1 rank x (2 micro-batches of 2 videos)
+    # (mixup is off: its draws are the same, test below, but it pairs videos within a
+    # micro-batch, and a rank's batch holds other videos than a micro-batch)
     quiet = dict(tiny, mixup=False, drop_path_rate=0.0, head_dropout=0.0, epochs=1, warmup_epochs=0.0)
     single = main(**quiet, batch_per_device=2, run_dir=str(tmp_path / "one"))
     double = torchrun_train(quiet, tmp_path / "two")
@@ -406,6 +409,24 @@ def test_a_resume_in_other_micro_batches_says_it_is_not_exact(tiny, tmp_path, ca
     assert main(**tiny, resume=str(run), batch_per_device=2)["status"] == "finished"
     assert "saved by 1 process(es) of 1 micro-batch(es) of 4 videos, resumed by 1 of 2 of 2: " in (
         capsys.readouterr().out)
+
+
+def test_mixup_draws_once_per_step_for_every_micro_batch(tiny, tmp_path, monkeypatch):
+    # as in SlowFast, whose processes share one numpy seed: every micro-batch (and device) of a
+    # step mixes with the same lambda, CutMix choice and box, whatever the batch's split
+    draws, real = [], MixupCutmix.__call__
+
+    def recording(self, clips, labels):
+        state = self.rng.bit_generator.state
+        draws.append((self._draw(), int(self.rng.integers(1 << 30))))  # lambda, CutMix, next draw
+        self.rng.bit_generator.state = state
+        return real(self, clips, labels)
+
+    monkeypatch.setattr(MixupCutmix, "__call__", recording)
+    assert main(**tiny, mixup=True, batch_per_device=2, run_dir=str(tmp_path / "run"),
+                max_steps=3)["status"] == "stopped"
+    assert len(draws) == 6 and draws[0::2] == draws[1::2]  # 3 steps of 2 micro-batches
+    assert len(set(draws[0::2])) == 3  # each step draws anew
 
 
 def test_a_state_that_does_not_fit_is_a_resume_error(tiny, tmp_path):

@@ -63,6 +63,13 @@ def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1)[0])
 
 
+def mixup_rng(seed: int, step: int) -> np.random.Generator:
+    """Mixup/CutMix's draws (mixup or cutmix, lambda, box) for optimizer step `step`: the same on
+    every device and micro-batch, as in SlowFast, whose processes share one numpy seed; so
+    they do not depend on how the global batch is split."""
+    return np.random.default_rng([seed, step])
+
+
 def amp_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
     """Autocast dtype (None: fp32). "auto" is bf16 on CUDA and fp32 on CPU."""
     precision = recipe.precision
@@ -373,7 +380,8 @@ def train(
                   f"micro-batch(es) of {saved_split[0]} videos, resumed by {d.world_size} of {accum} "
                   f"of {per_device}: "
                   "training goes on from the same step, but the steps are not the ones an "
-                  "uninterrupted run would take (micro-batches and their draws differ)", flush=True)
+                  "uninterrupted run would take (mixup pairs the videos of other micro-batches; drop "
+                  "path and dropout draw per micro-batch)", flush=True)
     ddp = None
     if d.enabled and sharded is None:
         ddp = nn.parallel.DistributedDataParallel(
@@ -432,10 +440,9 @@ def train(
                     clips = batch.clips.to(device, non_blocking=True)
                     labels = batch.labels.to(device, non_blocking=True)
                     data_s += time.perf_counter() - t0
-                    seed = step_seed(recipe.seed, d.rank, pos.step, micro)
-                    torch.manual_seed(seed)  # drop path and dropout of this micro-batch
+                    torch.manual_seed(step_seed(recipe.seed, d.rank, pos.step, micro))  # drop path, dropout
                     if recipe.mixup:
-                        mixup.rng = np.random.default_rng(seed)
+                        mixup.rng = mixup_rng(recipe.seed, pos.step)
                         clips, target = mixup(clips, labels)
                     else:
                         target = smooth_one_hot(labels, recipe.num_classes, recipe.label_smoothing)
