@@ -161,16 +161,21 @@ def test_drop_path_and_head_dropout_only_in_training():
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
+    # with drop path and dropout on: the recomputed forward must draw the masks of the first
     torch.manual_seed(0)
-    model = mvit_fast.build_model("s", **TINY, drop_path_rate=0.0, head_dropout=0.0)
-    clip = torch.randn(2, 3, 4, 32, 32)
-    model(clip).square().sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    model.checkpoint_activations = True
-    model(clip).square().sum().backward()
-    for g, p in zip(grads, model.parameters()):
-        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    model = mvit_fast.build_model("s", **TINY, drop_path_rate=0.8, head_dropout=0.5).train()
+    clip = torch.randn(8, 3, 4, 32, 32)
+    outs, grads = [], []
+    for checkpointed in (False, True):
+        model.checkpoint_activations = checkpointed
+        model.zero_grad()
+        torch.manual_seed(1)
+        outs.append(model(clip))
+        outs[-1].square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert torch.equal(outs[0], outs[1])
+    for g, g_checkpointed in zip(*grads):
+        torch.testing.assert_close(g_checkpointed, g, rtol=1e-5, atol=1e-7)
 
 
 def test_compiles_without_graph_breaks():
