@@ -334,6 +334,7 @@ def _pool_norm_fwd(
     gamma/beta are tiny. Total HBM bytes of the three members ~ |qkv| + |q| + |k| + |v|,
     the floor for this op.
     """
+    eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as fp64 (Inductor's signature)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -395,6 +396,7 @@ def _pool_norm_bwd_dz(
     and dz once; partials (B*heads*SPLIT) x (taps + 2) x d fp32, written once and summed
     by torch: at MViTv2-S block 0, batch 8, 512 rows = 5.7 MB next to ~115 MB of x, dy, dz.
     """
+    eps = tl.cast(eps, tl.float32)  # fp64 under torch.compile (see _pool_norm_fwd)
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)

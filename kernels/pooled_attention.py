@@ -304,6 +304,8 @@ def _attn_fwd(
     all of K and V (2 Nk d); in total 2 Nq d + 2 Nk d * ceil(Nq / BLOCK_M) + Nq (Kt+Kh+Kw + 1)
     elements per head, the K/V re-reads served mostly from L2.
     """
+    # torch.compile passes Python floats as fp64 (Inductor's signature): the dots accumulate in fp32.
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -425,6 +427,8 @@ def _attn_bwd_dq(
     Traffic: q, dO, out, the table rows, dq, dRel, delta once; K and V once per query block
     (L2). No atomics, no Nq x Nk tensor.
     """
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 under torch.compile (see _attn_fwd)
+    scale = tl.cast(scale, tl.float32)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -573,6 +577,8 @@ def _attn_bwd_dkdv(
     tutorial 06 instead computes k q^T directly (a GPU tuning item). With SPLIT_D, s and dP
     sum two head-dim dots each, and dk, dv are two accumulators each (one per half).
     """
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 under torch.compile (see _attn_fwd)
+    scale = tl.cast(scale, tl.float32)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)

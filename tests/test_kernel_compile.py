@@ -237,3 +237,45 @@ print(result.error)
         "ValueError: arange's range must be a power of 2 at bad_kernel.py:8 (_inner) "
         "`offsets = tl.arange(0, 3)`; called from bad_kernel.py:14 (_outer) <- "
         "bad_kernel.py:20 (_bad_kernel)")
+
+
+def test_kernels_compile_with_the_float_arguments_torch_compile_passes():
+    """Under torch.compile, Inductor launches its own copy of each kernel with Python floats
+    typed fp64 (torch/_inductor/codegen/triton_utils.py `signature_of`), where Triton's own
+    launch types them fp32. An fp64 softmax scale made the scores fp64, and the bias dot
+    (fp32 accumulator expected) failed to compile: every compiled Triton model failed on the
+    GPU. Here Triton's specialization is made to type floats fp64, and all six passes, bf16,
+    must compile for sm_90."""
+    script = """
+import torch
+import triton.runtime.jit as jit
+native = jit.native_specialize_impl
+def as_inductor(backend, arg, *flags):
+    return ("fp64", None) if isinstance(arg, float) else native(backend, arg, *flags)
+jit.native_specialize_impl = as_inductor  # read when a kernel builds its binder, on first launch
+from mvit_fast.kernels import pool_norm as pn, pooled_attention as pa
+from mvit_fast.kernels.compile_only import compile_only
+bf16 = dict(dtype=torch.bfloat16)
+q, k = torch.empty(1, 2, 33, 96, **bf16), torch.empty(1, 2, 10, 96, **bf16)
+rel = torch.empty(1, 2, 32, 1 + 3 + 3)
+args = ([1, 3, 3], (True, True, True), True, True, 0.2)
+qkv, weight = torch.empty(1, 10, 3, 2, 96, **bf16), torch.empty(96, 1, 3, 3, 3, **bf16)
+norm = torch.empty(96, **bf16)
+pool = (0, weight, norm, norm, (1, 3, 3), (1, 2, 2), True, 1e-6)
+with compile_only(90) as rec:
+    pa.attention_forward(q, k, k, rel, *args, wrap=rec.wrap)
+    pa.attention_backward(q, q, k, k, rel, q, torch.empty(1, 2, 33), *args, wrap=rec.wrap)
+    y = pn.pool_norm_forward(qkv, *pool, wrap=rec.wrap)
+    pn.pool_norm_backward(y, qkv, 0, weight, norm, *pool[4:], wrap=rec.wrap)
+for r in rec.results:
+    print(r.kernel, r.error)
+"""
+    env = _compiled_env()
+    env["MVIT_FAST_TRITON_CONFIG"] = "BLOCK_M=64,BLOCK_N=32,num_warps=4,num_stages=1"
+    env["MVIT_FAST_POOL_CONFIG"] = "BLOCK_M=16,num_warps=4"
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line.split(" ", 1) for line in run.stdout.splitlines()]
+    assert [r[0] for r in rows] == list(ATTENTION_PASSES + POOL_PASSES), rows
+    assert all(r[1] == "None" for r in rows), rows
