@@ -174,3 +174,35 @@ def test_bf16_mvit_s_block_cuda(backend, block):
 def test_bf16_block_no_worse_than_eager(backend):
     """The bf16 check of the real block shapes (above, on CUDA) at a small block on the CPU."""
     check(backend, CASES["ratio_1.75_d72"], torch.bfloat16, batch=2, as_eager=True)
+
+
+def test_flex_score_mod_indexes_each_table_once(monkeypatch):
+    """Inductor's flex backward (torch 2.11, CUDA) rejects a score_mod that indexes one tensor
+    needing gradients more than once (NotImplementedError: every flex backward failed while
+    the tables rode in one tensor). Counts the score_mod's indexing per captured tensor."""
+    import mvit_fast.attention.peers as peers
+
+    captured = {}
+
+    def fake_flex(q, k, v, score_mod, scale):
+        captured["score_mod"] = score_mod
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(peers, "_flex_for", lambda dtype: fake_flex)
+    case = CASES["pool2x"]
+    x = {n: t.float().requires_grad_() for n, t in make_inputs(case).items()}
+    flex_rel_pos_attention(x["q"], x["k"], x["v"], case.q_thw, case.k_thw, x["t"], x["h"], x["w"],
+                           case.has_cls, case.residual, case.head_dim ** -0.5)
+
+    counts: dict[int, int] = {}
+
+    class CountIndexing(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.__getitem__ and args[0].requires_grad:  # a table
+                counts[id(args[0])] = counts.get(id(args[0]), 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    idx = lambda i: torch.tensor(i)
+    with CountIndexing():
+        captured["score_mod"](torch.tensor(0.0), idx(0), idx(1), idx(2), idx(3))
+    assert sorted(counts.values()) == [1, 1, 1], counts  # three tables, each indexed once

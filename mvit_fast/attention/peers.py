@@ -128,11 +128,12 @@ def flex_rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, q_thw: Thw, k_thw: T
                            residual_pooling: bool, scale: float) -> Tensor:
     """FlexAttention whose score_mod adds rel_t[b,h,i,t_j] + rel_h[b,h,i,h_j] + rel_w[b,h,i,w_j].
 
-    The tables ride in one captured tensor `rel` (B, heads, Nq, Kt+Kh+Kw+1): row 0 (cls
-    query) and the last column are zero, and the cls key's axis indices point at that
-    last column, so the score_mod has no branches. Gradients into captured tensors
-    (here `rel`, hence q and the tables) need torch >= 2.6; flex's backward is
-    CUDA-only (NotImplementedError on CPU).
+    Each axis' table is captured padded to (B, heads, Nq, K_axis + 1): row 0 (cls query)
+    and the last column are zero, and the cls key's index points at that last column, so
+    the score_mod has no branches. One tensor per axis, each indexed once: Inductor's flex
+    backward (torch 2.11 on CUDA) rejects a score_mod that indexes one tensor needing
+    gradients twice. Gradients into captured tensors (hence q and the tables) need
+    torch >= 2.6; flex's backward is CUDA-only (NotImplementedError on CPU).
 
     Ragged sequence lengths need no padding (flex masks the last block). Head dims:
     recent torch handles 72 and 96 itself (rounding up inside the kernel), but torch
@@ -145,16 +146,13 @@ def flex_rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, q_thw: Thw, k_thw: T
     score_mod = None
     if present:
         s = int(has_cls)
-        rel = F.pad(torch.cat([r for _, r in present], dim=-1), (0, 1, s, 0))
-        zero_col = rel.shape[-1] - 1
         axis_index = _key_axis_index(k_thw, q.device)
-        cols, offset = [], 0
-        for i, _ in present:  # key j -> its column in `rel` along axis i; cls key -> zero_col
-            cols.append(F.pad(axis_index[i] + offset, (s, 0), value=zero_col).to(torch.int32))
-            offset += k_thw[i]
+        # (table, column of key j): key j -> its coordinate along the axis; cls key -> the zero column
+        tables = [(F.pad(r, (0, 1, s, 0)), F.pad(axis_index[i], (s, 0), value=k_thw[i]).to(torch.int32))
+                  for i, r in present]
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            for col in cols:
+            for rel, col in tables:
                 score = score + rel[b, h, q_idx, col[kv_idx]]
             return score
 
