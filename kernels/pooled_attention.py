@@ -687,6 +687,10 @@ def _keep(block_m: int, block_n: int, num_warps: int, num_stages: int, pass_name
         # 32 x 64 0.8-1.0 KB, 32 x 128 2.6-4 KB or, on 8 warps, a collapse to 32 registers
         # and ~20 KB of spills.
         return False
+    if pass_name == "dq" and block_n == 64 and num_stages == 1:
+        # Wrong table gradients on an H100 (Triton 3.6, MViTv2-S block 1): 64 x 64 padded and
+        # 128 x 64 split, both at 1 stage, relative error 2.5-3.3 (every other tile: 0.005-0.006).
+        return False
     return True
 
 
@@ -703,12 +707,14 @@ def _keep_split(block_m: int, block_n: int, num_stages: int, stages: Sequence[in
 # The default search space: a few configs per pass, (BLOCK_M, BLOCK_N, num_warps, num_stages)
 # per layout (SPLIT_D False / True), picked from the sm_90 register counts in `_keep`, plus
 # `_FALLBACK`. Compiling the whole space of `_full_configs` takes minutes per head dim, dtype
-# and table set; MVIT_FAST_TRITON_TUNE=full opts into it.
+# and table set; MVIT_FAST_TRITON_TUNE=full opts into it. Every compact config is one `_keep`
+# keeps (dq's 64-key tiles at 1 stage miscompiled; tests/test_fused_attention.py checks each
+# config on a GPU).
 _COMPACT = {
     "fwd": {False: [(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)],
             True: [(64, 64, 4, 3), (128, 64, 8, 3)]},
     "dq": {False: [(64, 32, 4, 1), (64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 1), (128, 64, 8, 2)],
-           True: [(128, 32, 8, 1), (128, 64, 8, 1)]},
+           True: [(128, 32, 8, 1)]},
     "dkdv": {False: [(32, 32, 4, 1), (32, 64, 4, 2), (64, 64, 4, 1), (64, 64, 8, 2), (64, 128, 8, 2)],
              True: [(64, 64, 8, 2), (64, 128, 8, 2)]},
 }
