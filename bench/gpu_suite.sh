@@ -16,9 +16,9 @@
 # code 125); STEPS="step step ..." runs only the named steps, e.g. in a second call.
 #   pip                 offline install                                 pip.log
 #   tests               pytest tests -m cuda, launch configs pinned     tests.log, tests.xml
+#   model_eager         bench/test_model.py, S and B, eager fp32/bf16   bench_model_eager.json
 #   train_compiled      compiled bf16 training step (Triton attention) of MViTv2-S and -B
 #                       (bench/test_model.py: clips/s, compile time)    bench_train_compiled.json
-#   model_eager         bench/test_model.py, S and B, eager fp32/bf16   bench_model_eager.json
 #   warm                every kernel config at the S and B shapes compiled into Triton's
 #                       cache in parallel (bench/kernel_resources.py)   warm.log
 #   attention_S16x224   bench/test_attention.py, MViTv2-S shapes        bench_attention_S16x224.json
@@ -39,14 +39,17 @@
 # need, so the report runs however long the steps before it took.
 # A session has 30 device-minutes, the machine's start-up (a minute or more) and idle time
 # included: three calls of ~570 s, the third under what is left (DEADLINE = the device
-# tool's budget_left_s minus ~40). Each compiled case compiles the whole model cold (a
-# minute or more per case, estimated, not measured yet). A call without STEPS gets through
-# pip, tests, train_compiled and model_eager (the numerics and the headline: compiled
-# Triton vs eager training) before the deadline stops it; then one call per line (each may
-# land on a fresh machine, hence pip), in order of what the issues still lack:
+# tool's budget_left_s minus ~40). Measured on an H100 (2026-11-25, commit cbf8ef1): the
+# CUDA tests took 204 s for 127 tests on 16 workers (compile-bound), and the compiled
+# MViTv2-S Triton training step was still compiling (Inductor's copies of the kernels, every
+# autotune config) after 190 s. So one call per line (each may land on a fresh machine, hence
+# pip), in order of what the issues still lack:
+#   STEPS="pip tests model_eager report"                                  # numerics, baselines
+#   STEPS="pip train_compiled report"                                     # the headline
 #   STEPS="pip warm attention_S16x224 pool attention_B32x224 report"      # the op targets
-#   STEPS="pip model_compiled_S16x224 profile_S16x224 profile_B32x224 report"
-# and, in a later session, STEPS="pip model_compiled_B32x224 report".
+# and, in a later session, STEPS="pip model_compiled_S16x224 profile_S16x224 profile_B32x224
+# report", then STEPS="pip model_compiled_B32x224 report". A call without STEPS runs every
+# step in the order below until the deadline.
 # Autotuning compiles every config of a pass at each new specialization: the attention
 # passes ~1-3 s per config, the pooling passes ~1-10 s (sm_90 compiles timed on a 2-core CPU;
 # `python bench/kernel_resources.py` lists them), 8 + 8 + 8 and 5 + 3 + 5 configs: for S and B
@@ -110,7 +113,7 @@ if ! [[ $DEADLINE =~ ^[0-9]+$ ]]; then echo "DEADLINE must be seconds, got '$DEA
 START=$SECONDS
 EXIT_CODES=()
 
-ALL_STEPS="pip tests train_compiled model_eager warm attention_S16x224 pool attention_B32x224
+ALL_STEPS="pip tests model_eager train_compiled warm attention_S16x224 pool attention_B32x224
   model_compiled_S16x224 profile_S16x224 model_compiled_B32x224 profile_B32x224 data_pip data report"
 STEPS=${STEPS:-}
 for s in $STEPS; do  # a misspelt step would be skipped without a word, its call wasted
@@ -231,7 +234,7 @@ fi
 # would oversubscribe the cores).
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "$(nproc)")
-step tests 200 env MVIT_FAST_TRITON_CONFIG=BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1 \
+step tests 300 env MVIT_FAST_TRITON_CONFIG=BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1 \
   MVIT_FAST_POOL_CONFIG=BLOCK_M=16,num_warps=8,num_stages=1 TORCHINDUCTOR_COMPILE_THREADS=1 \
   "$PY" -m pytest tests -m cuda -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/tests.xml"
 
@@ -240,8 +243,8 @@ OP_ROUNDS=(--benchmark-max-time=0.1 --benchmark-min-rounds=3)
 # Whole-model steps take 0.1-2 s: three rounds after the case's own warm-up.
 MODEL_ROUNDS=(--benchmark-max-time=0.5 --benchmark-min-rounds=3)
 HEADLINE="train and compile-triton-bf16"
-bench train_compiled 200 bench/test_model.py -k "(S16x224 or B32x224) and $HEADLINE" "${MODEL_ROUNDS[@]}"
 bench model_eager 100 bench/test_model.py -k "(S16x224 or B32x224) and eager-" "${MODEL_ROUNDS[@]}"
+bench train_compiled 480 bench/test_model.py -k "(S16x224 or B32x224) and $HEADLINE" "${MODEL_ROUNDS[@]}"
 # Every attention and pooling config at the S and B shapes, compiled into Triton's cache by 16
 # processes at once: the autotuner of the op benchmarks would compile them one after another,
 # one core busy, inside their warm-up (bench/kernel_resources.py --warm; the log has each
