@@ -102,6 +102,38 @@ def test_attention_pool_matches_mmaction2(shape, has_cls):
     assert skip.shape == expected.shape and thw == [4, 3, 3]
 
 
+class _RecordStrides(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen = (x.shape, x.stride())
+        return x
+
+
+@pytest.mark.parametrize("thw", [(1, 1, 1), (2, 1, 1), (1, 3, 2)], ids=str)
+def test_attention_pool_hands_the_pool_dense_strides(thw):
+    """Dense strides on every axis, size-1 ones included: torch's CUDA depthwise Conv3d walks
+    its window with the dense strides, so on a 1x1x1 grid the permuted view (which passes
+    is_contiguous() with strides of d on T, H, W) pooled another channel's value."""
+    batch, heads, dim = 2, 2, 16
+    tokens = 1 + thw[0] * thw[1] * thw[2]
+    # q of a fused qkv projection (B, N, 3, heads, d), as MultiScaleAttention slices it
+    q = torch.randn(batch, tokens, 3, heads, dim).permute(2, 0, 3, 1, 4)[0]
+    pool = _RecordStrides()
+    attention_pool(q, pool, thw, True)
+    shape, strides = pool.seen
+    assert shape == (batch * heads, dim, *thw)
+    assert strides == torch.empty(shape).stride()
+
+
+@pytest.mark.cuda
+def test_attention_pool_cuda_one_token_grid():
+    """The depthwise pooling of a 1x1x1 grid on CUDA against the same ops on the CPU (float64)."""
+    conv = torch.nn.Conv3d(16, 16, 3, (1, 2, 2), 1, groups=16, bias=False).double()
+    q = torch.randn(1, 2, 3, 2, 16, dtype=torch.float64).permute(2, 0, 3, 1, 4)[0]
+    want, _ = attention_pool(q, conv, (1, 1, 1), True)
+    got, _ = attention_pool(q.cuda(), conv.cuda(), (1, 1, 1), True)
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-12)
+
+
 def test_attention_pool_rejects_tokens_that_do_not_fit():
     pool = torch.nn.MaxPool3d(3, (1, 2, 2), 1)
     with pytest.raises(ValueError, match="do not fit the grid"):

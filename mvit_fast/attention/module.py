@@ -49,9 +49,15 @@ def attention_pool(
         raise ValueError(f"attention_pool: {tokens} tokens do not fit the grid {list(thw)}"
                          f"{' plus the cls token' if has_cls else ''}")
     cls_tok, x = (x[:, :, :1], x[:, :, 1:]) if has_cls else (None, x)
-    # Contiguous, as in SlowFast: torch 2.13's CPU bf16 depthwise Conv3d returns a wrong
-    # weight gradient for a channels-last input (off by its own magnitude, run to run).
-    x = x.reshape(batch * heads, *thw, dim).permute(0, 4, 1, 2, 3).contiguous()
+    # A dense copy, as SlowFast's `.contiguous()` but with dense strides on the size-1 axes
+    # too. torch 2.13's CPU bf16 depthwise Conv3d returns a wrong weight gradient for a
+    # channels-last input (off by its own magnitude, run to run). On a 1x1x1 grid the
+    # permuted view already passes is_contiguous() (size-1 axes are not checked) with strides
+    # of d on T, H and W, and torch's CUDA depthwise Conv3d (torch 2.11, any dtype) starts its
+    # window at those strides but steps through it with the dense ones: the one in-grid tap
+    # read another channel's value (the pooled token off by O(1)).
+    x = x.reshape(batch * heads, *thw, dim).permute(0, 4, 1, 2, 3)
+    x = x.clone(memory_format=torch.contiguous_format)
     x = pool(x)
     thw = list(x.shape[2:])
     x = x.reshape(batch, heads, dim, thw[0] * thw[1] * thw[2]).transpose(2, 3)
