@@ -10,9 +10,10 @@
 # `bash bench/fetch_wheels.sh` on the development machine and name `.whl` in the device
 # tool's `carry`.
 #
-# Steps, in priority order; each has a timeout (SIGINT, then KILL 15 s later) and all of
-# them share one deadline, DEADLINE seconds after the start (default 570: the device tool
-# allows 600 per command). A step the deadline leaves no time for is not started (exit
+# Steps, in priority order; each has a timeout (SIGINT, then KILL 15 s later; the pytest
+# steps start no case in its last quarter, tests/deadline.py) and all of them share one
+# deadline, DEADLINE seconds after the start (default 570: the device tool allows 600 per
+# command). A step the deadline leaves no time for is not started (exit
 # code 125); STEPS="step step ..." runs only the named steps, e.g. in a second call.
 #   pip                 offline install                                 pip.log
 #   tests               pytest tests -m cuda, launch configs pinned     tests.log, tests.xml
@@ -181,7 +182,13 @@ step() {  # step NAME BUDGET_S CMD...: CMD under min(BUDGET_S, time to the deadl
   printf '%q ' "$@" > "$OUT/$file.cmd"
   RAN=1
   [ -z "${BENCH_JSON:-}" ] || rm -f "$BENCH_JSON"  # an earlier call's: not what this step measured
-  timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee "$OUT/$file.log"
+  # pytest steps (-p tests.deadline) start no case past a quarter of the limit (15-90 s)
+  # before it, so they end by themselves and write their reports: a case cut inside a long
+  # compile outlives the INT's 15 s, and the KILL loses every result (the first H100 run's
+  # pool step: 38 finished cases, no JSON).
+  local margin=$((limit / 4 < 15 ? 15 : (limit / 4 > 90 ? 90 : limit / 4)))
+  MVIT_FAST_DEADLINE=$(($(date +%s) + limit - margin)) \
+    timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee "$OUT/$file.log"
   EXIT_CODES+=("$name=${PIPESTATUS[0]}")
 }
 
@@ -189,7 +196,7 @@ bench() {  # bench NAME BUDGET_S FILE PYTEST_ARGS...: one pytest-benchmark run i
   local name=$1 budget=$2 file=$3
   shift 3
   BENCH_JSON="$OUT/bench_$name.json" step "$name" "$budget" "$PY" -m pytest "$file" --benchmark-only \
-    -p no:cacheprovider --benchmark-columns=min,median,mean,stddev,rounds \
+    -p no:cacheprovider -p tests.deadline --benchmark-columns=min,median,mean,stddev,rounds \
     --benchmark-json="$OUT/bench_$name.json" "$@"
   if [ "$RAN" = 1 ] && [ ! -s "$OUT/bench_$name.json" ]; then  # every case skipped, or killed
     echo "== $name: wrote no benchmark JSON"
@@ -236,7 +243,7 @@ XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "$(nproc)")
 step tests 300 env MVIT_FAST_TRITON_CONFIG=BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1 \
   MVIT_FAST_POOL_CONFIG=BLOCK_M=16,num_warps=8,num_stages=1 TORCHINDUCTOR_COMPILE_THREADS=1 \
-  "$PY" -m pytest tests -m cuda -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/tests.xml"
+  "$PY" -m pytest tests -m cuda -p no:cacheprovider -p tests.deadline "${XDIST[@]}" --junitxml="$OUT/tests.xml"
 
 # Attention and pooling ops: a few rounds of 0.1 s each (the tests warm up themselves).
 OP_ROUNDS=(--benchmark-max-time=0.1 --benchmark-min-rounds=3)
