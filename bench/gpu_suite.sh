@@ -10,11 +10,11 @@
 # `bash bench/fetch_wheels.sh` on the development machine and name `.whl` in the device
 # tool's `carry`.
 #
-# Steps, in priority order; each has a timeout (SIGINT, then KILL 15 s later; the pytest
-# steps start no case in its last quarter, tests/deadline.py) and all of them share one
-# deadline, DEADLINE seconds after the start (default 570: the device tool allows 600 per
-# command). A step the deadline leaves no time for is not started (exit
-# code 125); STEPS="step step ..." runs only the named steps, e.g. in a second call.
+# Steps, in priority order; each has a timeout (SIGINT, then KILL 15 s later; a pytest step
+# starts no case in the last quarter of its timeout, tests/deadline.py) and all of them
+# share one deadline, DEADLINE seconds after the start (default 570: the device tool allows
+# 600 per command). A step the deadline leaves no time for is not started (exit code 125);
+# STEPS="step step ..." runs only the named steps, e.g. in a second call.
 #   pip                 offline install                                 pip.log
 #   tests               pytest tests -m cuda, launch configs pinned     tests.log, tests.xml
 #   model_eager         bench/test_model.py, S and B, eager fp32/bf16   bench_model_eager.json

@@ -10,11 +10,11 @@ The rel-pos table gradients (kind "table_grad") are sums over thousands of queri
 terms that cancel (each query's dS sums to zero over its keys): an element's rounding
 error follows the size of its terms, not of the sum, so their atol is the gradient
 tolerance times the tensor's RMS (where it is above 1: a table of one coordinate has an
-exactly zero gradient, its terms are O(1)). At the MViTv2-S block shapes (blocks 0, 1, 3, 14,
-batch 2) the plain eager computation in the same dtype (CPU, torch 2.13) misses the elementwise bound by
-4-14x (fp16) and 8-18x (bf16) at near-zero elements, and uses at most 0.36 (fp16) and
-0.80 (bf16) of this one (`test_table_grad_tolerance_is_what_plain_eager_attains`); a wrong
-or missing term is off by O(RMS) and still fails.
+exactly zero gradient, its terms are O(1)). At the MViTv2-S block shapes (blocks 0, 1, 3
+and 14, batch 2) the plain eager computation in the same dtype (CPU, torch 2.13) misses
+the elementwise bound by 4-14x (fp16) and 8-18x (bf16) at near-zero elements, and uses at
+most 0.36 (fp16) and 0.80 (bf16) of this one (`test_table_grad_tolerance_is_what_plain_eager_attains`);
+a wrong or missing term is off by O(RMS) and still fails.
 """
 
 from __future__ import annotations
