@@ -15,7 +15,9 @@ MVIT_FAST_POOL_CONFIG) is compiled for sm_`arch` with the argument specializatio
 contiguous launch, as the model makes it under bf16 autocast (activations in `--dtype`, the
 pooling's conv and LayerNorm parameters in `--param-dtype`: float32 master weights), and
 nothing runs. Batch 1: the batch changes the grid, not the strides, so the compiled code is
-the batch-8 code. q, k and v pool separately: their member index specializes apart.
+the batch-8 code, except for the dkdv pass's query chunks (`dkdv_chunks`: one chunk or
+several specialize apart), which follow `--batch` and `--sms`. q, k and v pool separately:
+their member index specializes apart.
 
 `--warm` compiles for the GPU present into Triton's own cache (`compile_only(warm_cache=True)`),
 so the autotuner of a later eager launch on it loads binaries instead of compiling them one
@@ -49,7 +51,11 @@ import torch  # noqa: E402
 from conftest import AttentionShape, attention_shapes  # noqa: E402
 from mvit_fast.kernels.compile_only import CompileRecorder, compile_only  # noqa: E402
 from mvit_fast.kernels.pool_norm import pool_norm_backward, pool_norm_forward  # noqa: E402
-from mvit_fast.kernels.pooled_attention import attention_backward, attention_forward  # noqa: E402
+from mvit_fast.kernels.pooled_attention import (  # noqa: E402
+    attention_backward,
+    attention_forward,
+    dkdv_chunks,
+)
 from test_pool import PoolShape, pool_shapes  # noqa: E402
 
 from mvit_fast.config import get_config  # noqa: E402
@@ -59,9 +65,10 @@ LN_EPS = 1e-6
 
 
 def compile_attention(rec: CompileRecorder, shape: AttentionShape, dtype: torch.dtype,
-                      param_dtype: torch.dtype) -> None:
+                      param_dtype: torch.dtype, chunks: int = 1) -> None:
     """The three attention passes at `shape`: q, k, v contiguous as the pooling leaves them,
-    the per-query tables (t | h | w) concatenated in float32 as `triton_attention` builds them."""
+    the per-query tables (t | h | w) concatenated in float32 as `triton_attention` builds them;
+    the dkdv pass in `chunks` query chunks."""
     d, heads = shape.head_dim, shape.heads
     q = torch.empty(1, heads, shape.nq, d, dtype=dtype)
     k = torch.empty(1, heads, shape.nk, d, dtype=dtype)
@@ -69,7 +76,7 @@ def compile_attention(rec: CompileRecorder, shape: AttentionShape, dtype: torch.
     rel = torch.empty(1, heads, shape.nq - 1, sum(shape.kv_grid), dtype=torch.float32)
     args = (list(shape.kv_grid), (True, True, True), True, True, d ** -0.5)
     out, lse = attention_forward(q, k, v, rel, *args, wrap=rec.wrap)
-    attention_backward(torch.empty_like(q), q, k, v, rel, out, lse, *args, wrap=rec.wrap)
+    attention_backward(torch.empty_like(q), q, k, v, rel, out, lse, *args, wrap=rec.wrap, chunks=chunks)
 
 
 MEMBERS = "qkv"  # the projection output's member index: 0 q, 1 k, 2 v
@@ -109,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", nargs="+", default=["attention", "pool"], choices=["attention", "pool"])
     parser.add_argument("--blocks", nargs="+", type=int,
                         help="only the shapes of these block indices (default: every block)")
+    parser.add_argument("--batch", type=int, default=8,
+                        help="the batch whose dkdv query chunks to compile (the benchmarks': 8)")
+    parser.add_argument("--sms", type=int, help="SMs of the GPU the chunks are for (default: the "
+                        "GPU's, else 132: an H100 SXM)")
     parser.add_argument("--warm", action="store_true", help="compile into Triton's own cache")
     parser.add_argument("--jobs", type=int, default=1, help="processes (shapes split among them)")
     parser.add_argument("--json", type=Path, help="also write every compiled config here")
@@ -118,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.arch is None:
         major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
         args.arch = 10 * major + minor
+    if args.sms is None:
+        cuda = torch.cuda.is_available()
+        args.sms = torch.cuda.get_device_properties(0).multi_processor_count if cuda else 132
 
     work = []
     for size in args.sizes:
@@ -130,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                      for shape in pool_shapes(cfg) for member in MEMBERS]
     if args.blocks is not None:
         work = [w for w in work if set(w[3].blocks) & set(args.blocks)]
-    options = (args.arch, args.warm, args.dtype, args.param_dtype)
+    options = (args.arch, args.warm, args.dtype, args.param_dtype, args.batch, args.sms)
     start = time.perf_counter()
     if args.jobs > 1:  # round-robin, so each process gets attention and pooling items
         chunks = [work[i::args.jobs] for i in range(args.jobs)]
@@ -154,7 +168,7 @@ def compile_shapes(work: list[tuple], options: tuple) -> tuple[str, list[dict], 
     """Compile (suite, shape id, kind, shape, pooled member) items in one `compile_only`
     context (shapes that specialize alike compile once): the printed table, its rows, whether
     anything failed."""
-    arch, warm, dtype, param_dtype = options
+    arch, warm, dtype, param_dtype, batch, sms = options
     lines, rows, failed = [], [], False
     with compile_only(arch, warm_cache=warm) as rec:
         for suite, shape_id, kind, shape, member in work:
@@ -162,13 +176,16 @@ def compile_shapes(work: list[tuple], options: tuple) -> tuple[str, list[dict], 
             if kind == "pool":
                 compile_pool(rec, shape, DTYPES[dtype], DTYPES[param_dtype], member)
             else:
-                compile_attention(rec, shape, DTYPES[dtype], DTYPES[param_dtype])
+                q_chunks = dkdv_chunks(shape.nq, shape.nk, batch * shape.heads, sms)
+                compile_attention(rec, shape, DTYPES[dtype], DTYPES[param_dtype], q_chunks)
             by_kernel: dict[str, list] = {}
             for c in rec.results[first:]:
                 by_kernel.setdefault(c.kernel, []).append(c)
             for kernel, configs in by_kernel.items():
                 fits = [c for c in configs if c.fits]
-                label = " ".join(filter(None, (suite, shape_id, member, kernel)))
+                chunked = kind == "attention" and kernel == "_attn_bwd_dkdv" and q_chunks > 1
+                label = " ".join(filter(None, (suite, shape_id, member, kernel,
+                                               f"({q_chunks} query chunks)" if chunked else "")))
                 lines.append(f"{label}: {len(fits)}/{len(configs)} configs fit "
                              f"sm_{arch}, {sum(c.spill_stores == 0 for c in fits)} without spills")
                 for c in configs:

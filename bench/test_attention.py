@@ -15,18 +15,24 @@ both per shape and records the configs it chose (extra_info "triton_configs", an
 by side:
 
     pytest bench --benchmark-only -k "S16x224 and triton"
+
+Where few key blocks face many queries the backward's dkdv pass splits the queries into
+chunks (`dkdv_chunks`, recorded as Q_CHUNKS in "triton_configs"); "triton_unchunked" times
+the same shapes with chunking off (MVIT_FAST_TRITON_DKDV_CHUNKS=1), forward+backward only.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from mvit_fast.kernels.pooled_attention import head_dim_split, launch_configs
+from mvit_fast.kernels.pooled_attention import dkdv_chunks, head_dim_split, launch_configs
 
 from mvit_fast.attention import BACKENDS, pooled_attention
 
-# Triton variants: benchmark name -> MVIT_FAST_TRITON_SPLIT_D (None: the autotuner chooses).
-TRITON_LAYOUTS = {"triton": None, "triton_pad": "0", "triton_split": "1"}
+# Triton variants: benchmark name -> the environment it pins (none: the launchers choose).
+TRITON_VARIANTS = {"triton": {}, "triton_pad": {"MVIT_FAST_TRITON_SPLIT_D": "0"},
+                   "triton_split": {"MVIT_FAST_TRITON_SPLIT_D": "1"},
+                   "triton_unchunked": {"MVIT_FAST_TRITON_DKDV_CHUNKS": "1"}}
 
 
 def _skip_reason(backend: str, mode: str, device: torch.device) -> str | None:
@@ -55,20 +61,31 @@ def _inputs(shape, batch: int, dtype: torch.dtype, device: torch.device, require
     return leaves
 
 
+def _variant_skip_reason(backend: str, mode: str, shape, batch: int, device: torch.device) -> str | None:
+    """Why a pinned Triton variant would time nothing that "triton" does not, or None."""
+    if backend in ("triton_pad", "triton_split") and head_dim_split(shape.head_dim) is None:
+        return f"head_dim {shape.head_dim} has one layout only (it does not split): see 'triton'"
+    if backend == "triton_unchunked":
+        if mode == "fwd":
+            return "query chunks split the backward's dkdv pass only: see 'triton'"
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+        if dkdv_chunks(shape.nq, shape.nk, batch * shape.heads, sms) == 1:
+            return "the dkdv pass runs unchunked at this shape: see 'triton'"
+    return None
+
+
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex", "sdpa_aug", *TRITON_LAYOUTS])
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex", "sdpa_aug", *TRITON_VARIANTS])
 def test_pooled_attention(benchmark, record, time_op, attention_shape, backend, mode, device, dtype,
                           batch, monkeypatch):
     suite, shape = attention_shape
-    layout = TRITON_LAYOUTS.get(backend)
-    op_backend = "triton" if backend in TRITON_LAYOUTS else backend
-    reason = _skip_reason(op_backend, mode, device)
+    op_backend = "triton" if backend in TRITON_VARIANTS else backend
+    reason = (_skip_reason(op_backend, mode, device)
+              or _variant_skip_reason(backend, mode, shape, batch, device))
     if reason:
         pytest.skip(reason)
-    if layout is not None and head_dim_split(shape.head_dim) is None:
-        pytest.skip(f"head_dim {shape.head_dim} has one layout only (it does not split): see 'triton'")
-    if layout is not None:
-        monkeypatch.setenv("MVIT_FAST_TRITON_SPLIT_D", layout)
+    for name, value in TRITON_VARIANTS.get(backend, {}).items():
+        monkeypatch.setenv(name, value)
     torch.manual_seed(0)
     leaves = _inputs(shape, batch, dtype, device, requires_grad=mode == "fwd+bwd")
     q, k, v, rel_t, rel_h, rel_w = leaves

@@ -37,7 +37,7 @@ Passes (launchers at the bottom; `wrap` lets the caller route launches through
 - `attention_forward`: `_attn_fwd`, one program per (query block, batch*head).
 - `attention_backward`: `_attn_bwd_dq` (dq, the table gradients and the softmax delta
   dO . (out - residual), made exact in the key loop, per query block), then
-  `_attn_bwd_dkdv` (dk, dv, per key block).
+  `_attn_bwd_dkdv` (dk, dv, per key block and query chunk: `dkdv_chunks`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ import triton.language as tl
 from ._launch import MAX_BATCH_HEADS, aligned, compiling_only, is_interpreted, pinned_config, row_align
 
 __all__ = ["INTERPRETED", "MAX_BATCH_HEADS", "MAX_GRID_AXIS", "MAX_HEAD_DIM", "attention_backward",
-           "attention_forward", "head_dim_split", "launch_configs"]
+           "attention_forward", "dkdv_chunks", "head_dim_split", "launch_configs"]
 
 MAX_HEAD_DIM = 256
 # The one-hot bias dot keeps a (BLOCK_M x next_pow2(K_axis)) table tile in registers.
@@ -553,9 +553,9 @@ def _attn_bwd_dkdv(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_rb, stride_rh, stride_rm, stride_rk,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, Nq, Nk, D, Kt, Kh, Kw, off_h, off_w, qk_scale, scale,
+    stride_dkc, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvc, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, Nq, Nk, D, Kt, Kh, Kw, off_h, off_w, qk_scale, scale, Q_CHUNKS,
     NQ_BUCKET, NK_BUCKET,  # autotune keys only
     HAS_CLS: tl.constexpr, HAS_REL_T: tl.constexpr, HAS_REL_H: tl.constexpr,
     HAS_REL_W: tl.constexpr,
@@ -566,13 +566,22 @@ def _attn_bwd_dkdv(
     SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_D_HI: tl.constexpr, EVEN_D_HI: tl.constexpr,
     ROW_ALIGN: tl.constexpr,
 ):
-    """dk, dv of one (BLOCK_N keys, batch*head) program: one pass over all query rows.
+    """dk, dv of one (BLOCK_N keys, batch*head, query chunk) program: one pass over the
+    chunk's query rows.
 
     Math: with P and dS as in `_attn_bwd_dq` (recomputed per query block, tables included),
     dv_j = sum_i P_ij dO_i and dk_j = scale * sum_i dS_ij q_i, with the exact delta that
     `_attn_bwd_dq` stored (so this pass runs after it).
 
-    Traffic: K, V, dK, dV once; q, dO, LSE, delta and the table rows once per key block (L2).
+    Query chunks: with Q_CHUNKS > 1 the query blocks are cut into Q_CHUNKS contiguous runs,
+    one per program on grid axis 2, and DK, DV are fp32 partial sums indexed by chunk
+    (stride_dkc, stride_dvc) that the launcher adds up. This is for MViT's first stage,
+    where a few key blocks face tens of thousands of queries (MViTv2-S block 0 at batch 8:
+    393 keys, 56 programs of 64 keys for 132 SMs, each looping over 25089 queries). A chunk
+    with no query block writes zeros.
+
+    Traffic: K, V, dK, dV once per chunk; q, dO, LSE, delta and the table rows once per key
+    block (L2).
     Tiles stay in the (query, key) orientation and the dots take tl.trans(p) / tl.trans(ds);
     tutorial 06 instead computes k q^T directly (a GPU tuning item). With SPLIT_D, s and dP
     sum two head-dim dots each, and dk, dv are two accumulators each (one per half).
@@ -581,6 +590,7 @@ def _attn_bwd_dkdv(
     scale = tl.cast(scale, tl.float32)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_c = tl.program_id(2)
     off_b = (pid_bh // H).to(tl.int64)
     off_hd = (pid_bh % H).to(tl.int64)
     Q += aligned(off_b * stride_qb + off_hd * stride_qh, ROW_ALIGN)
@@ -588,8 +598,8 @@ def _attn_bwd_dkdv(
     V += aligned(off_b * stride_vb + off_hd * stride_vh, ROW_ALIGN)
     R += off_b * stride_rb + off_hd * stride_rh
     DO += aligned(off_b * stride_dob + off_hd * stride_doh, ROW_ALIGN)
-    DK += aligned(off_b * stride_dkb + off_hd * stride_dkh, ROW_ALIGN)
-    DV += aligned(off_b * stride_dvb + off_hd * stride_dvh, ROW_ALIGN)
+    DK += aligned(pid_c.to(tl.int64) * stride_dkc + off_b * stride_dkb + off_hd * stride_dkh, ROW_ALIGN)
+    DV += aligned(pid_c.to(tl.int64) * stride_dvc + off_b * stride_dvb + off_hd * stride_dvh, ROW_ALIGN)
     D = aligned(D, ROW_ALIGN)
     stride_qm = aligned(stride_qm, ROW_ALIGN)
     stride_kn = aligned(stride_kn, ROW_ALIGN)
@@ -615,7 +625,11 @@ def _attn_bwd_dkdv(
     if SPLIT_D:
         dk_hi = tl.zeros([BLOCK_N, BLOCK_D_HI], dtype=tl.float32)
         dv_hi = tl.zeros([BLOCK_N, BLOCK_D_HI], dtype=tl.float32)
-    for start_m in range(0, Nq, BLOCK_M):
+    # This chunk's query rows: [m_start, m_end), whole BLOCK_M blocks (the last one masked).
+    chunk_rows = tl.cdiv(tl.cdiv(Nq, BLOCK_M), Q_CHUNKS) * BLOCK_M
+    m_start = pid_c * chunk_rows
+    m_end = tl.minimum(m_start + chunk_rows, Nq)
+    for start_m in range(m_start, m_end, BLOCK_M):
         offs_m = start_m + offs_m0
         q, q_hi = _load_d(Q, stride_qm, stride_qd, offs_m, Nq, D, EVEN_M, False,
                           BLOCK_D0, EVEN_D0, SPLIT_D, BLOCK_D_HI, EVEN_D_HI)
@@ -791,8 +805,9 @@ def _layouts(split_ok: bool) -> tuple[bool, ...]:
 _TUNE_KEY = ["NQ_BUCKET", "NK_BUCKET", "D", "HAS_REL_T", "HAS_REL_H", "HAS_REL_W", "PAD_T", "PAD_H",
              "PAD_W", "ROW_ALIGN"]
 _KERNELS = {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv}
-# pass -> the pinned config (a dict) or the autotuner it last launched, for `launch_configs`.
-_LAST_LAUNCH: dict[str, object] = {}
+# pass -> (the pinned config (a dict) or the autotuner it last launched, its query chunks),
+# for `launch_configs`.
+_LAST_LAUNCH: dict[str, tuple[object, int]] = {}
 
 
 def _tune_space() -> str:
@@ -805,12 +820,14 @@ def _tune_space() -> str:
 
 @functools.cache
 def _tuned(pass_name: str, layouts: tuple[bool, ...], space: str):
-    return triton.autotune(configs=_configs(pass_name, layouts, space), key=_TUNE_KEY)(_KERNELS[pass_name])
+    key = [*_TUNE_KEY, "Q_CHUNKS"] if pass_name == "dkdv" else _TUNE_KEY  # chunks change the loop length
+    return triton.autotune(configs=_configs(pass_name, layouts, space), key=key)(_KERNELS[pass_name])
 
 
 def _launch(wrap: Callable, pass_name: str, grid_axis: str, n_rows: int, heads: int,
-            *args, **kwargs) -> None:
-    """Launch one pass: a pinned config (interpreter, env var) or the autotuner (CUDA)."""
+            *args, chunks: int = 1, **kwargs) -> None:
+    """Launch one pass on a (row blocks, batch*heads, chunks) grid: a pinned config
+    (interpreter, env var) or the autotuner (CUDA)."""
     cfg = _pinned_config()
     split_ok = kwargs.pop("_SPLIT_OK")
     layouts = _layouts(split_ok)
@@ -818,36 +835,39 @@ def _launch(wrap: Callable, pass_name: str, grid_axis: str, n_rows: int, heads: 
         # A SPLIT_D in the pinned config wins over MVIT_FAST_TRITON_SPLIT_D; a head dim that
         # does not split runs padded whatever is asked.
         cfg["SPLIT_D"] = split_ok and bool(cfg.get("SPLIT_D", layouts == (True,)))
-        grid = (triton.cdiv(n_rows, cfg[grid_axis]), heads)
+        grid = (triton.cdiv(n_rows, cfg[grid_axis]), heads, chunks)
         kwargs["EVEN_M"] = kwargs.pop("_NQ") % cfg["BLOCK_M"] == 0
         kwargs["EVEN_N"] = kwargs.pop("_NK") % cfg["BLOCK_N"] == 0
-        _LAST_LAUNCH[pass_name] = dict(cfg)
+        _LAST_LAUNCH[pass_name] = dict(cfg), chunks
         wrap(_KERNELS[pass_name])[grid](*args, **kwargs, **cfg)
         return
     kwargs["EVEN_M"] = kwargs.pop("_NQ") % _MAX_BLOCK == 0
     kwargs["EVEN_N"] = kwargs.pop("_NK") % _MAX_BLOCK == 0
-    grid = lambda meta: (triton.cdiv(n_rows, meta[grid_axis]), heads)
+    grid = lambda meta: (triton.cdiv(n_rows, meta[grid_axis]), heads, chunks)
     tuner = _tuned(pass_name, layouts, _tune_space())
-    _LAST_LAUNCH[pass_name] = tuner
+    _LAST_LAUNCH[pass_name] = tuner, chunks
     wrap(tuner)[grid](*args, **kwargs)
 
 
 def launch_configs() -> dict[str, dict | None]:
     """The config each pass ("fwd", "dq", "dkdv") last launched with: BLOCK_M, BLOCK_N, SPLIT_D,
-    num_warps, num_stages. For tests and benchmark reports.
+    num_warps, num_stages, and for dkdv its Q_CHUNKS (`dkdv_chunks`). For tests and benchmark
+    reports.
 
     Autotuned passes report the autotuner's `best_config`, the config of its last call. That
     holds for eager launches only: under torch.compile, Inductor autotunes its own copy of the
     configs and the autotuner here is not called (its report stays stale or None).
     """
     report = {}
-    for name, launch in _LAST_LAUNCH.items():
+    for name, (launch, chunks) in _LAST_LAUNCH.items():
         if isinstance(launch, dict):
             report[name] = dict(launch)
-            continue
-        best = getattr(launch, "best_config", None)
-        report[name] = None if best is None else {
-            **best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+        else:
+            best = getattr(launch, "best_config", None)
+            report[name] = None if best is None else {
+                **best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+        if name == "dkdv" and report[name] is not None:
+            report[name]["Q_CHUNKS"] = chunks
     return report
 
 
@@ -977,14 +997,15 @@ def attention_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor,
     k_grid: Sequence[int], rel_axes: Sequence[bool], has_cls: bool, residual: bool, scale: float,
-    *, wrap: Callable = _identity,
+    *, wrap: Callable = _identity, chunks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward. Returns (dq, dk, dv in the input dtype, drel fp32 shaped like rel).
 
     dq holds only the direct path (scores and residual); the gradient that reaches q
     through the tables is drel's, carried by autograd of the table einsum. Arguments as
     in `attention_forward`, plus dout (the gradient of out, any strides) and the forward's
-    out and LSE, exactly as it returned them.
+    out and LSE, exactly as it returned them; `chunks` sets the dkdv pass's query chunks
+    (None: `dkdv_chunks` picks them for the device).
 
     The softmax delta_i = dO_i . attn_i starts from the forward's out (attn = out - q on
     residual rows) and is made exact inside the dq pass (`_attn_bwd_dq`): the table
@@ -1005,8 +1026,16 @@ def attention_backward(
     batch, heads, nq, d = q.shape
     nk = k.shape[2]
     dq = torch.empty((batch, heads, nq, d), device=q.device, dtype=q.dtype)
-    dk = torch.empty((batch, heads, nk, d), device=q.device, dtype=q.dtype)
-    dv = torch.empty((batch, heads, nk, d), device=q.device, dtype=q.dtype)
+    # dkdv writes (chunks, B, heads, Nk, d): dk and dv themselves (one chunk) or fp32 partials.
+    if chunks is None:
+        chunks = dkdv_chunks(nq, nk, batch * heads, _sm_count(q.device.index) if q.is_cuda else 0)
+    if chunks == 1:
+        dk = torch.empty((batch, heads, nk, d), device=q.device, dtype=q.dtype)
+        dv = torch.empty((batch, heads, nk, d), device=q.device, dtype=q.dtype)
+        dk_chunks, dv_chunks = dk.unsqueeze(0), dv.unsqueeze(0)
+    else:
+        dk_chunks = torch.empty((chunks, batch, heads, nk, d), device=q.device, dtype=torch.float32)
+        dv_chunks = torch.empty((chunks, batch, heads, nk, d), device=q.device, dtype=torch.float32)
     drel = torch.empty(rel.shape, device=q.device, dtype=torch.float32)  # every element written
     delta = torch.empty((batch, heads, nq), device=q.device, dtype=torch.float32)
     lse = lse.contiguous()
@@ -1020,10 +1049,45 @@ def attention_backward(
             ROW_ALIGN=row_align(q, k, v, out, dout, dq))
     # dkdv reads the delta that dq wrote: same stream, launch order is the dependency.
     _launch(wrap, "dkdv", "BLOCK_N", nk, batch * heads,
-            q, k, v, rel_arg, dout, lse, delta, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *_strides4(rel), *dout.stride(), *dk.stride(),
-            *dv.stride(), scale=scale, **common, ROW_ALIGN=row_align(q, k, v, dout, dk, dv))
+            q, k, v, rel_arg, dout, lse, delta, dk_chunks, dv_chunks,
+            *q.stride(), *k.stride(), *v.stride(), *_strides4(rel), *dout.stride(),
+            *dk_chunks.stride(), *dv_chunks.stride(), scale=scale, Q_CHUNKS=chunks, chunks=chunks,
+            **common, ROW_ALIGN=row_align(q, k, v, dout, dk_chunks, dv_chunks))
+    if chunks > 1:  # summed in a fixed order (deterministic), rounded to the input dtype once
+        dk, dv = dk_chunks.sum(0).to(q.dtype), dv_chunks.sum(0).to(q.dtype)
     return dq, dk, dv, drel
+
+
+_CHUNKS_ENV = "MVIT_FAST_TRITON_DKDV_CHUNKS"
+# At least this many query rows per chunk, so a chunk's fixed cost (k, v loaded, dk, dv
+# partials stored and summed) stays small next to its loop over query blocks.
+_MIN_CHUNK_ROWS = 1024
+
+
+def dkdv_chunks(nq: int, nk: int, batch_heads: int, sm_count: int) -> int:
+    """How many query chunks the dkdv pass splits into (1: none) on a GPU of `sm_count` SMs
+    (0: not a GPU, no chunks): enough that its programs number about two per SM, assuming
+    64-key blocks, with at least 1024 queries per chunk. MVIT_FAST_TRITON_DKDV_CHUNKS=n pins
+    it (1 turns chunking off; chunks beyond the query blocks are empty and write zeros).
+
+    MViTv2 at batch 8 on an H100 (132 SMs): S block 0 (25089 x 393 keys, 1 head) runs in 5
+    chunks, S block 2 and B blocks 0-1 in 3, B blocks 3-4 in 2, every other block in 1.
+    """
+    pinned = os.environ.get(_CHUNKS_ENV)
+    if pinned:
+        if not pinned.isdigit() or not 1 <= int(pinned) <= MAX_BATCH_HEADS:
+            raise ValueError(f"{_CHUNKS_ENV}={pinned!r}: expected an integer from 1 to "
+                             f"{MAX_BATCH_HEADS} (CUDA's grid limit)")
+        return int(pinned)
+    if sm_count <= 0:
+        return 1
+    wanted = triton.cdiv(2 * sm_count, triton.cdiv(nk, 64) * batch_heads)
+    return max(1, min(wanted, nq // _MIN_CHUNK_ROWS))
+
+
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(torch.device("cuda", index)).multi_processor_count
 
 
 def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:

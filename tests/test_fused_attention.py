@@ -23,6 +23,7 @@ from mvit_fast.kernels.pooled_attention import (
     MAX_BATCH_HEADS,
     attention_backward,
     attention_forward,
+    dkdv_chunks,
     head_dim_split,
     launch_configs,
 )
@@ -36,6 +37,7 @@ from tests.numerics import assert_close, tolerance
 GRAD_NAMES = ("q", "k", "v", "rel_pos_t", "rel_pos_h", "rel_pos_w")
 CONFIG_ENV = "MVIT_FAST_TRITON_CONFIG"
 SPLIT_ENV = "MVIT_FAST_TRITON_SPLIT_D"
+CHUNKS_ENV = "MVIT_FAST_TRITON_DKDV_CHUNKS"
 LAYOUTS = {"pad": "0", "split": "1"}  # head-dim layout -> MVIT_FAST_TRITON_SPLIT_D
 
 
@@ -246,6 +248,35 @@ def test_pinned_config_rejects_garbage(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SPLIT_ENV, "yes")
     with pytest.raises(ValueError, match=SPLIT_ENV):
         check_against_oracle(CASES[0], torch.float32)
+
+
+@pytest.mark.parametrize("chunks", [2, 3, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_dkdv_query_chunks_match_oracle(chunks: int, dtype: torch.dtype, monkeypatch) -> None:
+    """dk, dv as sums over query chunks (`dkdv_chunks`). CASES[0] has 51 queries, 4 blocks of
+    16 in the interpreter: 2 chunks of 2 blocks; 3 chunks of 2, 2 and 0 blocks (an empty chunk
+    must write zeros); 64 chunks, 60 of them empty."""
+    monkeypatch.setenv(CHUNKS_ENV, str(chunks))
+    check_against_oracle(CASES[0], dtype)
+    assert launch_configs()["dkdv"]["Q_CHUNKS"] == chunks
+
+
+def test_dkdv_chunks_at_mvit_shapes(monkeypatch) -> None:
+    """The dkdv pass chunks its queries only where few key blocks face many queries: at batch
+    8 on 132 SMs (an H100), S blocks 0 and 2 and B blocks 0-4 but B block 2 (3137 keys)."""
+    monkeypatch.delenv(CHUNKS_ENV, raising=False)
+    expected = {"s": {0: 5, 2: 3}, "b": {0: 3, 1: 3, 3: 2, 4: 2}}
+    for size, chunked in expected.items():
+        specs = mvit_fast.block_specs(mvit_fast.get_config(size))
+        got = {i: dkdv_chunks(s.q_tokens, s.kv_tokens, 8 * s.num_heads, 132) for i, s in enumerate(specs)}
+        assert got == {i: chunked.get(i, 1) for i in range(len(specs))}, size
+    assert dkdv_chunks(25089, 393, 8, 0) == 1  # not a GPU
+    monkeypatch.setenv(CHUNKS_ENV, "7")
+    assert dkdv_chunks(393, 393, 64, 132) == 7
+    for bad in ("0", "-2", "two"):
+        monkeypatch.setenv(CHUNKS_ENV, bad)
+        with pytest.raises(ValueError, match=CHUNKS_ENV):
+            dkdv_chunks(393, 393, 64, 132)
 
 
 @pytest.mark.parametrize("pass_name", ["fwd", "dq", "dkdv"])
@@ -465,7 +496,9 @@ def test_cuda_every_autotune_config_matches_oracle(pass_name: str, config, monke
     finally:
         pooled_attention_kernels._tuned.cache_clear()
     expected = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-    assert launch_configs()[pass_name] == expected
+    ran = launch_configs()[pass_name]
+    ran.pop("Q_CHUNKS", None)
+    assert ran == expected
 
 
 @pytest.mark.cuda
