@@ -25,6 +25,9 @@
 #   attention_S16x224   bench/test_attention.py, MViTv2-S shapes        bench_attention_S16x224.json
 #   pool                bench/test_pool.py (fused pooling), if present  bench_pool.json
 #   attention_B32x224   as for S
+#   profile_attention   bench/profile_attention.py: one attention call at S block 0 and B
+#                       blocks 0-1, fwd+bwd, per backend, kernel time by Triton pass and
+#                       category (what the op targets miss by, and where)  opprofile_*.json
 #   model_compiled_S16x224  the other compiled S cases (SDPA; Triton inference)
 #   profile_S16x224     bench/profile_step.py: the compiled S training step, fused vs plain
 #                       pooling, kernel time by category               profile_*.json
@@ -48,9 +51,10 @@
 #   STEPS="pip tests model_eager report"                                  # numerics, baselines
 #   STEPS="pip train_compiled report"                                     # the headline
 #   STEPS="pip warm attention_S16x224 pool attention_B32x224 report"      # the op targets
-# and, in a later session, STEPS="pip model_compiled_S16x224 profile_S16x224 profile_B32x224
-# report", then STEPS="pip model_compiled_B32x224 report". A call without STEPS runs every
-# step in the order below until the deadline.
+# and, in a later session, STEPS="pip warm profile_attention model_compiled_S16x224 report"
+# (warm first: a fresh machine's autotuner would compile every config inside the profiled
+# cases' warm-up), then STEPS="pip profile_S16x224 profile_B32x224 model_compiled_B32x224
+# report". A call without STEPS runs every step in the order below until the deadline.
 # Autotuning compiles every config of a pass at each new specialization: the attention
 # passes ~1-3 s per config, the pooling passes ~1-10 s (sm_90 compiles timed on a 2-core CPU;
 # `python bench/kernel_resources.py` lists them), 8 + 8 + 8 and 5 + 3 + 5 configs: for S and B
@@ -115,7 +119,7 @@ START=$SECONDS
 EXIT_CODES=()
 
 ALL_STEPS="pip tests model_eager train_compiled warm attention_S16x224 pool attention_B32x224
-  model_compiled_S16x224 profile_S16x224 model_compiled_B32x224 profile_B32x224 data_pip data report"
+  profile_attention model_compiled_S16x224 profile_S16x224 model_compiled_B32x224 profile_B32x224 data_pip data report"
 STEPS=${STEPS:-}
 for s in $STEPS; do  # a misspelt step would be skipped without a word, its call wasted
   [[ " $(echo $ALL_STEPS) " == *" $s "* ]] || { echo "unknown step '$s'; the steps: $(echo $ALL_STEPS)" >&2; exit 2; }
@@ -262,6 +266,8 @@ if [ -f bench/test_pool.py ]; then
   bench pool 120 bench/test_pool.py -k "S16x224 or B32x224" "${OP_ROUNDS[@]}"
 fi
 bench attention_B32x224 90 bench/test_attention.py -k B32x224 "${OP_ROUNDS[@]}"
+step profile_attention 120 "$PY" bench/profile_attention.py --suite S16x224 B32x224 --blocks 0 \
+  --mode fwd+bwd --calls 10 --out "$OUT"
 # The other compiled cases (the plain-pooling variant is timed by the profile steps, with
 # the fused one, side by side), and where the time goes (bench/profile_step.py:
 # torch.profiler, kernels by category): the compiled S training step with the fused vs the
@@ -310,7 +316,7 @@ PY
 PLOTS=(--plot-dir "$OUT")
 "$PY" -c "import matplotlib" 2>/dev/null || PLOTS=(--no-plots)
 shopt -s nullglob  # a glob that matches nothing expands to nothing
-RESULTS=("$OUT"/bench_*.json "$OUT"/profile_*.json)
+RESULTS=("$OUT"/bench_*.json "$OUT"/profile_*.json "$OUT"/opprofile_*.json)
 shopt -u nullglob
 if [ "${#RESULTS[@]}" -gt 0 ]; then
   step report 30 sh -c '"$PY" -m mvit_fast.report throughput "$@" > "$0"; rc=$?; cat "$0"; exit $rc' \

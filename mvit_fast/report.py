@@ -616,6 +616,90 @@ def time_breakdown_tables(profiles: list[dict]) -> str:
     return "\n".join(out)
 
 
+# --- where one attention call's time goes: bench/profile_attention.py --------------------------
+#
+# An op profile (`opprofile_attention-<suite>-<shape>-<mode>-<backend>.json`, kind "op_profile")
+# holds one backend's `pooled_attention` call at one block shape: its wall time and its profiled
+# kernel time by category and top kernels, a call counting as the breakdown's step.
+
+OP_PROFILE_GLOB = "opprofile_*.json"
+_OUR_ATTENTION_PASS = re.compile(r"\b(_attn_(?:fwd|bwd_dq|bwd_dkdv))(?:_\d+)?\b")
+
+
+def _is_op_profile(path: Path) -> bool:
+    return path.match(OP_PROFILE_GLOB)
+
+
+def op_profile_files(paths: Iterable[Path]) -> list[Path]:
+    """The op profiles among `paths` and beside their benchmark files."""
+    paths = list(paths)
+    found = {p for p in paths if _is_op_profile(p)}
+    for folder in {p.parent for p in paths if not _is_op_profile(p)}:
+        found.update(folder.glob(OP_PROFILE_GLOB))
+    return sorted(found)
+
+
+def load_op_profiles(paths: Iterable[str | Path]) -> list[dict]:
+    """bench/profile_attention.py's op profiles, each with `source` (the file) added."""
+    profiles = []
+    for path in paths:
+        data = _read_json(path)
+        if data.get("kind") != "op_profile":
+            raise ValueError(f"{path}: not a bench/profile_attention.py profile (no kind 'op_profile')")
+        profiles.append(dict(data, source=str(path)))
+    return profiles
+
+
+def op_time_rows(profile: dict) -> dict[str, float]:
+    """ms per call by row: our Triton passes by name (from the top kernels), else by category."""
+    rows = dict(profile["categories"])
+    ours = rows.pop(OUR_ATTENTION, 0.0)
+    for kernel in profile["top"]:
+        match = _OUR_ATTENTION_PASS.search(kernel["name"])
+        if match:
+            rows[match.group(1)] = rows.get(match.group(1), 0.0) + kernel["ms_per_step"]
+            ours -= kernel["ms_per_step"]
+    if ours > 1e-9:  # our kernels past the top list
+        rows[OUR_ATTENTION] = ours
+    return rows
+
+
+def op_time_tables(profiles: list[dict]) -> str:
+    """Markdown: per suite, shape, mode and device, each backend's profiled time of one call by
+    Triton pass and kernel category, its total and its wall time."""
+    cases: dict[tuple, dict[str, dict]] = {}
+    for p in sorted(profiles, key=lambda p: p["source"]):  # a later file of a backend wins
+        case = (p["suite"], p["blocks"][0], p["shape"], p["mode"], p["device"])
+        cases.setdefault(case, {})[p["backend"]] = p
+    order = lambda b: ((*ATTENTION_BACKENDS, b).index(b), b)
+    out = []
+    for (suite, _, shape, mode, device), by_backend in sorted(
+            cases.items(), key=lambda item: (_suite_key(item[0][0]), *item[0][1:])):
+        backends = sorted(by_backend, key=order)
+        rows = {b: op_time_rows(by_backend[b]) for b in backends}
+        passes = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")
+        names = [n for n in passes if any(n in r for r in rows.values())]
+        rest = sorted({n for r in rows.values() for n in r} - set(names),
+                      key=lambda n: (-max(r.get(n, 0.0) for r in rows.values()), n))
+        first = by_backend[backends[0]]
+        out += [f"### Where the attention op's time goes: {suite} {shape} {mode}, batch {first['batch']} "
+                f"({device}; {first['timed']} per call, torch.profiler over {first['calls']} calls; "
+                f"{first['dtype']}, commit {_short_commit(first['commit'])})",
+                "",
+                "| kernels | " + " | ".join(backends) + " |",
+                "|---|" + "---:|" * len(backends)]
+        for name in names + rest:
+            cells = [_fmt(rows[b].get(name), ".3f") for b in backends]
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out += ["| total | " + " | ".join(f"{by_backend[b]['total_ms']:.3f}" for b in backends) + " |",
+                "| call (wall) | " + " | ".join(f"{by_backend[b]['call_ms']:.3f}" for b in backends) + " |",
+                "",
+                "ms per call; the Triton passes by name, the rest by kernel category (the rel-pos "
+                "tables' einsums are matmuls); call (wall) = median wall time of an unprofiled call.",
+                ""]
+    return "\n".join(out)
+
+
 def _figure(ncols: int, nrows: int = 1, width: float = 5.5, height: float = 4.0):
     """A matplotlib Figure without pyplot (no GUI backend, no global state)."""
     try:
@@ -756,18 +840,19 @@ def throughput_main(json_files: list[str], *, results_dir: str | Path = RESULTS_
                     plot_dir: str | Path | None = None, plots: bool = True) -> int:
     """`report throughput`: print the tables, write the plots; 1 when there is nothing to read.
 
-    Profiles (bench/profile_step.py) given among `json_files` or lying beside the benchmark
-    files add the "where the time goes" tables and plot.
+    Profiles (bench/profile_step.py, bench/profile_attention.py) given among `json_files` or
+    lying beside the benchmark files add the "where the time goes" tables and plot.
     """
     try:
         paths = [Path(p) for p in json_files] or newest_gpu_run(results_dir)
-        rows = load_benchmarks(p for p in paths if not _is_profile(p))
+        rows = load_benchmarks(p for p in paths if not (_is_profile(p) or _is_op_profile(p)))
         profiles = load_profiles(profile_files(paths))
+        op_profiles = load_op_profiles(op_profile_files(paths))
     except (OSError, ValueError) as e:  # no results, a missing file, not our JSON
         print(f"report throughput: {e}", file=sys.stderr)
         return 1
     tabulated = _model_rows(rows) or _attention_rows(rows) or _pool_rows(rows) or _data_rows(rows)
-    if not tabulated and not profiles:
+    if not tabulated and not profiles and not op_profiles:
         print(f"no model, attention, pool or data benchmark rows or profiles in {[str(p) for p in paths]}",
               file=sys.stderr)
         return 1
@@ -776,6 +861,8 @@ def throughput_main(json_files: list[str], *, results_dir: str | Path = RESULTS_
         print(throughput_tables(rows), flush=True)
     if profiles:
         print(time_breakdown_tables(profiles), flush=True)
+    if op_profiles:
+        print(op_time_tables(op_profiles), flush=True)
     if plots:
         try:
             made = write_plots(rows, plot_dir or paths[0].parent, profiles)

@@ -1,5 +1,6 @@
 """Where the time of a model step goes: kernel categories, the per-step breakdown, the report's
-tables from committed profiles, and bench/profile_step.py end to end on the CPU smoke suite.
+tables from committed profiles, and bench/profile_step.py end to end on the CPU smoke suite;
+likewise for one attention call (bench/profile_attention.py).
 
 tests/fixtures/profile_small/ holds three hand-made profiles (round numbers, commit
 "fixture-not-a-commit") in bench/profile_step.py's format: fixtures for the report, not
@@ -19,6 +20,7 @@ from mvit_fast.report import (
     CATEGORIES,
     load_profiles,
     main,
+    op_time_tables,
     pooling_summary,
     time_breakdown,
     time_breakdown_tables,
@@ -225,3 +227,67 @@ def test_profile_counts_the_cpu_optimizer_step_as_the_optimizer(tmp_path):
     names = {row["name"]: row["category"] for row in profile["top"]}
     assert not {"aten::sqrt", "aten::addcdiv_", "aten::lerp_"} & names.keys()
     assert names.get("optimizer: aten::sqrt") == "optimizer"
+
+
+# --- one attention call: bench/profile_attention.py and the report's op tables -----------------
+
+
+def _op_profile(backend: str, categories: dict[str, float], top: list[tuple[str, float]], **fields) -> dict:
+    """A hand-made op profile: round numbers in bench/profile_attention.py's format."""
+    total = sum(categories.values())
+    return {"kind": "op_profile", "suite": "S16x224", "shape": "b0-h1-25089x393", "blocks": [0],
+            "mode": "fwd+bwd", "backend": backend, "batch": 8, "calls": 10, "dtype": "bfloat16",
+            "device": "NVIDIA H100 80GB HBM3", "timed": "CUDA kernel time", "commit": "fixture-not-a-commit",
+            "source": f"opprofile_attention-{backend}.json", "categories": categories, "total_ms": total,
+            "call_ms": total + 0.5, "top": [{"name": n, "ms_per_step": ms} for n, ms in top], **fields}
+
+
+def test_op_tables_name_our_passes_and_categorize_the_rest():
+    ours = _op_profile("triton", {"attention (ours)": 4.5, "matmul": 0.25},
+                       [("_attn_bwd_dkdv_2", 2.0), ("_attn_bwd_dq", 1.5), ("_attn_fwd", 0.75),
+                        ("void cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16", 0.25)])
+    # 0.25 ms of our kernels below the top list stay under their category
+    peer = _op_profile("sdpa_aug", {"attention (SDPA)": 3.0, "copy/layout": 0.5},
+                       [("flash_bwd_kernel", 2.0), ("flash_fwd_kernel", 1.0)])
+    lines = op_time_tables([peer, ours]).splitlines()
+    assert lines[0] == ("### Where the attention op's time goes: S16x224 b0-h1-25089x393 fwd+bwd, batch 8 "
+                        "(NVIDIA H100 80GB HBM3; CUDA kernel time per call, torch.profiler over 10 calls; "
+                        "bfloat16, commit fixture-no)")
+    assert lines[2:13] == [
+        "| kernels | sdpa_aug | triton |",
+        "|---|---:|---:|",
+        "| _attn_fwd | - | 0.750 |",
+        "| _attn_bwd_dq | - | 1.500 |",
+        "| _attn_bwd_dkdv | - | 2.000 |",
+        "| attention (SDPA) | 3.000 | - |",
+        "| copy/layout | 0.500 | - |",
+        "| attention (ours) | - | 0.250 |",
+        "| matmul | - | 0.250 |",
+        "| total | 3.500 | 4.750 |",
+        "| call (wall) | 4.000 | 5.250 |"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke suite is skipped where a GPU is")
+def test_profile_attention_cpu_smoke_and_report(tmp_path, capsys):
+    """bench/profile_attention.py on the CPU smoke suite, then the report reading its files."""
+    from bench.profile_attention import main as profile_main
+
+    args = ["--backends", "eager", "sdpa_aug", "triton", "--calls", "1", "--out", str(tmp_path)]
+    assert profile_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "S4x64-b0-h1-513x9-fwd+bwd-triton: skipped: Triton kernels need a CUDA GPU" in printed
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f"opprofile_attention-S4x64-b0-h1-513x9-fwd+bwd-{b}.json" for b in ("eager", "sdpa_aug")]
+    profile = json.loads((tmp_path / names[0]).read_text())
+    assert {"device", "torch", "triton", "commit"} <= profile.keys()
+    assert profile["command"] == "python bench/profile_attention.py " + " ".join(args)
+    assert (profile["kind"], profile["suite"], profile["shape"], profile["mode"], profile["backend"]) == (
+        "op_profile", "S4x64", "b0-h1-513x9", "fwd+bwd", "eager")
+    assert (profile["batch"], profile["calls"], profile["nq"], profile["nk"]) == (1, 1, 513, 9)
+    assert profile["call_ms"] > 0 and profile["categories"]["matmul"] > 0
+    assert sum(profile["categories"].values()) == pytest.approx(profile["total_ms"], rel=0.01)
+
+    assert main(["throughput", *(str(tmp_path / n) for n in names), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "### Where the attention op's time goes: S4x64 b0-h1-513x9 fwd+bwd, batch 1 (" in out
+    assert "| kernels | eager | sdpa_aug |" in out
