@@ -521,24 +521,35 @@ def _is_profile(path: Path) -> bool:
     return path.match(PROFILE_GLOB)
 
 
-def profile_files(paths: Iterable[Path]) -> list[Path]:
-    """The profiles among `paths` and beside their benchmark files (one results folder holds both)."""
+def _files_beside(paths: Iterable[Path], pattern: str) -> list[Path]:
+    """The files named like `pattern` among `paths` and beside the others (one results folder
+    holds the benchmark files and the profiles)."""
     paths = list(paths)
-    found = {p for p in paths if _is_profile(p)}
-    for folder in {p.parent for p in paths if not _is_profile(p)}:
-        found.update(folder.glob(PROFILE_GLOB))
+    found = {p for p in paths if p.match(pattern)}
+    for folder in {p.parent for p in paths if not p.match(pattern)}:
+        found.update(folder.glob(pattern))
     return sorted(found)
+
+
+def _load_kind(paths: Iterable[str | Path], kind: str, script: str) -> list[dict]:
+    """The JSON objects of `paths`, each of `kind` (written by `script`), with `source` (the file) added."""
+    loaded = []
+    for path in paths:
+        data = _read_json(path)
+        if data.get("kind") != kind:
+            raise ValueError(f"{path}: not a {script} profile (no kind {kind!r})")
+        loaded.append(dict(data, source=str(path)))
+    return loaded
+
+
+def profile_files(paths: Iterable[Path]) -> list[Path]:
+    """The profiles among `paths` and beside their benchmark files."""
+    return _files_beside(paths, PROFILE_GLOB)
 
 
 def load_profiles(paths: Iterable[str | Path]) -> list[dict]:
     """bench/profile_step.py's profile JSONs, each with `source` (the file) added."""
-    profiles = []
-    for path in paths:
-        data = _read_json(path)
-        if data.get("kind") != "profile":
-            raise ValueError(f"{path}: not a bench/profile_step.py profile (no kind 'profile')")
-        profiles.append(dict(data, source=str(path)))
-    return profiles
+    return _load_kind(paths, "profile", "bench/profile_step.py")
 
 
 def _variant_order(variant: str) -> int:
@@ -632,22 +643,12 @@ def _is_op_profile(path: Path) -> bool:
 
 def op_profile_files(paths: Iterable[Path]) -> list[Path]:
     """The op profiles among `paths` and beside their benchmark files."""
-    paths = list(paths)
-    found = {p for p in paths if _is_op_profile(p)}
-    for folder in {p.parent for p in paths if not _is_op_profile(p)}:
-        found.update(folder.glob(OP_PROFILE_GLOB))
-    return sorted(found)
+    return _files_beside(paths, OP_PROFILE_GLOB)
 
 
 def load_op_profiles(paths: Iterable[str | Path]) -> list[dict]:
     """bench/profile_attention.py's op profiles, each with `source` (the file) added."""
-    profiles = []
-    for path in paths:
-        data = _read_json(path)
-        if data.get("kind") != "op_profile":
-            raise ValueError(f"{path}: not a bench/profile_attention.py profile (no kind 'op_profile')")
-        profiles.append(dict(data, source=str(path)))
-    return profiles
+    return _load_kind(paths, "op_profile", "bench/profile_attention.py")
 
 
 def op_time_rows(profile: dict) -> dict[str, float]:
