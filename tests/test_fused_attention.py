@@ -250,8 +250,8 @@ def test_pinned_config_rejects_garbage(monkeypatch: pytest.MonkeyPatch) -> None:
         check_against_oracle(CASES[0], torch.float32)
 
 
-@pytest.mark.parametrize("chunks", [2, 3, 64])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(("chunks", "dtype"), [(2, torch.float32), (3, torch.float32), (64, torch.float32),
+                                               (3, torch.float16)], ids=str)
 def test_dkdv_query_chunks_match_oracle(chunks: int, dtype: torch.dtype, monkeypatch) -> None:
     """dk, dv as sums over query chunks (`dkdv_chunks`). CASES[0] has 51 queries, 4 blocks of
     16 in the interpreter: 2 chunks of 2 blocks; 3 chunks of 2, 2 and 0 blocks (an empty chunk
