@@ -70,16 +70,15 @@ class AttentionShape:
 
 
 WARMUP_CALLS = 2  # compile, autotune, allocator warm-up: never timed
-# An op benchmark's round repeats the call back to back until the round lasts this long
-# (pytest-benchmark's calibration), so the one device sync per round costs ~1% or less.
-ROUND_MIN_S = 1e-3
+# pytest-benchmark repeats the timed call until a round lasts this long, so the one device
+# sync per round costs ~1% or less of it.
+ROUND_MIN_S = 5e-3
+EAGER_CALLS = 10  # calls queued back to back for `eager_ms`
 
 
 def device_clock() -> float:
-    """The op benchmarks' timer: waits for the GPU, then reads the clock. A round (calls
-    queued back to back between two readings) then spans its calls' GPU work, and the host's
-    launch latency overlaps the GPU's work as it does in a model, instead of a sync after
-    every call adding it to kernels of a few microseconds."""
+    """The op benchmarks' timer: waits for the GPU, then reads the clock, so a round spans
+    its calls' GPU work."""
     if CUDA:
         torch.cuda.synchronize()
     return time.perf_counter()
@@ -95,12 +94,41 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.benchmark(**options), append=False)
 
 
+def _capture(step: Callable[[], None], device: torch.device) -> tuple[Callable[[], None], str]:
+    """One call of `step` captured in a CUDA graph: (graph.replay, "cuda_graph"), or (step,
+    "eager: <why>") when some op of it cannot be captured.
+
+    A replay runs the call's kernels with no host work between them, so its time is the
+    GPU's. Timed eagerly, an op is tens of Python-dispatched launches; past 1 ms a call,
+    pytest-benchmark ran one call per round, so each time added the host's latency to the
+    kernels' (on the H100 of cbf8ef1 the forward times at four shapes fit ~0.9 ms plus
+    terms in the size). In a model the host runs ahead of the GPU and that latency hides.
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # libraries set up per stream before a capture
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as exc:  # any op that syncs or is not capturable: time it eagerly
+        torch.cuda.synchronize(device)
+        return step, f"eager: capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+    return graph.replay, "cuda_graph"
+
+
 def _time_op(benchmark, fn: Callable[[], object], leaves, grad_outs, mode: str,
              device: torch.device) -> None:
     """Time `fn` ("fwd": under no_grad) or `fn` plus its backward ("fwd+bwd") after
-    WARMUP_CALLS untimed calls; the median is per call. The calls of a round are queued back to
-    back and the round's clock (`device_clock`) waits for the GPU. CUDA peak memory is reset
-    first, so `record` reports the timed calls' peak."""
+    WARMUP_CALLS untimed calls; the median is per call.
+
+    On CUDA the timed call is a CUDA-graph replay (`_capture`; extra_info "timing" says
+    which ran), and extra_info "eager_ms" adds the per-call time of EAGER_CALLS ungraphed
+    calls queued back to back (what an eager model pays where the host cannot run ahead).
+    CUDA peak memory is reset before the capture, so `record` reports one call's peak.
+    """
 
     def step():
         if mode == "fwd":
@@ -111,10 +139,17 @@ def _time_op(benchmark, fn: Callable[[], object], leaves, grad_outs, mode: str,
 
     for _ in range(WARMUP_CALLS):
         step()
-    device_clock()
+    timed, timing = step, "eager"
     if device.type == "cuda":
+        start = device_clock()
+        for _ in range(EAGER_CALLS):
+            step()
+        benchmark.extra_info["eager_ms"] = (device_clock() - start) / EAGER_CALLS * 1e3
         torch.cuda.reset_peak_memory_stats()
-    benchmark(step)
+        timed, timing = _capture(step, device)
+    benchmark.extra_info["timing"] = timing
+    device_clock()
+    benchmark(timed)
 
 
 def attention_shapes(cfg: MViTConfig) -> list[AttentionShape]:
@@ -277,5 +312,5 @@ def record(record_run, dtype, batch) -> Callable[..., None]:
 @pytest.fixture
 def time_op() -> Callable[..., None]:
     """`time_op(benchmark, fn, leaves, grad_outs, mode, device)`: warm up, then time `fn`
-    ("fwd") or `fn` plus its backward ("fwd+bwd"), calls back to back, per call."""
+    ("fwd") or `fn` plus its backward ("fwd+bwd"), per call (`_time_op`)."""
     return _time_op

@@ -4,7 +4,8 @@
     pytest bench --benchmark-only -k "S16x224 and flex"  # one suite, one backend
 
 Each case makes its inputs once, runs the op twice untimed (compilation, autotuning,
-allocator warm-up), then times calls that end in a device sync. Backends missing from
+allocator warm-up), then times the GPU's work per call (CUDA-graph replays on a GPU:
+bench/conftest.py `_time_op`). Backends missing from
 `BACKENDS` or unable to run on this device are skipped with the reason.
 
 The Triton kernels have two head-dim layouts, padded and split (see

@@ -365,7 +365,7 @@ def _device_tables(rows: list[dict]) -> str:
                      for b in ATTENTION_BACKENDS]
             out.append(f"| {suite} | {mode} | {batch} | " + " | ".join(cells) + " |")
         out += ["", "A sum over fewer shapes than the others (n/m shapes: cases cut, skipped or out "
-                "of memory) leaves blocks out and is no total.", ""]
+                "of memory) leaves blocks out and is no total. " + timing_note(_attention_rows(rows)), ""]
     out += pool_table(rows)
     return "\n".join(out)
 
@@ -407,8 +407,28 @@ def pool_table(rows: list[dict]) -> list[str]:
             "(bench/test_pool.py `pool_bytes`) over its time, against the device's spec bandwidth; "
             "(L2): those bytes fit in twice the L2 cache, so calls run back to back may be served "
             "from it, and no HBM fraction is given. Under bf16 autocast the plain ops write q, k, v in "
-            "fp32 (LayerNorm runs in fp32), the fused kernel in bf16, what the attention reads.", ""]
+            "fp32 (LayerNorm runs in fp32), the fused kernel in bf16, what the attention reads. "
+            + timing_note(_pool_rows(rows)), ""]
     return out
+
+
+def timing_note(rows: list[dict]) -> str:
+    """How the op rows were timed (bench/conftest.py `_time_op`'s extra_info "timing"),
+    counted per method, as one sentence."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        timing = r.get("timing")
+        if timing is None:
+            how = ("one eager call per round, recorded before graph timing: the host's launch "
+                   "latency is included")
+        elif timing == "cuda_graph":
+            how = "GPU time per call, from CUDA-graph replays"
+        elif r.get("device_type") == "cuda":
+            how = "eager calls, the op could not be captured (reason in the JSON's timing)"
+        else:
+            how = "eager calls"
+        counts[how] = counts.get(how, 0) + 1
+    return "Timing: " + "; ".join(f"{how} ({n} of {len(rows)} rows)" for how, n in counts.items()) + "."
 
 
 def partial_backends(by_backend: dict[str, dict[str, float]]) -> dict[str, tuple[int, int]]:

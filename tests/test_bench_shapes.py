@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from bench.conftest import ROUND_MIN_S, SUITES, attention_flops, attention_shapes
 from mvit_fast.config import get_config
 
@@ -43,9 +46,9 @@ def test_flops_block0():
     assert attention_flops(block0, batch=8, mode="fwd+bwd") == 3.5 * 8 * attention_flops(block0, 1, "fwd")
 
 
-def test_op_benchmarks_time_rounds_of_back_to_back_calls_on_the_device_clock(tmp_path):
-    """A sync after every call would time the host's launch latency on the small blocks; a
-    round's calls are queued back to back and the round's clock waits for the device."""
+def test_op_benchmarks_time_rounds_on_the_device_clock(tmp_path):
+    """Rounds of ROUND_MIN_S on a clock that waits for the device; without a GPU the calls
+    run eagerly (CUDA-graph replays are `test_capture_...`'s)."""
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, "-m", "pytest", "bench/test_attention.py", "--benchmark-only", "-q",
                     "-p", "no:cacheprovider", "-k", "S4x64 and b15 and eager and not bwd",
@@ -53,6 +56,36 @@ def test_op_benchmarks_time_rounds_of_back_to_back_calls_on_the_device_clock(tmp
     (case,) = json.loads(out.read_text())["benchmarks"]
     assert case["options"]["timer"] == "device_clock" and case["options"]["min_time"] == ROUND_MIN_S
     assert case["options"]["max_time"] == 0.2  # the CPU smoke case's own limit stays
+    assert case["extra_info"]["timing"] == "eager"  # CUDA graphs need a GPU
+
+
+@pytest.mark.cuda
+def test_capture_times_graph_replays_and_falls_back_where_an_op_syncs():
+    """`_capture` replays a captured call (it recomputes from the inputs' current values),
+    and an op that syncs the host (.item()) is timed eagerly with the reason."""
+    from bench.conftest import _capture
+
+    device = torch.device("cuda")
+    x = torch.ones(1024, device=device)
+    out = {}
+
+    def add():
+        out["y"] = x * 2 + 1
+
+    replay, timing = _capture(add, device)
+    assert timing == "cuda_graph"
+    x.fill_(3.0)
+    replay()
+    torch.cuda.synchronize()
+    assert out["y"].eq(7.0).all()
+
+    def syncs():
+        out["v"] = (x * 2).sum().item()
+
+    step, timing = _capture(syncs, device)
+    assert step is syncs and timing.startswith("eager: capture failed")
+    step()  # the device is usable after the failed capture
+    assert out["v"] == 6.0 * 1024
 
 
 def test_results_name_a_modified_tree_dirty(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ from mvit_fast.report import (
     newest_gpu_run,
     partial_backends,
     throughput_tables,
+    timing_note,
     write_plots,
 )
 
@@ -221,3 +222,14 @@ def test_pool_table_values():
     # a shape without the fused kernel's row: no speedup, no bandwidth
     assert "| S16x224 | fwd+bwd | b4-6 | 1569 -> 1569, 393 | 8 | 1.000 | - | - | - | - |" in lines
     assert table.index("| b0 |") < table.index("| b4-6 |")  # block order
+
+
+def test_timing_note_counts_rows_per_method(rows):
+    # the fixture predates graph timing: every attention row is host-inclusive
+    assert "one eager call per round" in throughput_tables(rows)
+    graphed = dict(device_type="cuda", timing="cuda_graph")
+    failed = dict(device_type="cuda", timing="eager: capture failed (RuntimeError: x)")
+    note = timing_note([graphed, graphed, failed, dict(device_type="cpu", timing="eager")])
+    assert note == ("Timing: GPU time per call, from CUDA-graph replays (2 of 4 rows); eager calls, "
+                    "the op could not be captured (reason in the JSON's timing) (1 of 4 rows); "
+                    "eager calls (1 of 4 rows).")
