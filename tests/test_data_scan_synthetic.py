@@ -1,5 +1,6 @@
 """The pre-flight scan and the built-in synthetic dataset."""
 
+import multiprocessing
 import re
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 from mvit_fast.data import ClipSampling, TrainAugment, build_loader, make_synthetic, read_list
 from mvit_fast.data.__main__ import main as cli
-from mvit_fast.data.lists import VideoRecord, write_list
+from mvit_fast.data.lists import VideoRecord, read_label_map, write_list
 from mvit_fast.data.scan import check_file
 from mvit_fast.data.synthetic import CLASSES, render_clip
 from mvit_fast.data.video_io import decode_frames, probe
@@ -171,3 +172,22 @@ def test_a_file_in_place_of_the_synthetic_folder_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli(["synthetic", "--root", str(tmp_path / "ds")])
     assert exit_.value.code == 2 and "ds is a file" in capsys.readouterr().err
+
+
+def _make_repeatedly(root: str, times: int) -> None:
+    for _ in range(times):
+        ds = make_synthetic(root, num_train=2, num_val=2, num_frames=4, size=16, codec="vp9", progress=False)
+        assert read_label_map(ds.label_map) == list(CLASSES)  # never a torn file
+
+
+def test_ranks_making_the_synthetic_dataset_at_once_do_not_collide(tmp_path):
+    """Every torchrun rank calls make_synthetic after rank 0 made it: the lists each one
+    rewrites must not go through a shared temp name, nor be read half-written."""
+    make_synthetic(tmp_path, num_train=2, num_val=2, num_frames=4, size=16, codec="vp9", progress=False)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_make_repeatedly, args=(str(tmp_path), 40)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * 4

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from ..checkpoint import atomic_write
+
 ListFormat = Literal["auto", "path_label", "id_frames_label"]
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 
@@ -123,7 +125,10 @@ def write_list(path: str | os.PathLike, records: list[VideoRecord], *, root: str
     for r in records:
         name = os.path.relpath(r.path, root) if root else r.path
         lines.append(f"{name} {r.num_frames} {r.label}" if with_counts else f"{name} {r.label}")
-    Path(path).write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    # A temp file of its own, then a rename: a reader (another rank) never sees a torn list,
+    # and writers of the same list at once do not collide.
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def read_label_map(path: str | os.PathLike) -> list[str]:

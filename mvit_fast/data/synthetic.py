@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import atomic_write
 from .lists import VideoRecord, write_list
 from .transforms import check_int
 
@@ -147,12 +148,10 @@ def make_synthetic(
             for i in range(count)
         ]
         jobs += [(split_id, i, r) for i, r in enumerate(records)]
-        write_list(root / f"{split}.csv.tmp", [VideoRecord(r.path, r.label) for r in records], root=root)
-        os.replace(root / f"{split}.csv.tmp", root / f"{split}.csv")
+        write_list(root / f"{split}.csv", [VideoRecord(r.path, r.label) for r in records], root=root)
         ids = [VideoRecord(r.path[: -len(suffix)], r.label, r.num_frames) for r in records]
-        write_list(root / f"{split}_frames.txt.tmp", ids, root=root)
-        os.replace(root / f"{split}_frames.txt.tmp", root / f"{split}_frames.txt")
-    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+        write_list(root / f"{split}_frames.txt", ids, root=root)
+    atomic_write(root / "classes.txt", lambda f: f.write(("\n".join(CLASSES) + "\n").encode()))
 
     todo = [job for job in jobs if not _is_valid(Path(job[2].path), num_frames)]
     for split_id, i, record in tqdm(
