@@ -1,5 +1,10 @@
 """The PyAV backend end to end on videos that carry their frame index and id in the pixels."""
 
+import multiprocessing
+import os
+import signal
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -234,6 +239,21 @@ def test_bad_videos_are_replaced_or_padded_and_reported(tmp_path, caplog):
                 assert f == [0, 5, 10, 15]
             if v == 6:  # the list claims 32 frames, the file has 20: the centre clip of the 20 (as DALI)
                 assert f == [2, 7, 12, 17]
+
+
+def test_workers_outlive_a_stop_signal_to_the_process_group(videos):
+    """Slurm and `kill -TERM -PGID` signal the workers too: they must leave the stop to the
+    main process (the trainer saves, then exits), not die under the batches it still reads."""
+    loader = build_loader(videos, train=False, batch_size=2, backend="pyav", num_workers=1,
+                          sampling=ClipSampling("k400", 4, 4, num_clips=1), augment=TestAugment(48, 48, 1))
+    batches = iter(loader)
+    first = next(batches)
+    (worker,) = multiprocessing.active_children()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        os.kill(worker.pid, signum)
+    time.sleep(0.5)  # a killed worker is reported at the next batch
+    rest = list(batches)
+    assert len(first.labels) + sum(len(b.labels) for b in rest) == len(videos)
 
 
 def test_mostly_missing_list_raises_a_clear_error(tmp_path):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from typing import Literal, NamedTuple
 
@@ -167,6 +168,7 @@ class PyAVLoader(EpochLoader):
             num_workers=self.num_workers,
             drop_last=self.dataset.train,
             pin_memory=self.device is not None and self.device.type == "cuda",
+            worker_init_fn=_ignore_stop_signals,
         )
         report = self._begin_epoch()
         for clips, labels, index, issues in loader:
@@ -175,6 +177,15 @@ class PyAVLoader(EpochLoader):
                 clips, labels, index = (t.to(self.device, non_blocking=True) for t in (clips, labels, index))
             yield Batch(clips, labels, index)
         self.end_epoch()
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers leave SIGTERM and SIGINT to the main process. Slurm, `kill -TERM -PGID` and
+    container stops signal the whole process group: a worker killed by it makes the main
+    process's next batch raise ("worker exited unexpectedly") before the trainer can save
+    and exit. The main process stops the workers when it is done with them."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def choose_backend(backend: Backend, device: torch.device | str | None = None) -> str:
