@@ -26,7 +26,7 @@ from .config import MViTConfig, from_saved, get_config
 
 __all__ = ["FORMATS", "CheckpointReadError", "LoadReport", "atomic_save", "atomic_write", "detect_format",
            "export_state_dict", "infer_config", "load_checkpoint", "not_a_checkpoint_file", "preset_name",
-           "read_checkpoint", "save_checkpoint", "to_native", "unwritable"]
+           "published_size", "read_checkpoint", "save_checkpoint", "to_native", "unwritable"]
 
 FORMAT_TAG = "mvit-fast"
 FORMATS = ("mvit_fast", "slowfast", "mmaction2", "torchvision")
@@ -356,12 +356,13 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> MViTConfig:
         fields["crop_size"] = h_grid * base.patch_stride[1]
     cfg = MViTConfig(**fields)
     dataset = {400: "k400", 174: "ssv2"}.get(cfg.num_classes)
-    if (size := _published_size(cfg)) and dataset:  # a published model: its regularization too
+    if (size := published_size(cfg)) and dataset:  # a published model: its regularization too
         cfg = dataclasses.replace(cfg, drop_path_rate=get_config(size, dataset).drop_path_rate)
     return cfg
 
 
-def _published_size(cfg: MViTConfig) -> str | None:
+def published_size(cfg: MViTConfig) -> str | None:
+    """"s", "b" or "l" when `cfg` has that published architecture (depths, width, heads), else None."""
     for size in ("s", "b", "l"):
         ref = get_config(size)
         if (ref.depths, ref.embed_dim, ref.num_heads) == (cfg.depths, cfg.embed_dim, cfg.num_heads):
@@ -371,7 +372,7 @@ def _published_size(cfg: MViTConfig) -> str | None:
 
 def preset_name(cfg: MViTConfig) -> str:
     """"MViTv2-S" etc. when `cfg` has a published architecture, else a description."""
-    if size := _published_size(cfg):
+    if size := published_size(cfg):
         return f"MViTv2-{size.upper()}"
     return f"MViTv2 depths {cfg.depths}, width {cfg.embed_dim}, {cfg.num_heads} head(s)"
 

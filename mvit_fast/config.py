@@ -185,6 +185,11 @@ def block_specs(cfg: MViTConfig) -> list[BlockSpec]:
         q_grid = pooled_grid(grid, cfg.pool_kernel, stride_q)
         kv_grid = pooled_grid(grid, cfg.pool_kernel, stride_kv)
         hw = table_grid[1]
+        if (cfg.rel_pos_spatial and min(table_grid[1:]) < 1) or (cfg.rel_pos_temporal and table_grid[0] < 1):
+            raise ValueError(
+                f"crop_size {cfg.crop_size} x num_frames {cfg.num_frames} is too small for this "
+                f"architecture: block {i}'s rel-pos tables would be sized for a {table_grid} grid "
+                f"(the patch grid {cfg.patch_grid} floor-divided by the q strides, as in SlowFast)")
         specs.append(BlockSpec(
             index=i, stage=stage, dim_in=dim, dim_out=dim_out, num_heads=heads,
             head_dim=dim_out // heads, kernel=cfg.pool_kernel, stride_q=stride_q,

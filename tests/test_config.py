@@ -111,3 +111,10 @@ def test_bad_config_names(kwargs, match):
 def test_invalid_config_values_are_refused(override, message):
     with pytest.raises(ValueError, match=message):
         get_config("s", **override)
+
+
+def test_a_clip_too_small_for_the_rel_pos_tables_is_refused():
+    # 8 px: a 2x2 patch grid that the 3 spatial q strides floor to 0 (SlowFast's table sizes)
+    with pytest.raises(ValueError, match=r"crop_size 8 x num_frames 4 is too small .* block 4"):
+        mvit_fast.build_model("s", crop_size=8, num_frames=4)
+    mvit_fast.build_model("s", crop_size=8, num_frames=4, rel_pos_spatial=False)  # no tables to size

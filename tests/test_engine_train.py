@@ -481,3 +481,17 @@ def test_eval_loads_foreign_checkpoints_and_dumps_predictions(tiny, tmp_path):
     with pytest.raises(ValueError, match="does not fit the model of --size s.*width 24"):
         main(**tiny, eval_only=True, checkpoint=str(other), run_dir=str(tmp_path / "bad"))
     assert not (tmp_path / "bad").exists()  # refused before a run folder is made
+
+
+def test_eval_of_a_published_checkpoint_takes_size_and_dataset_from_it(tiny, tmp_path, capsys):
+    """`train.py --eval --checkpoint MViTv2_S_16x4_k400.pyth` names neither size nor dataset:
+    the file's architecture and classes do (not the quickstart's model, which cannot load it)."""
+    official = tmp_path / "MViTv2_S_k400.pyth"
+    weights = export_state_dict(build_model("s", "k400").state_dict(), "slowfast")
+    torch.save({"model_state": weights}, official)
+    args = {k: v for k, v in tiny.items() if k not in ("dataset", "depths", "embed_dim")}
+    out = main(**args, eval_only=True, checkpoint=str(official), run_dir=str(tmp_path / "eval"))
+    assert "holds MViTv2-S with 400 classes: --size s --dataset k400" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "eval" / "eval_config.json").read_text())
+    assert (saved["size"], saved["dataset"], saved["model"]["embed_dim"]) == ("s", "k400", 96)
+    assert out["test"]["num_videos"] == 6

@@ -32,6 +32,7 @@ from ..checkpoint import (
     load_file,
     not_a_checkpoint_file,
     preset_name,
+    published_size,
     read_checkpoint,
     to_native,
     unwritable,
@@ -186,6 +187,26 @@ def _run_recipe(checkpoint: str) -> dict | None:
     return state.get("recipe") if isinstance(state, dict) else None
 
 
+def _published_preset(checkpoint: str, dataset: str | None, eval_only: bool) -> tuple[str | None, str | None]:
+    """(--size, --dataset) when they are not given with a published checkpoint (SlowFast,
+    mmaction2, torchvision): its architecture's size and, for --eval, the dataset its head's
+    classes name (400: k400, 174: ssv2). Anything else keeps the defaults (the quickstart's
+    model), whose load then says what the file holds."""
+    try:
+        raw, fmt = read_checkpoint(checkpoint)
+        cfg = infer_config(to_native(raw, fmt)[0])
+    except Exception:  # `build` reports an unreadable or foreign file
+        return None, dataset
+    size = published_size(cfg)
+    if size is None:
+        return None, dataset
+    if dataset is None and eval_only:
+        dataset = {400: "k400", 174: "ssv2"}.get(cfg.num_classes)
+    print(f"--checkpoint {checkpoint} holds {preset_name(cfg)} with {cfg.num_classes} classes: "
+          f"--size {size}" + (f" --dataset {dataset}" if dataset else ""), flush=True)
+    return size, dataset
+
+
 def _describe(checkpoint: str) -> str:
     try:
         raw, fmt = read_checkpoint(checkpoint)
@@ -259,6 +280,8 @@ def main(
     if saved is not None:
         recipe = saved_recipe(saved, where, size, dataset, **overrides)
     else:
+        if checkpoint is not None and size is None:
+            size, dataset = _published_preset(checkpoint, dataset, eval_only)
         recipe = get_recipe(size, dataset or "synthetic", **overrides)
     if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise ValueError(f"--run-dir {run_dir} is a file")
