@@ -4,12 +4,13 @@ DALI's CPU pipeline on VP9 everywhere; its GPU decoder on H.264 where CUDA is.
 """
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from mvit_fast.data import ClipSampling, TestAugment, TrainAugment, VideoRecord, build_loader
+from mvit_fast.data import ClipSampling, DataError, TestAugment, TrainAugment, VideoRecord, build_loader
 from mvit_fast.data.randaugment import OPS, SIGNED, RandOp, apply_op
 from mvit_fast.data.transforms import ViewDraw
 from mvit_fast.data.video_io import write_video
@@ -405,3 +406,40 @@ def test_gpu_decoder_survives_a_corrupt_h264_file(tmp_path):
     assert batch.clips.is_cuda and len(batch.labels) == 3 * PLAIN_TRAIN.repeats
     assert loader.report.samples == 3 and set(loader.report.paths) <= {"undecodable"}
     assert loader.report.paths.get("undecodable", {corrupt}) == {corrupt}
+
+
+def _read_ahead_loader(records, read_ahead: int):
+    loader = build_loader(records, backend="dali", device="cpu", train=False, batch_size=2, num_workers=1,
+                          sampling=ClipSampling("k400", 4, 4), augment=TestAugment(48, 48, 1))
+    loader.read_ahead = read_ahead
+    return loader
+
+
+def test_read_ahead_prepares_the_next_batch_during_this_one_and_changes_nothing(webm_videos, tmp_path):
+    records = webm_videos + [VideoRecord(str(tmp_path / "gone.webm"), 0)]
+    passes = {}
+    for read_ahead in (0, 1):
+        loader = _read_ahead_loader(records, read_ahead)
+        batches = [(decode_views(b), b.labels.tolist(), b.video_index.tolist()) for b in loader]
+        passes[read_ahead] = batches, loader.report.summary()
+    assert passes[0] == passes[1]
+    assert "missing" in passes[1][1] and len(passes[1][0]) == 3
+
+    loader = _read_ahead_loader(webm_videos, 1)
+    runs, run = [], loader._run
+    loader._run = lambda samples: runs.append(len(samples)) or run(samples)
+    batches = iter(loader)
+    next(batches)
+    deadline = time.monotonic() + 30
+    while len(runs) < 2 and time.monotonic() < deadline:  # batch 2 decodes before it is asked for
+        time.sleep(0.01)
+    assert runs == [2, 2]
+    # a consumer that stops early reports only what it took, and the next pass starts afresh
+    assert loader.end_epoch().samples == 2 and loader.epoch == 1
+    assert sum(len(b.labels) for b in loader) == len(webm_videos)
+
+
+def test_read_ahead_raises_the_readers_error_at_the_consumer(tmp_path):
+    records = [VideoRecord(str(tmp_path / f"gone{i}.webm"), 0) for i in range(20)]
+    with pytest.raises(DataError, match="video reads failed"):
+        list(_read_ahead_loader(records, 1))

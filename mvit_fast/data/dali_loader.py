@@ -13,6 +13,9 @@ A file the decoder fails on (data corrupted mid-stream) fails its whole batch, a
 DALI's error names no sample: the batch's samples are then decoded one by one on a
 decode-only pipeline, the failing files reported as undecodable and replaced, and the
 batch run again on a rebuilt pipeline.
+A thread reads and runs the next batch while the consumer works on this one
+(`read_ahead`, default 1 batch; 0 reads on the consumer's thread): same batches, same
+order, same report.
 Graph side: decode -> RandAugment -> random resized crop -> flip + normalize (train), or
 short-side resize -> 1 or 3 crops + normalize (test). Training views take their random
 choices from Python (`transforms.draw_train_view`, as the PyAV backend does; see
@@ -28,6 +31,8 @@ the damage and pads (truncated).
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -152,6 +157,7 @@ class DALILoader(EpochLoader):
         device: torch.device | str | None,
         max_fail_fraction: float,
         max_retries: int = 10,
+        read_ahead: int = 1,
     ):
         self.device = (
             torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
@@ -174,6 +180,7 @@ class DALILoader(EpochLoader):
             device_id=self.device.index if self.device.type == "cuda" else None,
         )
         self.pipe = build_pipeline(**self._pipe_args)
+        self.read_ahead, self._ahead = read_ahead, None
 
     def _shard(self) -> list[int]:
         shard = shard_indices(
@@ -231,9 +238,36 @@ class DALILoader(EpochLoader):
         raise RuntimeError(f"{self.max_retries + 1} reads in a row failed near list entry {index}")
 
     def __iter__(self):
-        shard, report = self._shard(), self._begin_epoch()
+        report = self._begin_epoch()
+        # The reads' own report runs ahead of `report`, which holds what was delivered: a
+        # consumer that stops early (end_epoch) reports no batch it did not take.
+        batches = self._batches(DataReport())
+        ahead = _ReadAhead(batches, self.read_ahead, self.device) if self.read_ahead else batches
+        self._ahead = ahead if self.read_ahead else None
+        try:
+            for batch, issues, samples in ahead:
+                report.add(issues, samples=samples)
+                yield batch
+        finally:
+            self._stop_reading()
+        self.end_epoch()
+
+    def _stop_reading(self) -> None:
+        if self._ahead is not None:
+            self._ahead.stop()
+            self._ahead = None
+
+    def end_epoch(self) -> DataReport:
+        self._stop_reading()  # before the pass's report closes: no read changes it after
+        return super().end_epoch()
+
+    def _batches(self, report: DataReport):
+        """(Batch, its issues, its samples) for each batch of the pass; `report` collects
+        every read's issues as they happen (its failure fraction stops a hopeless pass)."""
+        shard = self._shard()
         for b in range(len(self)):
             batch = shard[b * self.batch_size : (b + 1) * self.batch_size]
+            seen = len(report.issues)
             samples = [self._read(i, report) for i in batch]
             while True:
                 try:
@@ -246,7 +280,6 @@ class DALILoader(EpochLoader):
             # a test stand-in for an unreadable video is marked, not scored (see loader.py)
             video_index = [sample.index if self.train or sample.index == asked else -1
                            for asked, sample in zip(batch, samples)]
-            report.add([], samples=len(labels))
             # views[v]: (samples, C, T, H, W); sample-major, then view -> adjacent views per video.
             clips = torch.stack(views, 1).flatten(0, 1)
             if self.train and self.augment.erase_prob > 0:
@@ -257,8 +290,7 @@ class DALILoader(EpochLoader):
                 clips,
                 torch.repeat_interleave(torch.tensor(labels), repeat).to(self.device),
                 torch.repeat_interleave(torch.tensor(video_index), repeat).to(self.device),
-            )
-        self.end_epoch()
+            ), report.issues[seen:], len(labels)
 
     def _run(self, samples: list[_Sample]) -> list[torch.Tensor]:
         """One pipeline run over `samples` (from `_read`): one (clips, C, T, H, W) tensor per view."""
@@ -301,6 +333,62 @@ class DALILoader(EpochLoader):
             raise error
         self.pipe = build_pipeline(**self._pipe_args)
         return bad
+
+
+class _ReadAhead:
+    """Runs an iterator in a thread, up to `depth` items ahead of the consumer.
+
+    The next batch's file reads, probes and DALI run overlap the training step that
+    consumes this one (the pipeline runs one batch at a time: its inputs are fed from
+    Python). The items and their order are the iterator's: a pass is the same with or
+    without it. An exception in the thread is raised at the consumer's next item.
+    """
+
+    def __init__(self, items, depth: int, device: torch.device) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._slots = threading.Semaphore(depth)  # items made and not yet taken
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(items, device), daemon=True,
+                                        name="mvit-fast-dali-read-ahead")
+        self._thread.start()
+
+    def _produce(self, items, device: torch.device) -> None:
+        try:
+            if device.type == "cuda":  # the current device is per thread
+                torch.cuda.set_device(device)
+            while self._free_slot():
+                try:
+                    item = next(items)
+                except StopIteration:
+                    self._queue.put(("end", None))
+                    return
+                self._queue.put(("item", item))
+        except BaseException as e:  # delivered to the consumer, with its traceback
+            self._queue.put(("error", e))
+        finally:
+            items.close()
+
+    def _free_slot(self) -> bool:
+        """Wait until fewer than `depth` items wait for the consumer; False once it stopped."""
+        while not self._stopping.is_set():
+            if self._slots.acquire(timeout=0.05):
+                return True
+        return False
+
+    def __iter__(self):
+        while True:
+            kind, value = self._queue.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            self._slots.release()
+            yield value
+
+    def stop(self) -> None:
+        """Stop reading (after the item in progress) and wait for the thread."""
+        self._stopping.set()
+        self._thread.join()
 
 
 def _decoder_message(error: RuntimeError) -> str:
