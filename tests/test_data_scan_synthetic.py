@@ -1,5 +1,6 @@
 """The pre-flight scan and the built-in synthetic dataset."""
 
+import fractions
 import multiprocessing
 import re
 
@@ -13,7 +14,7 @@ from mvit_fast.data.scan import check_file
 from mvit_fast.data.synthetic import CLASSES, render_clip
 from mvit_fast.data.video_io import decode_frames, probe
 from tests.test_data_pyav import bad_videos
-from tests.test_data_videos import corrupt_frame, cut_without_reencoding, write_test_video
+from tests.test_data_videos import av, corrupt_frame, cut_without_reencoding, make_frames, write_test_video
 
 
 def test_scan_counts_every_kind_and_writes_bad_paths(tmp_path, capsys):
@@ -42,7 +43,9 @@ def test_scan_counts_every_kind_and_writes_bad_paths(tmp_path, capsys):
     assert "scan: 100%" in err and "9/9" in err  # the progress bar, on stderr
     assert "files: 9  found: 8  missing: 1" in out
     assert "status: missing 1, ok 4, too_short 1, truncated 1, undecodable 1, zero_frames 1" in out
-    assert "codecs: h264 7" in out and "fingerprint: 9 files [missing=1,ok=4," in out
+    assert "codecs: h264 7" in out
+    assert re.search(r"fingerprint: 9 files, 1 missing, \d+ frames \[h264=7\] list-sha256:[0-9a-f]{16}\n",
+                     out)
     bad = dict(line.split(" ", 1)[::-1] for line in bad_out.read_text().splitlines())
     assert {k.rsplit("/", 1)[1]: v for k, v in bad.items()} == {
         "short.mp4": "too_short",
@@ -191,3 +194,35 @@ def test_ranks_making_the_synthetic_dataset_at_once_do_not_collide(tmp_path):
     for p in procs:
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0] * 4
+
+
+def test_scan_lists_what_the_dali_gpu_decoder_rejects_and_fingerprints_the_copy(tmp_path, capsys):
+    """A codec DALI's GPU decoder lacks and a variable frame rate are bad paths (PyAV reads
+    them; DALI would not), and the fingerprint does not depend on the scan's flags."""
+    write_test_video(tmp_path / "ok.mp4", 20, 0)
+    with av.open(str(tmp_path / "mpeg2.mkv"), "w") as c:
+        s = c.add_stream("mpeg2video", rate=30)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for frame in make_frames(20):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        c.mux(s.encode(None))
+    with av.open(str(tmp_path / "vfr.mp4"), "w") as c:
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.time_base = s.codec_context.time_base = fractions.Fraction(1, 1000)
+        t = 0
+        for i, frame in enumerate(make_frames(20)):
+            f = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            f.pts, f.time_base, t = t, fractions.Fraction(1, 1000), t + (33 if i % 2 else 80)
+            c.mux(s.encode(f))
+        c.mux(s.encode(None))
+    listing = tmp_path / "list.txt"
+    listing.write_text("ok.mp4 0\nmpeg2.mkv 1\nvfr.mp4 2\n")
+    args = ["scan", str(listing), "--root", str(tmp_path), "--workers", "1"]
+    assert cli(args) == 1
+    out = capsys.readouterr().out
+    bad = (tmp_path / "list.txt.bad.txt").read_text().splitlines()
+    assert bad == [f"ok+no-dali(mpeg2video) {tmp_path / 'mpeg2.mkv'}", f"ok+vfr {tmp_path / 'vfr.mp4'}"]
+    assert "fingerprint: 3 files, 0 missing, 60 frames [h264=2,mpeg2video=1] list-sha256:" in out
+    cli(args + ["--min-frames", "30", "--decode-all"])  # every file too short now
+    assert capsys.readouterr().out.splitlines()[4] == out.splitlines()[4]

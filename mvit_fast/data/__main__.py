@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         except ListFormatError as e:
             scan.error(str(e))
-        return 0 if result.status["ok"] == len(result.checks) else 1
+        return 1 if result.bad else 0
     from .synthetic import make_synthetic
 
     try:

@@ -9,8 +9,9 @@ found: missing, undecodable, zero_frames, truncated (fewer packets than the cont
 header promises), corrupt (a frame fails to decode; ``--decode-all`` only), too_short
 (< min_frames), else ok.
 Also tallied: codecs, and variable-frame-rate files and codecs the DALI GPU decoder
-does not take (it rejects both). Prints the counts and a fingerprint (the counts plus
-a hash of the list text), writes bad paths to ``--bad-out`` (default ``LIST.bad.txt``),
+does not take (it rejects both). Prints the counts and a fingerprint (files, missing,
+frames, codecs and a hash of the list text: the same whatever the flags), writes bad paths,
+those two kinds included, to ``--bad-out`` (default ``LIST.bad.txt``),
 and with ``--frames-out`` a ``path num_frames label`` list of the good files, which spares
 the loaders probing every file for its length.
 """
@@ -109,8 +110,25 @@ class ScanResult:
 
     @property
     def fingerprint(self) -> str:
-        counts = ",".join(f"{k}={self.status[k]}" for k in sorted(self.status))
-        return f"{len(self.checks)} files [{counts}] list-sha256:{self.list_hash[:16]}"
+        """What tells two copies of a dataset apart, the same whatever the scan's flags: files
+        found and missing, frames in all, codecs, and the list text's hash."""
+        frames = sum(c.num_frames for c in self.checks)
+        codecs = ",".join(f"{k}={v}" for k, v in sorted(self.codecs.items()))
+        return (f"{len(self.checks)} files, {self.status['missing']} missing, {frames} frames "
+                f"[{codecs}] list-sha256:{self.list_hash[:16]}")
+
+    @property
+    def bad(self) -> list[tuple[str, FileCheck]]:
+        """(label, check) of every file a loader cannot take as it is: status not ok, or one
+        the DALI GPU decoder rejects (variable frame rate: +vfr; its codec: +no-dali)."""
+        out = []
+        for c in self.checks:
+            label = c.status + ("+vfr" if c.variable_frame_rate else "")
+            if c.codec and c.codec not in DALI_GPU_CODECS:
+                label += f"+no-dali({c.codec})"
+            if label != "ok":
+                out.append((label, c))
+        return out
 
     def summary(self) -> str:
         found = len(self.checks) - self.status["missing"]
@@ -164,10 +182,8 @@ def main(
                   decode_all=decode_all, progress=True)
     print(result.summary())
     bad_out = bad_out or f"{list_path}.bad.txt"
-    bad = [c for c in result.checks if c.status != "ok" or c.variable_frame_rate]
-    Path(bad_out).write_text(
-        "".join(f"{c.status}{'+vfr' if c.variable_frame_rate else ''} {c.path}\n" for c in bad)
-    )
+    bad = result.bad
+    Path(bad_out).write_text("".join(f"{label} {c.path}\n" for label, c in bad))
     print(f"{len(bad)} bad paths -> {bad_out}")
     if frames_out:
         good = [
