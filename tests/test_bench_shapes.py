@@ -111,3 +111,18 @@ def test_results_name_a_modified_tree_dirty(tmp_path, monkeypatch):
     with open(tmp_path / "bench" / "conftest.py", "a") as f:
         f.write("# an edit\n")
     assert copied._git_commit() == sha + "-dirty"
+
+
+def test_pool_shapes_match_design():
+    """DESIGN section 3: pooling reads the block's input grid; S block 0 keeps 25089 query
+    tokens and pools k, v to 393, block 1 pools 25089 tokens to 6273 and 1569."""
+    from bench.test_pool import pool_bytes, pool_shapes
+
+    shapes = pool_shapes(get_config("s"))
+    got = [(s.blocks, s.heads, s.n, s.nq, s.nkv) for s in shapes[:3]]
+    assert got == [((0,), 1, 25089, 25089, 393), ((1,), 2, 25089, 6273, 1569), ((2,), 2, 6273, 6273, 393)]
+    # forward: read q|k|v (3 N C) once, write q, k, v; the backward reads them back as dq, dk, dv
+    c = 96
+    fwd = 3 * 25089 * c + (25089 + 2 * 393) * c
+    assert pool_bytes(shapes[0], batch=8, mode="fwd", itemsize=2) == 8 * 2 * fwd
+    assert pool_bytes(shapes[0], batch=8, mode="fwd+bwd", itemsize=2) == 8 * 2 * (fwd + fwd + 3 * 25089 * c)

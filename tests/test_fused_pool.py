@@ -54,7 +54,7 @@ class Case:
 
 # Every MViT stride ((1,1,1), (1,2,2), (1,4,4), (1,8,8)) plus a temporal one, odd grid
 # sizes (stride-2 axes of 5, 7 and 9 end in a half window), grids smaller than the stride,
-# cls on/off, head dims 16/72/96 (72, 96 padded to 128), 1 and 2 heads, a strided qkv.
+# cls on/off, head dims 16/72/96/144 (padded to 128, 128, 256), 1 and 2 heads, a strided qkv.
 CASES = [
     Case((2, 5, 5), (1, 2, 2), (1, 4, 4), heads=2),
     Case((3, 4, 5), (1, 1, 1), (2, 2, 2), has_cls=False),
@@ -66,6 +66,7 @@ CASES = [
     # kernel size 1 on an axis (no window along it), strided and not
     Case((3, 5, 6), (1, 1, 1), (2, 2, 3), kernel=(1, 3, 1), batch=1),
     Case((2, 4, 9), (1, 2, 2), (1, 1, 1), kernel=(3, 1, 3), heads=2, has_cls=False, batch=1),
+    Case((1, 3, 3), (1, 2, 2), (1, 2, 2), head_dim=144, batch=1),  # MViTv2-L's: padded to 256
 ]
 FP16_CASES = [CASES[2], CASES[3], CASES[4]]
 SMALL = Case((1, 3, 3), (1, 2, 2), (1, 2, 2), batch=1)
@@ -451,6 +452,19 @@ def test_cuda_group_widths_bf16(group: int, monkeypatch: pytest.MonkeyPatch) -> 
     block_m = 16 if group == 1 else 8
     monkeypatch.setenv("MVIT_FAST_POOL_CONFIG", f"BLOCK_M={block_m},GROUP_W={group},num_warps=8")
     check_against_oracle(_block_cases("s")[0], torch.bfloat16, param_dtype=torch.float32, device="cuda")
+
+
+def test_compile_traces_both_ops_without_a_graph_break() -> None:
+    """fullgraph=True fails on any graph break: the registered fwd and bwd ops trace (CPU:
+    the eager backend runs the traced graph, interpreter kernels inside; Inductor's copies
+    of the kernels need CUDA: `test_cuda_compile_fullgraph`)."""
+    torch._dynamo.reset()
+    qkv, params = _make(SMALL, torch.float32)
+    grad_outs = [torch.randn_like(o) for o in _fused(qkv, params, SMALL)]
+    outs, grads = _run(torch.compile(_fused, fullgraph=True, backend="eager"), qkv, params, SMALL, grad_outs)
+    ref, ref_grads = _run(_fused, qkv, params, SMALL, grad_outs)
+    for a, b in zip([*outs, *grads], [*ref, *ref_grads]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same kernels on the same inputs
 
 
 @pytest.mark.cuda
