@@ -443,3 +443,11 @@ def test_read_ahead_raises_the_readers_error_at_the_consumer(tmp_path):
     records = [VideoRecord(str(tmp_path / f"gone{i}.webm"), 0) for i in range(20)]
     with pytest.raises(DataError, match="video reads failed"):
         list(_read_ahead_loader(records, 1))
+
+
+def test_a_few_missing_files_among_many_do_not_stop_the_pass(webm_videos, tmp_path):
+    # 9 of 29 reads fail (31% < max_fail_fraction 50%): replaced, reported, no DataError
+    records = webm_videos * 4 + [VideoRecord(str(tmp_path / f"gone{i}.webm"), 0) for i in range(9)]
+    loader = _read_ahead_loader(records, 1)
+    assert sum(len(b.labels) for b in loader) == len(records)
+    assert loader.report.counts["missing"] >= 9

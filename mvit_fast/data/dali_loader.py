@@ -280,6 +280,7 @@ class DALILoader(EpochLoader):
             # a test stand-in for an unreadable video is marked, not scored (see loader.py)
             video_index = [sample.index if self.train or sample.index == asked else -1
                            for asked, sample in zip(batch, samples)]
+            report.add([], samples=len(labels))
             # views[v]: (samples, C, T, H, W); sample-major, then view -> adjacent views per video.
             clips = torch.stack(views, 1).flatten(0, 1)
             if self.train and self.augment.erase_prob > 0:
