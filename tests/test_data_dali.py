@@ -451,3 +451,14 @@ def test_a_few_missing_files_among_many_do_not_stop_the_pass(webm_videos, tmp_pa
     loader = _read_ahead_loader(records, 1)
     assert sum(len(b.labels) for b in loader) == len(records)
     assert loader.report.counts["missing"] >= 9
+
+
+def test_reads_failing_in_a_row_raise_data_error_as_pyav_does(tmp_path):
+    records = [VideoRecord(str(tmp_path / f"gone{i}.webm"), 0) for i in range(4)]
+    for backend in ("dali", "pyav"):
+        loader = build_loader(records, backend=backend, device="cpu" if backend == "dali" else None,
+                              train=False, batch_size=2, num_workers=0 if backend == "pyav" else 1,
+                              sampling=ClipSampling("k400", 4, 4), augment=TestAugment(48, 48, 1),
+                              max_fail_fraction=1.0)
+        with pytest.raises(DataError, match=r"11 reads in a row failed, the last: Issue\(path='.*gone"):
+            list(loader)

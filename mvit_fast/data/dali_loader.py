@@ -40,7 +40,7 @@ import torch
 
 from .lists import VideoRecord, resolve_video_path
 from .loader import Batch, EpochLoader, shard_indices, views_per_video
-from .report import DataReport, Issue
+from .report import DataError, DataReport, Issue
 from .sampling import ClipSampling
 from .transforms import TestAugment, TrainAugment, ViewDraw, draw_train_view, erase
 from .video_io import VideoInfo, probe
@@ -235,7 +235,7 @@ class DALILoader(EpochLoader):
             draws = [draw_train_view(info.height, info.width, self.augment, rng)
                      for _ in range(self.augment.repeats)] if self.train else []
             return _Sample(record, index, encoded, clips, landscape, draws)
-        raise RuntimeError(f"{self.max_retries + 1} reads in a row failed near list entry {index}")
+        raise DataError(f"{self.max_retries + 1} reads in a row failed, the last: {report.issues[-1]}")
 
     def __iter__(self):
         report = self._begin_epoch()
