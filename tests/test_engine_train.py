@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -491,7 +492,9 @@ def test_eval_of_a_published_checkpoint_takes_size_and_dataset_from_it(tiny, tmp
     torch.save({"model_state": weights}, official)
     args = {k: v for k, v in tiny.items() if k not in ("dataset", "depths", "embed_dim")}
     out = main(**args, eval_only=True, checkpoint=str(official), run_dir=str(tmp_path / "eval"))
-    assert "holds MViTv2-S with 400 classes: --size s --dataset k400" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "holds MViTv2-S with 400 classes: --size s --dataset k400" in printed
+    assert re.search(r"test: 30 clips in [\d.]+ s, [\d.]+ clips/s", printed)  # 6 videos x 5 clips
     saved = json.loads((tmp_path / "eval" / "eval_config.json").read_text())
     assert (saved["size"], saved["dataset"], saved["model"]["embed_dim"]) == ("s", "k400", 96)
     assert out["test"]["num_videos"] == 6

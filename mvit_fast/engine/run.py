@@ -480,6 +480,10 @@ def summary(recipe: Recipe, result: EvalResult, results: dict, class_names: list
                 else ""
             )
         )
+    if test_s := results.get("test", {}).get("wall_s"):
+        clips = result.num_videos * result.views_per_video
+        lines.append(f"test: {clips} clips in {test_s:.1f} s, {clips / test_s:.1f} clips/s "
+                     "(decoding and any compilation included)")
     lines.append(
         f"peak memory {results['peak_memory_gb']:.2f} GiB, wall time {results['wall_s']:.0f} s; "
         f"results in {results['run_dir']}"
