@@ -254,10 +254,30 @@ def test_csv_rows_average_their_own_steps_across_a_stop_and_an_older_resume(tiny
     # data 1 tick and compute 2, so every row's per-step times are exactly 1 and 2.
     clock = types.SimpleNamespace(perf_counter=itertools.count().__next__)
     monkeypatch.setattr(trainer_module, "time", clock)
+    scalars: dict[str, list] = {}
+
+    class SummaryWriter:  # TensorBoard's, where the `tensorboard` package is absent
+        def __init__(self, log_dir):
+            assert log_dir.endswith("tensorboard")
+
+        def add_scalar(self, tag, value, step):
+            scalars.setdefault(tag, []).append((step, value))
+
+        def close(self):
+            scalars["closed"] = True
+
+    fake = types.SimpleNamespace(SummaryWriter=SummaryWriter)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
     every = tmp_path / "every"
     main(**tiny, run_dir=str(every))  # log_every 1: one row per step
     losses = _losses(every)
     assert _rows(every, "val.csv") == []  # eval_every 0: no validation, only the final test
+    # TensorBoard gets every train.csv column but step and epoch, at each row's step
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard")
+    assert scalars.pop("closed")
+    assert {tag: [(s, f"{v:g}") for s, v in values] for tag, values in scalars.items()} == {
+        f"train/{k}": [(int(r["step"]), f"{float(r[k]):g}") for r in _rows(every)]
+        for k in ("loss", "lr", "grad_norm", "clips_per_s", "data_s", "compute_s", "skipped")}
 
     # windows of 4 steps: a stop after 3 writes its part-window; the resumed run's first row
     # covers its one step

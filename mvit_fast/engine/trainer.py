@@ -537,7 +537,7 @@ def train(
                     )
                     log.write(**row)
                     if board is not None:
-                        for k in ("loss", "lr", "grad_norm", "clips_per_s"):
+                        for k in ("loss", "lr", "grad_norm", "clips_per_s", "data_s", "compute_s", "skipped"):
                             board.add_scalar(f"train/{k}", row[k], pos.step)
                     window = dict(loss=0.0, gn=0.0, data=0.0, compute=0.0, n=0, steps=0)
                 if stop_votes > 0:
